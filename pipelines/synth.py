@@ -1,0 +1,386 @@
+"""The bundled synthetic image-caption set: small, deterministic, multi-domain.
+
+Four domains with their own vocabularies (geometric shapes, rendered glyphs,
+textures, procedural scenes), three caption styles each (descriptive, terse
+alt-text, noisy web filename), and a small share of wrong captions as on the
+web. That gives clustering real semantic structure and routing something to
+route on, at a size that trains on two CPU cores.
+
+Output (img2dataset layout):
+    <out>/train/{00000..}.tar   <key>.jpg, <key>.txt, <key>.json
+    <out>/train/{00000..}.parquet, {00000..}_stats.json (written last)
+    <out>/eval/<task>/task.json + 00000.tar   held-out tasks, never seen in training
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from pipelines.config import SynthConfig
+from pipelines.manifest import atomic_path, atomic_write_json
+from pipelines.shards import ShardSetWriter, encode_json, jpeg_bytes
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "black": (20, 20, 20),
+    "pink": (240, 130, 190),
+}
+COUNT_WORDS = ["one", "two", "three", "four"]
+SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond"]
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+LETTERS = list("ABCDEFGHKMRSTXYZ")
+PATTERNS = ["stripes", "checkerboard", "polka dots", "zigzag", "grid", "speckles"]
+SCENES = ["beach", "forest", "mountains", "night sky", "desert", "city skyline"]
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """One generated sample before encoding: image, true caption, labels."""
+
+    image: Image.Image
+    caption: str
+    domain: str
+    label: str
+    style: str
+
+
+def _pick(rng: np.random.Generator, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _other_color(rng, avoid: str) -> str:
+    return _pick(rng, [c for c in COLORS if c != avoid])
+
+
+def _style(rng) -> str:
+    return _pick(rng, ["descriptive", "descriptive", "terse", "noisy"])
+
+
+def _noise_tag(rng) -> str:
+    return f"{_pick(rng, ['IMG', 'DSC', 'photo', 'image', 'pic'])}_{int(rng.integers(1000, 9999))}"
+
+
+# ---------------------------------------------------------------- shapes
+def _polygon(cx, cy, r, sides, rotation=0.0):
+    return [
+        (cx + r * math.cos(rotation + 2 * math.pi * i / sides),
+         cy + r * math.sin(rotation + 2 * math.pi * i / sides))
+        for i in range(sides)
+    ]
+
+
+def _star(cx, cy, r):
+    points = []
+    for i in range(10):
+        rad = r if i % 2 == 0 else r * 0.45
+        angle = -math.pi / 2 + math.pi * i / 5
+        points.append((cx + rad * math.cos(angle), cy + rad * math.sin(angle)))
+    return points
+
+
+def _draw_shape(draw, shape, cx, cy, r, fill):
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon(_polygon(cx, cy, r, 3, -math.pi / 2), fill=fill)
+    elif shape == "star":
+        draw.polygon(_star(cx, cy, r), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, r, 6), fill=fill)
+    elif shape == "diamond":
+        draw.polygon(_polygon(cx, cy, r, 4), fill=fill)
+
+
+def make_shapes(rng, size: int, label: str | None = None) -> Drawn:
+    shape = label or _pick(rng, SHAPES)
+    color = _pick(rng, list(COLORS))
+    count = int(rng.integers(1, 4))
+    big = bool(rng.integers(2))
+    bg = _pick(rng, ["white", "grey"])
+    img = Image.new("RGB", (size, size), (250, 250, 250) if bg == "white" else (200, 200, 200))
+    draw = ImageDraw.Draw(img)
+    r = size * (0.22 if big else 0.12) / max(1, count ** 0.5)
+    for i in range(count):
+        cx = size * (i + 0.5) / count + rng.uniform(-2, 2)
+        cy = size / 2 + rng.uniform(-size / 6, size / 6)
+        _draw_shape(draw, shape, cx, cy, r, COLORS[color])
+    plural = shape if count == 1 else shape + "s"
+    style = _style(rng)
+    if style == "descriptive":
+        caption = f"{COUNT_WORDS[count - 1]} {'large' if big else 'small'} {color} {plural} on a {bg} background"
+    elif style == "terse":
+        caption = f"{color} {shape} icon" if count == 1 else f"{count} {color} {plural}"
+    else:
+        caption = f"{_noise_tag(rng)} {color} {shape} clipart vector free download"
+    return Drawn(img, caption, "shapes", shape, style)
+
+
+# ---------------------------------------------------------------- glyphs
+def make_glyphs(rng, size: int, label: str | None = None) -> Drawn:
+    is_digit = label is not None or bool(rng.integers(3) > 0)
+    if is_digit:
+        name = label.removeprefix("digit ") if label else _pick(rng, DIGITS)
+        char = str(DIGITS.index(name))
+    else:
+        char = _pick(rng, LETTERS)
+        name = char
+    fg = _pick(rng, list(COLORS))
+    bg = _other_color(rng, fg)
+    img = Image.new("RGB", (size, size), COLORS[bg])
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=int(size * rng.uniform(0.55, 0.8)))
+    x = size / 2 + rng.uniform(-size / 10, size / 10)
+    y = size / 2 + rng.uniform(-size / 10, size / 10)
+    draw.text((x, y), char, fill=COLORS[fg], font=font, anchor="mm")
+    style = _style(rng)
+    what = f"digit {name}" if is_digit else f"letter {char}"
+    if style == "descriptive":
+        caption = f"the {what} written in {fg} on a {bg} sign"
+    elif style == "terse":
+        caption = f"{what} {char}" if is_digit else f"letter {char}"
+    else:
+        caption = f"{_noise_tag(rng)} {char} {fg} font typography number sign"
+    return Drawn(img, caption, "glyphs", f"digit {name}" if is_digit else f"letter {char}", style)
+
+
+# ---------------------------------------------------------------- textures
+def make_textures(rng, size: int, label: str | None = None) -> Drawn:
+    pattern = label or _pick(rng, PATTERNS)
+    c1 = _pick(rng, list(COLORS))
+    c2 = _other_color(rng, c1)
+    a, b = np.array(COLORS[c1], np.float32), np.array(COLORS[c2], np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = float(rng.uniform(5, 12))
+    phase = float(rng.uniform(0, period))
+    angle = float(rng.uniform(0, math.pi))
+    u = xx * math.cos(angle) + yy * math.sin(angle) + phase
+    v = -xx * math.sin(angle) + yy * math.cos(angle) + phase
+    if pattern == "stripes":
+        mask = (u // period) % 2 == 0
+    elif pattern == "checkerboard":
+        mask = ((u // period) + (v // period)) % 2 == 0
+    elif pattern == "polka dots":
+        mask = ((u % period - period / 2) ** 2 + (v % period - period / 2) ** 2) < (period / 3.2) ** 2
+    elif pattern == "zigzag":
+        mask = ((u + np.abs((v % period) - period / 2)) // (period / 1.5)) % 2 == 0
+    elif pattern == "grid":
+        mask = ((u % period) < 1.6) | ((v % period) < 1.6)
+    else:  # speckles
+        mask = rng.random((size, size)) < 0.3
+    pixels = np.where(mask[..., None], a, b).astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    style = _style(rng)
+    if style == "descriptive":
+        caption = f"a seamless {c1} and {c2} {pattern} pattern texture"
+    elif style == "terse":
+        caption = f"{pattern} texture"
+    else:
+        caption = f"background_{pattern.replace(' ', '_')}_{int(rng.integers(99))} wallpaper hd {c1}"
+    return Drawn(img, caption, "textures", pattern, style)
+
+
+# ---------------------------------------------------------------- scenes
+def _gradient(size, top, bottom):
+    t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
+    column = (1 - t) * np.array(top, np.float32) + t * np.array(bottom, np.float32)
+    return Image.fromarray(np.repeat(column, size, axis=1).astype(np.uint8), "RGB")
+
+
+def make_scenes(rng, size: int, label: str | None = None) -> Drawn:
+    scene = label or _pick(rng, SCENES)
+    s = size
+    horizon = int(s * rng.uniform(0.55, 0.7))
+    jitter = lambda: rng.uniform(-s / 8, s / 8)  # noqa: E731
+    if scene == "beach":
+        img = _gradient(s, (250, 170, 90), (250, 220, 160))
+        d = ImageDraw.Draw(img)
+        cx, r = s / 2 + jitter(), s * 0.12
+        d.ellipse([cx - r, horizon - r, cx + r, horizon + r], fill=(250, 120, 40))
+        d.rectangle([0, horizon, s, s], fill=(40, 90, 170))
+        d.rectangle([0, int(s * 0.88), s, s], fill=(230, 210, 150))
+        detail = "the sun setting over the sea"
+    elif scene == "forest":
+        img = _gradient(s, (150, 200, 240), (200, 230, 250))
+        d = ImageDraw.Draw(img)
+        d.rectangle([0, horizon, s, s], fill=(60, 120, 50))
+        for _ in range(int(rng.integers(3, 7))):
+            x = rng.uniform(0, s)
+            h = rng.uniform(s * 0.25, s * 0.45)
+            d.rectangle([x - 1.5, horizon - h * 0.3, x + 1.5, horizon + 2], fill=(100, 60, 30))
+            d.polygon([(x - h / 4, horizon - h * 0.25), (x + h / 4, horizon - h * 0.25), (x, horizon - h)], fill=(20, 100, 40))
+        detail = "tall green pine trees"
+    elif scene == "mountains":
+        img = _gradient(s, (120, 170, 230), (210, 230, 250))
+        d = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 4))):
+            x, h = rng.uniform(0, s), rng.uniform(s * 0.35, s * 0.6)
+            d.polygon([(x - h, horizon + 4), (x + h, horizon + 4), (x, horizon - h)], fill=(110, 110, 120))
+            d.polygon([(x - h * 0.25, horizon - h * 0.75), (x + h * 0.25, horizon - h * 0.75), (x, horizon - h)], fill=(250, 250, 250))
+        d.rectangle([0, horizon + 4, s, s], fill=(90, 130, 80))
+        detail = "snowy peaks under a blue sky"
+    elif scene == "night sky":
+        img = _gradient(s, (5, 10, 40), (30, 40, 90))
+        d = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(10, 25))):
+            x, y = rng.uniform(0, s), rng.uniform(0, horizon)
+            d.point((x, y), fill=(255, 255, 230))
+        cx, cy, r = s * 0.7 + jitter(), s * 0.25, s * 0.1
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(240, 240, 210))
+        d.rectangle([0, horizon, s, s], fill=(10, 20, 20))
+        detail = "a full moon and stars"
+    elif scene == "desert":
+        img = _gradient(s, (120, 190, 250), (230, 230, 250))
+        d = ImageDraw.Draw(img)
+        cx, r = s * 0.25 + jitter(), s * 0.09
+        d.ellipse([cx - r, s * 0.15 - r, cx + r, s * 0.15 + r], fill=(255, 230, 80))
+        d.rectangle([0, horizon, s, s], fill=(230, 190, 110))
+        x = s * 0.65 + jitter()
+        d.rectangle([x - 2, horizon - s * 0.25, x + 2, horizon + 3], fill=(50, 140, 60))
+        d.rectangle([x - 7, horizon - s * 0.17, x - 2, horizon - s * 0.14], fill=(50, 140, 60))
+        detail = "sand dunes and a cactus"
+    else:  # city skyline
+        img = _gradient(s, (70, 90, 140), (180, 150, 160))
+        d = ImageDraw.Draw(img)
+        x = 0.0
+        while x < s:
+            w, h = rng.uniform(s * 0.08, s * 0.18), rng.uniform(s * 0.25, s * 0.6)
+            d.rectangle([x, s - h, x + w, s], fill=(40, 40, 50))
+            for wy in range(int(s - h + 3), s - 3, 5):
+                d.point((x + w / 2, wy), fill=(250, 220, 120))
+            x += w + 1
+        detail = "tall buildings with lit windows"
+    style = _style(rng)
+    if style == "descriptive":
+        caption = f"a landscape of a {scene} with {detail}"
+    elif style == "terse":
+        caption = scene
+    else:
+        caption = f"{_noise_tag(rng)} beautiful {scene} wallpaper 4k"
+    return Drawn(img, caption, "scenes", scene, style)
+
+
+DOMAINS: dict[str, Callable[..., Drawn]] = {
+    "shapes": make_shapes,
+    "glyphs": make_glyphs,
+    "textures": make_textures,
+    "scenes": make_scenes,
+}
+
+# Held-out zero-shot classification tasks: (domain, class names, templates).
+TASKS = {
+    "shapes": (SHAPES, ["a photo of a {}.", "a {} shape.", "an icon of a {}."]),
+    "digits": ([f"digit {d}" for d in DIGITS], ["the {}.", "a sign with the {}.", "the {} written on a sign."]),
+    "textures": (PATTERNS, ["a {} pattern.", "a {} texture.", "a seamless {} background."]),
+    "scenes": (SCENES, ["a photo of a {}.", "a landscape of a {}.", "a {} wallpaper."]),
+}
+TASK_DOMAIN = {"shapes": "shapes", "digits": "glyphs", "textures": "textures", "scenes": "scenes"}
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *stream])
+
+
+def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], set[str]]:
+    """Write the training shards; return shard sizes and the image hashes."""
+    writer = ShardSetWriter(out_dir, cfg.shard_size)
+    names = list(DOMAINS)
+    drawn: list[Drawn] = []
+    for i in range(cfg.num_train):
+        rng = _rng(cfg.seed, 0, i)
+        drawn.append(DOMAINS[names[int(rng.integers(len(names)))]](rng, cfg.image_size))
+    wrong_rng = _rng(cfg.seed, 1)
+    wrong = wrong_rng.random(cfg.num_train) < cfg.wrong_caption_rate
+    donors = wrong_rng.integers(cfg.num_train, size=cfg.num_train)
+    hashes: set[str] = set()
+    rows: list[dict] = []
+    for i, sample in enumerate(tqdm(drawn, desc="synth train", unit="img")):
+        caption = drawn[int(donors[i])].caption if wrong[i] else sample.caption
+        image = jpeg_bytes(sample.image)
+        hashes.add(hashlib.sha1(image).hexdigest())
+        key = f"{i:09d}"
+        meta = {"key": key, "domain": sample.domain, "label": sample.label,
+                "style": sample.style, "wrong_caption": bool(wrong[i]), "caption": caption}
+        shard_index = writer.index
+        writer.write(key, {"jpg": image, "txt": caption.encode("utf-8"), "json": encode_json(meta)})
+        rows.append({**meta, "shard": f"{shard_index:05d}"})
+    sizes = writer.close()
+    for shard in sizes:
+        stem = shard.removesuffix(".tar")
+        part = [r for r in rows if r["shard"] == stem]
+        with atomic_path(out_dir / f"{stem}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(part), tmp)
+        atomic_write_json(out_dir / f"{stem}_stats.json", {"count": len(part), "successes": len(part)})
+    return sizes, hashes
+
+
+def _fresh(make, rng, size, label, seen: set[str]) -> tuple[Drawn, bytes]:
+    """Draw until the image was never seen in training (held-out means disjoint)."""
+    for _ in range(100):
+        sample = make(rng, size, label)
+        image = jpeg_bytes(sample.image)
+        digest = hashlib.sha1(image).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            return sample, image
+    raise RuntimeError(f"could not draw an unseen {label!r} image in 100 tries")
+
+
+def generate_eval(cfg: SynthConfig, out_dir: Path, seen: set[str]) -> dict[str, int]:
+    """Write one classification task per domain and one retrieval set."""
+    counts = {}
+    for t, (task, (classnames, templates)) in enumerate(TASKS.items()):
+        make = DOMAINS[TASK_DOMAIN[task]]
+        task_dir = out_dir / task
+        writer = ShardSetWriter(task_dir, 10**9)
+        n = 0
+        for label_index, name in enumerate(classnames):
+            for j in range(cfg.eval_per_class):
+                rng = _rng(cfg.seed, 2, t, label_index, j)
+                _, image = _fresh(make, rng, cfg.image_size, name, seen)
+                writer.write(f"{task}_{label_index:03d}_{j:05d}",
+                             {"jpg": image, "cls": str(label_index).encode()})
+                n += 1
+        writer.close()
+        atomic_write_json(task_dir / "task.json", {
+            "name": task, "kind": "classification",
+            "classnames": classnames, "templates": templates,
+        })
+        counts[task] = n
+    writer = ShardSetWriter(out_dir / "retrieval", 10**9)
+    names = list(DOMAINS)
+    for j in range(cfg.retrieval_pairs):
+        rng = _rng(cfg.seed, 3, j)
+        make = DOMAINS[names[j % len(names)]]
+        sample, image = _fresh(make, rng, cfg.image_size, None, seen)
+        writer.write(f"retrieval_{j:05d}", {"jpg": image, "txt": sample.caption.encode()})
+    writer.close()
+    atomic_write_json(out_dir / "retrieval" / "task.json", {"name": "retrieval", "kind": "retrieval"})
+    counts["retrieval"] = cfg.retrieval_pairs
+    return counts
+
+
+def generate(cfg: SynthConfig, out_dir: str | Path | None = None) -> dict:
+    """Generate the whole demo set under `out_dir` (default `cfg.out_dir`)."""
+    root = Path(out_dir or cfg.out_dir)
+    sizes, hashes = generate_train(cfg, root / "train")
+    counts = generate_eval(cfg, root / "eval", set(hashes))
+    summary = {"train_shards": sizes, "train_samples": sum(sizes.values()), "eval": counts}
+    atomic_write_json(root / "synth.json", {"config": cfg.__dict__, **summary})
+    return summary

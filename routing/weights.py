@@ -1,0 +1,83 @@
+"""Routing weights: how much each expert is trusted on a task, from metadata alone.
+
+MoDE routes a task by comparing its metadata (class names, embedded with the
+same caption encoder as the clustering) with the fine cluster centres each
+expert owns. Two formulas are in circulation and they disagree, so both are
+here, selectable in the config, and both are pure functions of arrays:
+
+`paper` (Ma et al. 2024, section 3.3):
+    A[l, s] = exp(-||e_l - e_s||^2 / lambda)            lambda = 0.2
+    keep only each class's nearest fine centre (top-1 filter)
+    score_c = sum_l sum_{s in S_c} A[l, s]
+    p(c | T) = softmax(score / temperature)
+  with |L| > many_classes: lambda <- lambda / log|L| (sharper), and with
+  |L| < few_classes: temperature = few_class_temperature (softer, so that
+  usually two experts share a task). The paper says "soften" without a
+  formula; the temperature is moda's choice and is in the config.
+
+`released` (the public MoDE reference script): unsquared distance d_l from
+each class to its nearest fine centre, whose owner is expert c(l);
+    beta = 5 * log10(max(10, |L| - 200))
+    a = exp(0.5 - sqrt(|L|)) if |L| < 10 else 0
+    w_c = sum_{l : c(l) = c} exp((a - d_l) * beta)
+    p = softmax(w / 8)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def squared_distances(queries: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(L, d) x (m, d) -> (L, m) squared Euclidean distances."""
+    q = queries.astype(np.float64)
+    c = centroids.astype(np.float64)
+    d2 = (q * q).sum(1)[:, None] + (c * c).sum(1)[None, :] - 2.0 * q @ c.T
+    return np.maximum(d2, 0.0)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max())
+    return z / z.sum()
+
+
+def paper_weights(class_embeddings: np.ndarray, fine_centroids: np.ndarray,
+                  expert_of_fine: np.ndarray, num_experts: int, lam: float = 0.2,
+                  few_classes: int = 10, many_classes: int = 200,
+                  few_class_temperature: float = 2.0) -> np.ndarray:
+    """p(c | T) with the paper's formula; returns (num_experts,) summing to 1."""
+    num_classes = class_embeddings.shape[0]
+    if num_classes > many_classes:
+        lam = lam / math.log(num_classes)
+    d2 = squared_distances(class_embeddings, fine_centroids)
+    nearest = d2.argmin(axis=1)
+    affinity = np.exp(-d2[np.arange(num_classes), nearest] / lam)
+    scores = np.bincount(expert_of_fine[nearest], weights=affinity, minlength=num_experts)
+    temperature = few_class_temperature if num_classes < few_classes else 1.0
+    return softmax(scores / temperature)
+
+
+def released_weights(class_embeddings: np.ndarray, fine_centroids: np.ndarray,
+                     expert_of_fine: np.ndarray, num_experts: int) -> np.ndarray:
+    """p(c | T) with the public reference script's formula; (num_experts,) summing to 1."""
+    num_classes = class_embeddings.shape[0]
+    d = np.sqrt(squared_distances(class_embeddings, fine_centroids))
+    nearest = d.argmin(axis=1)
+    d_nearest = d[np.arange(num_classes), nearest]
+    beta = 5.0 * math.log10(max(10, num_classes - 200))
+    a = math.exp(0.5 - math.sqrt(num_classes)) if num_classes < 10 else 0.0
+    w = np.bincount(expert_of_fine[nearest], weights=np.exp((a - d_nearest) * beta),
+                    minlength=num_experts)
+    return softmax(w / 8.0)
+
+
+def route(variant: str, class_embeddings: np.ndarray, fine_centroids: np.ndarray,
+          expert_of_fine: np.ndarray, num_experts: int, lam: float = 0.2) -> np.ndarray:
+    """Dispatch on the config's `evaluate.routing`."""
+    if variant == "paper":
+        return paper_weights(class_embeddings, fine_centroids, expert_of_fine, num_experts, lam=lam)
+    if variant == "released":
+        return released_weights(class_embeddings, fine_centroids, expert_of_fine, num_experts)
+    raise ValueError(f"unknown routing variant {variant!r}; use 'paper' or 'released'")
