@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.moda-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: venv demo test test-gpu clean
+
+# The venv is (re)built when the dependency pins change. constraints.txt pins
+# every transitive package of a set known to install offline (pip freeze).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/moda demo --config configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -ra -m gpu
+
+clean:
+	rm -rf runs .prefect data/demo

@@ -1,0 +1,136 @@
+"""`make demo`: the whole pipeline through a real local Prefect server and worker.
+
+Steps: generate the synthetic data (once), start `prefect server` on a free
+loopback port with its SQLite database under `.prefect/`, create the process
+work pool, `prefect deploy --all`, start a worker, `prefect deployment run
+moda/full --watch`, print the results table, and stop the server and worker
+it started, also when something fails or the user presses Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from pipelines.config import load_config
+from pipelines.flows import run_paths
+
+POOL = "moda-local"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def demo_env(root: Path, port: int) -> dict[str, str]:
+    """Environment for every Prefect process of the demo: local, offline, quiet."""
+    return dict(
+        os.environ,
+        PREFECT_HOME=str(root / ".prefect"),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+
+
+def prefect_cli() -> list[str]:
+    return [str(Path(sys.executable).parent / "prefect")]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"prefect server not healthy after {timeout:.0f} s; see {log}")
+
+
+def stop(proc: subprocess.Popen | None, name: str) -> None:
+    """Stop a process group: SIGTERM, then SIGINT (a worker wants two signals), then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGINT, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            print(f"[demo] stopped {name}")
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
+    print("[demo] $ " + " ".join(cmd[-4:] if cmd[0].endswith("prefect") else cmd), flush=True)
+    subprocess.run(cmd, env=env, cwd=cwd, check=True)
+
+
+def main(config_path: str = "configs/demo.yaml") -> int:
+    root = Path.cwd()
+    cfg = load_config(config_path)
+    synth_marker = Path(cfg.synth.out_dir) / "synth.json"
+    if not synth_marker.is_file() or json.loads(synth_marker.read_text())["config"] != cfg.synth.__dict__:
+        from pipelines.synth import generate
+
+        print("[demo] generating the synthetic demo data", flush=True)
+        generate(cfg.synth)
+    state = root / ".prefect"
+    state.mkdir(exist_ok=True)
+    port = free_port()
+    env = demo_env(root, port)
+    prefect = prefect_cli()
+    server = worker = None
+    started = time.time()
+    try:
+        server_log = state / "server.log"
+        print(f"[demo] starting prefect server on 127.0.0.1:{port} (log {server_log})", flush=True)
+        server = subprocess.Popen(prefect + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, cwd=root, stdout=open(server_log, "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        wait_healthy(env["PREFECT_API_URL"], server, server_log)
+        run(prefect + ["work-pool", "create", POOL, "--type", "process", "--overwrite"], env, root)
+        run(prefect + ["--no-prompt", "deploy", "--all"], env, root)
+        worker_log = state / "worker.log"
+        print(f"[demo] starting worker for pool {POOL} (log {worker_log})", flush=True)
+        worker = subprocess.Popen(prefect + ["worker", "start", "--pool", POOL], env=env, cwd=root,
+                                  stdout=open(worker_log, "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        run(prefect + ["deployment", "run", "moda/full", "--param", f"config_path={json.dumps(config_path)}",
+                       "--watch"], env, root)
+    except subprocess.CalledProcessError as err:
+        print(f"[demo] failed: {err}; logs in {state}/", file=sys.stderr)
+        return 1
+    finally:
+        stop(worker, "worker")
+        stop(server, "server")
+    results = run_paths(cfg, None)["evaluate"] / "results.md"
+    if not results.is_file():
+        print(f"[demo] the flow finished but {results} is missing; see {state}/worker.log", file=sys.stderr)
+        return 1
+    print("\n" + results.read_text())
+    print(f"[demo] done in {time.time() - started:.0f} s; run folder {results.parent.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
