@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny data made on the fly, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+TINY = {
+    "name": "tiny",
+    "synth": {"num_train": 240, "shard_size": 80, "eval_per_class": 3, "retrieval_pairs": 8},
+    "cluster": {"num_fine": 8, "num_experts": 2, "niter": 10},
+    "split": {"shard_size": 60},
+    "train": {"seed_epochs": 1, "expert_epochs": 1, "batch_size": 16, "warmup": 2},
+    "evaluate": {"batch_size": 64},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_config(path: Path, data_dir: Path, **overrides) -> Path:
+    """A YAML config for the tiny set under `data_dir`, with section overrides."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    raw["synth"]["out_dir"] = str(data_dir)
+    raw["data"] = {"train_shards": str(data_dir / "train"), "eval_tasks": str(data_dir / "eval")}
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The synthetic multi-domain set at 240 training pairs (deterministic)."""
+    from pipelines.config import load_config
+    from pipelines.synth import generate
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    cfg = load_config(write_config(root / "tiny.yaml", root / "data"))
+    generate(cfg.synth)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data) -> dict:
+    """One end-to-end run of the `moda` flow under a temporary Prefect server."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flows import moda
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    config = write_config(root / "tiny.yaml", tiny_data)
+    run_dir = root / "run"
+    with prefect_test_harness():
+        table = moda(config_path=str(config), run_dir=str(run_dir))
+    return {"config": config, "run_dir": run_dir, "table": table}

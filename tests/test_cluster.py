@@ -1,0 +1,84 @@
+"""Stage 2: every embedded sample gets one fine cluster and one expert."""
+
+import json
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from clustering.cluster import run_cluster, top_terms
+from clustering.embed import embedding_table
+from clustering.kmeans import normalize_rows
+from pipelines.config import ClusterConfig
+from pipelines.manifest import atomic_path, combine, hash_outputs, write_manifest
+
+
+def fake_embed_stage(stage_dir, vectors, captions):
+    """An embed stage's files for given vectors, as run_embed would write them."""
+    stage_dir.mkdir(parents=True)
+    keys = [f"k{i:05d}" for i in range(len(vectors))]
+    with atomic_path(stage_dir / "00000.parquet") as tmp:
+        pq.write_table(embedding_table(keys, "00000", captions, vectors), tmp)
+    write_manifest(stage_dir, stage="embed", fingerprint=combine(vectors.tobytes().hex()[:64], len(vectors)),
+                   config_hash="x", inputs={}, outputs=hash_outputs(stage_dir, [stage_dir / "00000.parquet"]),
+                   counts={}, started=time.time())
+    return keys
+
+
+def topics(n_per_topic=100, dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(4, dim)) * 2
+    words = ["circle square", "digit seven", "stripes texture", "forest trees"]
+    x = np.concatenate([means[t] + rng.normal(size=(n_per_topic, dim)) * 0.5 for t in range(4)])
+    captions = [words[t] for t in range(4) for _ in range(n_per_topic)]
+    return normalize_rows(x.astype(np.float32)), captions, np.repeat(np.arange(4), n_per_topic)
+
+
+def test_every_sample_lands_in_exactly_one_expert(tmp_path):
+    x, captions, _ = topics()
+    keys = fake_embed_stage(tmp_path / "embed", x, captions)
+    manifest = run_cluster(ClusterConfig(num_fine=16, num_experts=4, niter=10), tmp_path / "embed",
+                           tmp_path / "cluster")
+    table = pq.read_table(tmp_path / "cluster" / "assignments.parquet").to_pydict()
+    assert sorted(table["key"]) == keys
+    assert set(table["expert"]) == {0, 1, 2, 3}
+    expert_of_fine = np.load(tmp_path / "cluster" / "expert_of_fine.npy")
+    assert [expert_of_fine[f] for f in table["fine"]] == table["expert"]
+    assert sum(manifest["counts"]["experts"]) == len(keys)
+
+
+def test_experts_follow_topics_and_report_their_terms(tmp_path):
+    x, captions, topic = topics()
+    fake_embed_stage(tmp_path / "embed", x, captions)
+    run_cluster(ClusterConfig(num_fine=16, num_experts=4, niter=10), tmp_path / "embed", tmp_path / "cluster")
+    expert = np.array(pq.read_table(tmp_path / "cluster" / "assignments.parquet").column("expert"))
+    for t in range(4):  # each topic lives in one expert
+        assert len(set(expert[topic == t])) == 1
+    report = json.loads((tmp_path / "cluster" / "report.json").read_text())
+    assert report["expert_size_ratio"] == pytest.approx(1.0)
+    assert sorted(" ".join(sorted(t)) for t in report["expert_top_terms"]) == sorted(
+        " ".join(sorted(w.split())) for w in ["circle square", "digit seven", "stripes texture", "forest trees"])
+
+
+def test_more_fine_clusters_than_samples_fails_clearly(tmp_path):
+    x, captions, _ = topics(n_per_topic=2)
+    fake_embed_stage(tmp_path / "embed", x, captions)
+    with pytest.raises(ValueError, match="num_fine=16 is more than the 8 embedded samples"):
+        run_cluster(ClusterConfig(num_fine=16, num_experts=2), tmp_path / "embed", tmp_path / "cluster")
+
+
+def test_empty_data_fails_clearly(tmp_path):
+    fake_embed_stage(tmp_path / "embed", np.zeros((0, 8), np.float32), [])
+    with pytest.raises(ValueError, match="no embedded samples"):
+        run_cluster(ClusterConfig(num_fine=4, num_experts=2), tmp_path / "embed", tmp_path / "cluster")
+
+
+def test_missing_upstream_stage_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the 'embed' stage first"):
+        run_cluster(ClusterConfig(num_fine=4, num_experts=2), tmp_path / "embed", tmp_path / "cluster")
+
+
+def test_top_terms_prefer_words_typical_of_the_cluster():
+    terms = top_terms(["red circle"] * 5 + ["blue square"] * 5, np.array([0] * 5 + [1] * 5), 2)
+    assert set(terms[0]) == {"red", "circle"} and set(terms[1]) == {"blue", "square"}

@@ -1,0 +1,67 @@
+"""The `moda` flow end to end under a temporary Prefect server, and its CLI."""
+
+import json
+
+import pytest
+
+from pipelines.cli import main as cli_main
+from pipelines.config import load_config
+from pipelines.flows import STAGES, check_inputs
+
+pytestmark = pytest.mark.slow
+
+ROWS = ["seed", "expert_000", "expert_001", "uniform ensemble", "routed ensemble", "oracle best expert"]
+
+
+def test_every_stage_writes_a_manifest(tiny_run):
+    for stage in STAGES:
+        manifest = json.loads((tiny_run["run_dir"] / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["fingerprint"]
+
+
+def test_results_have_every_row_for_every_held_out_task(tiny_run):
+    results = json.loads((tiny_run["run_dir"] / "evaluate" / "results.json").read_text())
+    assert set(results["tasks"]) == {"shapes", "digits", "textures", "scenes"}
+    for task in results["tasks"].values():
+        for row in ROWS:
+            assert 0.0 <= task[row]["top1"] <= 1.0
+        assert sum(task["routing_weights"]) == pytest.approx(1.0)
+    assert results["skipped_tasks"] == ["retrieval"]
+    for row in ROWS:
+        assert f"| {row} |" in tiny_run["table"]
+
+
+def test_samples_are_conserved_from_embed_to_split(tiny_run):
+    run = tiny_run["run_dir"]
+    embed = json.loads((run / "embed" / "manifest.json").read_text())["counts"]
+    split = json.loads((run / "split" / "manifest.json").read_text())["counts"]
+    assert embed["samples_in"] == 240 == split["samples_in"]
+    assert sum(split["experts"]) + sum(split["rejected"].values()) == 240
+
+
+def test_a_second_run_skips_every_stage(tiny_run):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flows import STAGE_FLOWS
+
+    before = {s: (tiny_run["run_dir"] / s / "manifest.json").read_text() for s in STAGES}
+    with prefect_test_harness():
+        results = [STAGE_FLOWS[s](str(tiny_run["config"]), str(tiny_run["run_dir"])) for s in STAGES]
+    assert all(r.get("skipped") for r in results)
+    after = {s: (tiny_run["run_dir"] / s / "manifest.json").read_text() for s in STAGES}
+    assert before == after
+
+
+def test_missing_training_data_fails_before_any_work(tmp_path):
+    from conftest import write_config
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="nothing/train"):
+        check_inputs(cfg)
+
+
+def test_cli_reports_a_bad_config_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: {num_fine: 2, num_experts: 4}\n")
+    assert cli_main(["run", str(bad)]) == 2
+    assert "num_fine (2) must be >= cluster.num_experts (4)" in capsys.readouterr().err

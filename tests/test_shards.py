@@ -1,0 +1,68 @@
+"""Shard reading and writing: grouping by key, damage reported, atomic shards."""
+
+import json
+
+import pytest
+
+from pipelines.shards import (
+    Sample,
+    ShardError,
+    ShardSetWriter,
+    expand_shards,
+    iter_samples,
+    read_caption,
+    split_member_name,
+)
+
+
+def test_writer_rolls_over_and_records_sizes(tmp_path):
+    writer = ShardSetWriter(tmp_path, shard_size=2)
+    for i in range(5):
+        writer.write(f"k{i}", {"txt": f"caption {i}".encode()})
+    sizes = writer.close()
+    assert sizes == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 1}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == sizes
+    assert not list(tmp_path.glob(".*.tmp"))
+    keys = [s.key for p in expand_shards(tmp_path) for s in iter_samples(p)]
+    assert keys == [f"k{i}" for i in range(5)]
+
+
+def test_member_names_split_at_the_first_dot_of_the_base_name():
+    assert split_member_name("abc.jpg") == ("abc", "jpg")
+    assert split_member_name("dir/abc.seg.png") == ("dir/abc", "seg.png")
+
+
+def test_truncated_tar_yields_complete_samples_then_raises(tmp_path):
+    writer = ShardSetWriter(tmp_path, shard_size=100)
+    for i in range(20):
+        writer.write(f"k{i:02d}", {"txt": b"x" * 2000})
+    writer.close()
+    shard = tmp_path / "00000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    got = []
+    with pytest.raises(ShardError, match="00000.tar"):
+        for sample in iter_samples(shard):
+            got.append(sample.key)
+    assert 0 < len(got) < 20
+    assert got == [f"k{i:02d}" for i in range(len(got))]
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (None, "missing_caption"), (b"", "empty_caption"), (b"  \n\t", "empty_caption"),
+    (b"\xff\xfe caption", "non_utf8_caption"),
+])
+def test_unusable_captions_are_named(raw, reason):
+    files = {} if raw is None else {"txt": raw}
+    assert read_caption(Sample("k", files)) == (None, reason)
+
+
+def test_caption_is_stripped():
+    assert read_caption(Sample("k", {"txt": b"  a red circle \n"})) == ("a red circle", None)
+
+
+def test_missing_shards_fail_with_their_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        expand_shards(tmp_path)
+    with pytest.raises(FileNotFoundError, match="00003.tar"):
+        expand_shards(str(tmp_path / "{00002..00003}.tar"))

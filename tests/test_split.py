@@ -1,0 +1,138 @@
+"""Stage 3: per-expert shards that lose nothing and that open_clip_train reads."""
+
+import io
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from experts.split import clean_image, expert_shards, run_split
+from pipelines.config import SplitConfig
+from pipelines.manifest import atomic_path, hash_outputs, write_manifest
+from pipelines.shards import ShardSetWriter, iter_samples
+
+
+def image_bytes(mode="RGB", fmt="JPEG", size=(16, 16)):
+    buf = io.BytesIO()
+    Image.new(mode, size, 128 if mode in ("L", "I;16") else None).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def fake_cluster_stage(stage_dir, expert_of_key, num_experts):
+    stage_dir.mkdir(parents=True)
+    table = pa.table({"key": list(expert_of_key), "shard": ["x"] * len(expert_of_key),
+                      "fine": [0] * len(expert_of_key), "expert": list(expert_of_key.values())})
+    with atomic_path(stage_dir / "assignments.parquet") as tmp:
+        pq.write_table(table, tmp)
+    write_manifest(stage_dir, stage="cluster", fingerprint="f" * 16, config_hash="x", inputs={},
+                   outputs=hash_outputs(stage_dir, [stage_dir / "assignments.parquet"]), counts={},
+                   started=time.time(), extra={"num_experts": num_experts})
+
+
+def fake_embed_rejects(stage_dir, rejects):
+    stage_dir.mkdir(parents=True)
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rejects, schema=schema), stage_dir / "rejects.parquet")
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"),
+                                       ("RGB", "PNG"), ("P", "PNG")])
+def test_odd_but_valid_images_become_rgb_jpeg(mode, fmt):
+    out, reason = clean_image({"png" if fmt == "PNG" else "jpg": image_bytes(mode, fmt)})
+    assert reason is None
+    with Image.open(io.BytesIO(out)) as im:
+        assert (im.format, im.mode) == ("JPEG", "RGB")
+
+
+def test_rgb_jpeg_passes_through_unchanged():
+    raw = image_bytes()
+    assert clean_image({"jpg": raw}) == (raw, None)
+
+
+@pytest.fixture
+def corrupted_input(tmp_path):
+    """Two input shards with every bad case, and the upstream stages' files."""
+    good = image_bytes()
+    w = ShardSetWriter(tmp_path / "in", shard_size=1000)
+    cases = {
+        "ok0": {"jpg": good, "txt": b"a"}, "ok1": {"jpg": image_bytes("L", "PNG"), "txt": b"b"},
+        "ok2": {"jpg": good, "txt": b"c"}, "corrupt": {"jpg": b"\xff\xd8\xff garbage", "txt": b"d"},
+        "truncjpg": {"jpg": good[: len(good) // 2], "txt": b"e"}, "zero": {"jpg": b"", "txt": b"f"},
+        "noimage": {"txt": b"g"}, "nocaption": {"jpg": good}, "emptycap": {"jpg": good, "txt": b" "},
+    }
+    for key, files in cases.items():
+        w.write(key, files)
+    w.write("ok0", {"jpg": good, "txt": b"dup"})  # duplicate key
+    w.close()
+    # second shard, truncated after a few samples
+    w2 = ShardSetWriter(tmp_path / "in2", shard_size=1000)
+    for i in range(30):
+        w2.write(f"t{i:02d}", {"jpg": good, "txt": b"x" * 3000})
+    w2.close()
+    second = tmp_path / "in" / "00001.tar"
+    data = (tmp_path / "in2" / "00000.tar").read_bytes()
+    second.write_bytes(data[: len(data) // 2])
+    surviving = [s.key for s in _readable(second)]
+    expert_of_key = {k: i % 2 for i, k in enumerate(["ok0", "ok1", "ok2", "corrupt", "truncjpg", "zero", "noimage"]
+                                                     + surviving)}
+    fake_cluster_stage(tmp_path / "cluster", expert_of_key, 2)
+    fake_embed_rejects(tmp_path / "embed", [{"key": "nocaption", "shard": "00000", "reason": "missing_caption"},
+                                            {"key": "emptycap", "shard": "00000", "reason": "empty_caption"}])
+    return tmp_path, [tmp_path / "in" / "00000.tar", second], len(surviving)
+
+
+def _readable(path):
+    out = []
+    try:
+        for s in iter_samples(path):
+            out.append(s)
+    except Exception:
+        pass
+    return out
+
+
+def test_conservation_and_counts_by_reason(corrupted_input):
+    root, shards, surviving = corrupted_input
+    manifest = run_split(SplitConfig(shard_size=4), shards, root / "embed", root / "cluster", root / "split")
+    counts = manifest["counts"]
+    assert counts["rejected"] == {
+        "corrupt_image": 2, "empty_image": 1, "missing_image": 1, "caption:missing_caption": 1,
+        "caption:empty_caption": 1, "duplicate_key": 1, "truncated_tar": 1,
+    }
+    samples_in = 10 + surviving
+    assert counts["samples_in"] == samples_in
+    assert sum(counts["experts"]) + 7 == samples_in
+    keys = []
+    for e in range(2):
+        paths, sizes = expert_shards(root / "split", e)
+        got = [s.key for p in paths for s in iter_samples(p)]
+        assert len(got) == sum(sizes.values())
+        keys += got
+    assert len(keys) == len(set(keys))  # no duplicates
+    assert set(keys) == {"ok0", "ok1", "ok2"} | {f"t{i:02d}" for i in range(surviving)}
+    rejects = pq.read_table(root / "split" / "rejects.parquet").to_pylist()
+    assert len([r for r in rejects if r["key"]]) == 7  # one row per rejected sample
+    assert [r["reason"].split(":")[0] for r in rejects if not r["key"]] == ["truncated_tar"]
+
+
+def test_expert_manifests_hash_their_shards(corrupted_input):
+    root, shards, _ = corrupted_input
+    run_split(SplitConfig(shard_size=4), shards, root / "embed", root / "cluster", root / "split")
+    from pipelines.manifest import file_sha256
+
+    m = json.loads((root / "split" / "expert_000" / "manifest.json").read_text())
+    for name, digest in m["shards_sha256"].items():
+        assert file_sha256(root / "split" / "expert_000" / name) == digest
+    assert m["samples"] == sum(m["sizes"].values())
+
+
+def test_rerun_with_same_inputs_is_skipped(corrupted_input):
+    root, shards, _ = corrupted_input
+    first = run_split(SplitConfig(shard_size=4), shards, root / "embed", root / "cluster", root / "split")
+    again = run_split(SplitConfig(shard_size=4), shards, root / "embed", root / "cluster", root / "split")
+    assert again["skipped"] and again["outputs"] == first["outputs"]
+    assert not (root / "split" / ".partial").exists()

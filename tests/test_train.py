@@ -1,0 +1,50 @@
+"""Stage 4: the seed and the experts, trained by open_clip_train (from the tiny end-to-end run)."""
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_registry_lists_every_expert_with_its_fine_clusters(tiny_run):
+    train = tiny_run["run_dir"] / "train"
+    registry = json.loads((train / "registry.json").read_text())
+    assert [e["id"] for e in registry["experts"]] == [0, 1]
+    fines = sorted(f for e in registry["experts"] for f in e["fine_clusters"])
+    assert fines == list(range(8))  # every fine cluster has exactly one owner
+    split = json.loads((tiny_run["run_dir"] / "split" / "manifest.json").read_text())
+    assert [e["samples"] for e in registry["experts"]] == split["counts"]["experts"]
+
+
+def test_every_model_loads_through_local_dir(tiny_run):
+    import open_clip
+
+    train = tiny_run["run_dir"] / "train"
+    for name in ["seed", "expert_000", "expert_001"]:
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{train / name}")
+        with torch.no_grad():
+            feats = model.encode_image(torch.zeros(1, 3, 64, 64))
+        assert feats.shape == (1, 128)
+
+
+def test_experts_resume_the_seed_checkpoint_and_continue_its_epochs(tiny_run):
+    train = tiny_run["run_dir"] / "train"
+    seed = torch.load(train / "logs" / "seed" / "checkpoints" / "epoch_1.pt", weights_only=False)
+    expert = torch.load(train / "logs" / "expert_000" / "checkpoints" / "epoch_2.pt", weights_only=False)
+    assert seed["epoch"] == 1 and expert["epoch"] == 2
+    log = (train / "expert_000.log").read_text()
+    assert "resuming checkpoint" in log and "seed/checkpoints/epoch_1.pt" in log
+    # the expert moved away from the seed
+    key = "visual.conv1.weight"
+    assert not torch.equal(seed["state_dict"][key], expert["state_dict"][key])
+
+
+def test_experts_differ_from_each_other(tiny_run):
+    from safetensors.torch import load_file
+
+    train = tiny_run["run_dir"] / "train"
+    a = load_file(train / "expert_000" / "open_clip_model.safetensors")
+    b = load_file(train / "expert_001" / "open_clip_model.safetensors")
+    assert not torch.equal(a["text_projection"], b["text_projection"])
