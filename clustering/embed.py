@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipelines.devices import pick_device
 from pipelines.config import EmbedConfig, section_hash
 from pipelines.manifest import (
     atomic_path,
@@ -54,14 +55,6 @@ def resolve_model(name: str) -> str:
             ) from err
         return str(Path(module.__file__).parent / sub)
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
-
-
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_encoder(model: str, pooling: str = "model", device: str = "auto"):

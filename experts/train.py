@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipelines.devices import pick_device
 from pipelines.config import TrainConfig, section_hash
 from pipelines.manifest import (
     atomic_path,
@@ -165,14 +166,6 @@ def train_one(cfg: TrainConfig, *, name: str, stage_dir: Path, model_spec: str, 
             raise RuntimeError(f"open_clip_train finished without writing {final}; see {stage_dir / (name + '.log')}")
     export_checkpoint(final, model_cfg, stage_dir / name)
     return final
-
-
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: Path,

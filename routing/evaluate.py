@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from clustering.embed import encode, load_encoder, pick_device
+from clustering.embed import encode, load_encoder
+from pipelines.devices import pick_device
 from pipelines.config import EmbedConfig, EvaluateConfig, section_hash
 from pipelines.manifest import (
     atomic_write_json,
@@ -38,8 +39,8 @@ from pipelines.manifest import (
     is_done,
     read_manifest,
     require_manifest,
+    write_manifest,
 )
-from pipelines.manifest import write_manifest
 from pipelines.shards import expand_shards, iter_samples
 from routing.ensemble import ensemble_logits, mean_per_class_accuracy, topk_accuracy
 from routing.weights import route
