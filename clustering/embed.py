@@ -184,7 +184,7 @@ def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path) -> dict:
             "captions_per_second": round(embedded / seconds, 1) if seconds else None,
         },
         started=started,
-        extra={"model": cfg.model, "dim": _dim_of(stage_dir, stems)},
+        extra={"model": cfg.model, "pooling": cfg.pooling, "dim": _dim_of(stage_dir, stems)},
     )
 
 

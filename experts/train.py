@@ -13,7 +13,9 @@ cluster's data for the remaining epochs. Experts are independent jobs.
 Outputs under the stage folder:
     model_config/open_clip_config.json   the architecture (no weights)
     logs/<name>/                          open_clip_train's logs and checkpoints
-    seed/, expert_000/, ...               exported local-dir models
+    seed/, expert_000/, ..., baseline/    exported local-dir models
+                                          (baseline: the seed continued on all data for the
+                                          experts' combined compute, the fair single model)
     registry.json                         what routing needs to use the experts
 """
 
@@ -222,12 +224,24 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
         "seed": {"model_dir": "seed", "checkpoint": str(seed_ckpt.relative_to(stage_dir)),
                  "samples": all_samples, "epochs": cfg.seed_epochs},
         "experts": registry_experts,
+        "baseline": None,
         "cluster": str(cluster_dir.resolve()),
         "epochs_total": total_epochs,
     }
+    if cfg.baseline:
+        # The fair single model: the seed continued on all data for as many samples as
+        # all experts together saw (expert_epochs passes over the union of their data).
+        t0 = time.time()
+        ckpt = train_one(cfg, name="baseline", stage_dir=stage_dir, model_spec=model_spec,
+                         model_cfg=model_cfg, train_data="::".join(all_paths), num_samples=all_samples,
+                         epochs=total_epochs, start_from=seed_ckpt, device=device, on_line=on_line)
+        timings["baseline"] = round(time.time() - t0, 2)
+        registry["baseline"] = {"model_dir": "baseline", "checkpoint": str(ckpt.relative_to(stage_dir)),
+                                "samples": all_samples, "seeded_from": "seed"}
     atomic_write_json(stage_dir / "registry.json", registry)
     outputs = {"registry.json": file_sha256(stage_dir / "registry.json")}
-    for name in ["seed"] + [x["model_dir"] for x in registry_experts]:
+    models = ["seed"] + [x["model_dir"] for x in registry_experts] + (["baseline"] if cfg.baseline else [])
+    for name in models:
         for file in ("open_clip_config.json", "open_clip_model.safetensors"):
             outputs[f"{name}/{file}"] = file_sha256(stage_dir / name / file)
     return write_manifest(

@@ -3,6 +3,8 @@
     moda synth configs/demo.yaml          generate the synthetic demo data
     moda run configs/demo.yaml            run the pipeline in-process (no server)
     moda run configs/demo.yaml --stages cluster,split
+    moda predict runs/demo img.jpg --classes circle,square,star
+    moda predict runs/demo img.jpg --captions "a red circle" "a forest"
     moda demo                             the full demo through a local Prefect server
 """
 
@@ -35,6 +37,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from routing.predict import MoDESystem
+
+    if bool(args.classes) == bool(args.captions):
+        print("moda: error: give exactly one of --classes or --captions", file=sys.stderr)
+        return 2
+    system = MoDESystem.load(args.run_dir, routing=args.routing)
+    images = [Image.open(p).convert("RGB") for p in args.images]
+    if args.classes:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        probs, weights = system.classify(images, classes, args.template or None)
+        out = [{"image": p, "top": [{"class": classes[j], "prob": round(float(probs[i, j]), 4)}
+                                    for j in probs[i].argsort()[::-1][: args.top]]}
+               for i, p in enumerate(args.images)]
+    else:
+        out = []
+        for p, image in zip(args.images, images):
+            scores, weights = system.rank_captions(image, args.captions)
+            order = scores.argsort()[::-1][: args.top]
+            out.append({"image": p, "top": [{"caption": args.captions[j], "score": round(float(scores[j]), 4)}
+                                            for j in order]})
+    print(json.dumps({"routing_weights": dict(zip(system.expert_names, map(float, weights))),
+                      "predictions": out}, indent=2))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipelines.demo import main as demo_main
 
@@ -53,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<name>)")
     p.add_argument("--stages", default=None, help="comma-separated subset of embed,cluster,split,train,evaluate")
     p.set_defaults(func=_run)
+    p = sub.add_parser("predict", help="classify images or rank captions with a trained MoDE system")
+    p.add_argument("run_dir", help="a run folder, e.g. runs/demo")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--classes", help="comma-separated class names")
+    p.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
+    p.add_argument("--captions", nargs="+", help="candidate captions to rank")
+    p.add_argument("--routing", default="paper", choices=["paper", "released"])
+    p.add_argument("--top", type=int, default=3)
+    p.set_defaults(func=_predict)
     p = sub.add_parser("demo", help="run the demo through a local Prefect server and worker")
     p.add_argument("--config", default="configs/demo.yaml")
     p.set_defaults(func=_demo)

@@ -99,8 +99,10 @@ class TrainConfig:
     (registered under its file stem). The seed trains `seed_epochs` on all
     data; each expert resumes the seed's checkpoint (weights, optimizer, epoch
     counter) and trains until `seed_epochs + expert_epochs` on its own shards,
-    as MoDE continues its seed for the last epochs. `extra_args` are passed to
-    the trainer unchanged.
+    as MoDE continues its seed for the last epochs. `baseline` also trains the
+    fair single-model baseline: the seed continued on all data for the same
+    number of samples as all experts together. `extra_args` are passed to the
+    trainer unchanged.
     """
 
     model: str = "experts/model_configs/moda-tiny.json"
@@ -114,6 +116,7 @@ class TrainConfig:
     precision: str = "fp32"
     seed: int = 0
     device: str = "auto"
+    baseline: bool = True
     extra_args: list[str] = field(default_factory=list)
 
 

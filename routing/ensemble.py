@@ -30,3 +30,21 @@ def mean_per_class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     pred = logits.argmax(axis=1)
     classes = np.unique(labels)
     return float(np.mean([(pred[labels == c] == c).mean() for c in classes]))
+
+
+def ensemble_per_query(expert_scores: np.ndarray, query_weights: np.ndarray) -> np.ndarray:
+    """(n_experts, Q, K) scores and (Q, n_experts) per-query weights -> (Q, K).
+
+    Text-to-image retrieval routes every query on its own, so each row of the
+    result mixes the experts with that query's weights.
+    """
+    if expert_scores.shape[:2] != query_weights.T.shape:
+        raise ValueError(f"scores {expert_scores.shape} do not match weights {query_weights.shape}")
+    return np.einsum("qc,cqk->qk", query_weights.astype(np.float64), expert_scores.astype(np.float64))
+
+
+def recall_at_k(similarity: np.ndarray, k: int) -> float:
+    """Share of rows whose matching column (row i <-> column i) is among the k highest."""
+    k = min(k, similarity.shape[1])
+    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    return float((top == np.arange(similarity.shape[0])[:, None]).any(axis=1).mean())

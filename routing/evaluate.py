@@ -1,18 +1,25 @@
-"""Stage 5, evaluate: zero-shot classification by the seed, each expert, and the ensembles.
+"""Stage 5, evaluate: the routed ensemble against single models, on held-out tasks.
 
-For every held-out task the class names are embedded with the clustering's
-caption encoder (averaged over the prompt templates), routed to experts with
-routing/weights.py, and each model's cosine logits are combined. Rows of the
-report: the seed, each expert, the uniform ensemble, the routed ensemble and
-the oracle best expert (the best single expert chosen with the test labels,
-an upper bound no router can be expected to reach). Every number is computed
-from the run's own files.
+Rows of the report, for every task:
+  seed                the shared starting point of all experts
+  baseline            the fair single model: the seed continued on all data for
+                      the same number of samples as all experts together
+  expert_000, ...     each expert alone
+  uniform ensemble    experts' logits averaged
+  routed ensemble     experts' logits weighted by MoDE routing (routing/weights.py)
+  oracle best expert  the best single expert picked with the test labels: an upper
+                      bound for routing to one expert, not a fair competitor
 
-Evaluation tasks live in one folder per task with a `task.json`:
-    {"name": ..., "kind": "classification", "classnames": [...], "templates": ["a photo of a {}."]}
-and tar shards whose samples hold `<key>.jpg` (or png) and `<key>.cls` (the
-class index). Folders of another kind (retrieval) are listed but not scored
-by this stage yet.
+Classification tasks: class names (with prompt templates) are embedded with
+the clustering's caption encoder and routed; metrics top-1, top-5 and mean
+per-class accuracy. Retrieval tasks (image-caption pairs): image-to-text uses
+one weight vector routed from the whole caption set, text-to-image routes
+every query caption on its own (the paper's definitions); metrics R@1, R@5.
+
+Task folders: `task.json` ({"name", "kind": "classification", "classnames",
+"templates"} or {"name", "kind": "retrieval"}) plus tar shards with
+`<key>.jpg` and `<key>.cls` (class index) or `<key>.txt` (caption).
+Every number is computed from the run's own files.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +35,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from clustering.embed import encode, load_encoder
-from pipelines.devices import pick_device
 from pipelines.config import EmbedConfig, EvaluateConfig, section_hash
+from pipelines.devices import pick_device
 from pipelines.manifest import (
+    atomic_path,
     atomic_write_json,
     atomic_write_text,
     combine,
@@ -42,104 +50,223 @@ from pipelines.manifest import (
     write_manifest,
 )
 from pipelines.shards import expand_shards, iter_samples
-from routing.ensemble import ensemble_logits, mean_per_class_accuracy, topk_accuracy
-from routing.weights import route
+from routing.clip_features import classifier_weights, image_features, load_clip, text_features
+from routing.ensemble import (
+    ensemble_logits,
+    ensemble_per_query,
+    mean_per_class_accuracy,
+    recall_at_k,
+    topk_accuracy,
+)
+from routing.metadata import classname_embeddings
+from routing.weights import nearest_fine, route, route_each
 
 
 @dataclass
-class ClassificationTask:
+class Task:
     name: str
-    classnames: list[str]
-    templates: list[str]
+    kind: str  # "classification" or "retrieval"
     images: list[Image.Image]
-    labels: np.ndarray
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
 
 
-def load_tasks(tasks_dir: Path) -> tuple[list[ClassificationTask], list[str]]:
-    """The classification tasks under `tasks_dir`, and the names of folders skipped."""
+def load_tasks(tasks_dir: Path) -> list[Task]:
+    """Every task folder (one with a task.json) under `tasks_dir`."""
     if not tasks_dir.is_dir():
         raise FileNotFoundError(f"evaluation tasks folder {tasks_dir} not found (data.eval_tasks)")
-    tasks, skipped = [], []
+    tasks = []
     for folder in sorted(p for p in tasks_dir.iterdir() if (p / "task.json").is_file()):
         spec = json.loads((folder / "task.json").read_text(encoding="utf-8"))
-        if spec.get("kind") != "classification":
-            skipped.append(folder.name)
-            continue
-        images, labels = [], []
+        kind = spec.get("kind")
+        if kind not in ("classification", "retrieval"):
+            raise ValueError(f"{folder}/task.json: kind must be 'classification' or 'retrieval', got {kind!r}")
+        need = "cls" if kind == "classification" else "txt"
+        images, targets = [], []
         for shard in expand_shards(folder):
             for sample in iter_samples(shard):
                 raw = sample.files.get("jpg") or sample.files.get("png")
-                if raw is None or "cls" not in sample.files:
-                    raise ValueError(f"{shard}: sample {sample.key!r} needs an image and a .cls label")
+                if raw is None or need not in sample.files:
+                    raise ValueError(f"{shard}: sample {sample.key!r} needs an image and a .{need}")
                 images.append(Image.open(io.BytesIO(raw)).convert("RGB"))
-                labels.append(int(sample.files["cls"].decode().strip()))
+                targets.append(sample.files[need].decode("utf-8").strip())
         if not images:
-            raise ValueError(f"{folder}: classification task has no samples")
-        tasks.append(ClassificationTask(spec.get("name", folder.name), spec["classnames"],
-                                        spec.get("templates", ["a photo of a {}."]), images,
-                                        np.array(labels)))
+            raise ValueError(f"{folder}: task has no samples")
+        name = spec.get("name", folder.name)
+        if kind == "classification":
+            tasks.append(Task(name, kind, images, labels=np.array([int(t) for t in targets]),
+                              classnames=spec["classnames"],
+                              templates=spec.get("templates", ["a photo of a {}."])))
+        else:
+            tasks.append(Task(name, kind, images, captions=targets))
     if not tasks:
-        raise ValueError(f"{tasks_dir}: no classification task found (folders with task.json)")
-    return tasks, skipped
+        raise ValueError(f"{tasks_dir}: no task folders (with a task.json) found")
+    return tasks
 
 
-def classname_embeddings(encoder, task: ClassificationTask) -> np.ndarray:
-    """(C, d): each class name's caption-encoder embedding, averaged over templates."""
-    texts = [t.format(c) for c in task.classnames for t in task.templates]
-    vectors = encode(encoder, texts).reshape(len(task.classnames), len(task.templates), -1).mean(1)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+def classification_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5),
+            "mean_per_class": mean_per_class_accuracy(logits, labels)}
 
 
-def clip_logits(model_dir: Path, tasks: list[ClassificationTask], device: str, batch_size: int) -> list[np.ndarray]:
-    """Cosine logits (N, C) of one local-dir CLIP on each task."""
-    import open_clip
-    import torch
+def retrieval_scores(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
+    """i2t: (images, captions), t2i: (captions, images); pair i matches pair i."""
+    return {"i2t_r1": recall_at_k(i2t, 1), "i2t_r5": recall_at_k(i2t, 5),
+            "t2i_r1": recall_at_k(t2i, 1), "t2i_r5": recall_at_k(t2i, 5)}
 
-    spec = f"local-dir:{model_dir}"
-    model, _, preprocess = open_clip.create_model_and_transforms(spec, device=device)
-    tokenizer = open_clip.get_tokenizer(spec)
-    model.eval()
+
+def headline(task: dict) -> str:
+    """The metric a task's verdict is stated in."""
+    return "top1" if task["kind"] == "classification" else "i2t_r1"
+
+
+def model_scores(clip, tasks: list[Task], batch_size: int) -> list[np.ndarray]:
+    """Per task: (N, C) class logits, or (N, N) image-caption similarities."""
     out = []
-    with torch.no_grad():
-        for task in tasks:
-            feats = []
-            for i in range(0, len(task.images), batch_size):
-                batch = torch.stack([preprocess(im) for im in task.images[i:i + batch_size]]).to(device)
-                feats.append(torch.nn.functional.normalize(model.encode_image(batch), dim=-1))
-            image = torch.cat(feats)
-            classes = []
-            for name in task.classnames:
-                tokens = tokenizer([t.format(name) for t in task.templates]).to(device)
-                text = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1).mean(0)
-                classes.append(torch.nn.functional.normalize(text, dim=-1))
-            out.append((image @ torch.stack(classes).T).float().cpu().numpy())
+    for task in tasks:
+        images = image_features(clip, task.images, batch_size)
+        if task.kind == "classification":
+            out.append(images @ classifier_weights(clip, task.classnames, task.templates).T)
+        else:
+            out.append(images @ text_features(clip, task.captions, batch_size).T)
     return out
 
 
-def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {
-        "top1": topk_accuracy(logits, labels, 1),
-        "top5": topk_accuracy(logits, labels, 5),
-        "mean_per_class": mean_per_class_accuracy(logits, labels),
+def evaluate_task(task: Task, scores: dict[str, np.ndarray], experts: list[str], routing: dict) -> dict:
+    """Every row's metrics on one task, from each model's scores and the routing weights."""
+    stacked = np.stack([scores[e] for e in experts])
+    uniform = np.full(len(experts), 1.0 / len(experts))
+    rows: dict[str, dict] = {}
+    if task.kind == "classification":
+        for name, s in scores.items():
+            rows[name] = classification_scores(s, task.labels)
+        rows["uniform ensemble"] = classification_scores(ensemble_logits(stacked, uniform), task.labels)
+        rows["routed ensemble"] = classification_scores(ensemble_logits(stacked, routing["weights"]),
+                                                        task.labels)
+    else:
+        for name, s in scores.items():
+            rows[name] = retrieval_scores(s, s.T)
+        averaged = ensemble_logits(stacked, uniform)
+        rows["uniform ensemble"] = retrieval_scores(averaged, averaged.T)
+        t2i = ensemble_per_query(np.transpose(stacked, (0, 2, 1)), routing["query_weights"])
+        rows["routed ensemble"] = retrieval_scores(ensemble_logits(stacked, routing["weights"]), t2i)
+    metric = "top1" if task.kind == "classification" else "i2t_r1"
+    best = max(experts, key=lambda e: rows[e][metric])
+    rows["oracle best expert"] = {**rows[best], "expert": best}
+    return rows
+
+
+def route_task(task: Task, encoder, cfg: EvaluateConfig, fine_centroids, expert_of_fine, n) -> dict:
+    """Routing weights for one task, with the distances behind them for the log."""
+    if task.kind == "classification":
+        meta = classname_embeddings(encoder, task.classnames, task.templates)
+        names = task.classnames
+    else:
+        meta = encode(encoder, task.captions)
+        names = task.captions
+    weights = route(cfg.routing, meta, fine_centroids, expert_of_fine, n, cfg.lam)
+    nearest, dist = nearest_fine(meta, fine_centroids)
+    out = {
+        "weights": weights,
+        "metadata": [{"text": t, "nearest_fine": int(f), "expert": int(expert_of_fine[f]),
+                      "distance": round(float(d), 4)} for t, f, d in zip(names, nearest, dist)],
     }
+    if task.kind == "retrieval":
+        out["query_weights"] = route_each(cfg.routing, meta, fine_centroids, expert_of_fine, n, cfg.lam)
+    return out
 
 
-def markdown_table(results: dict) -> str:
-    """Rows = models and ensembles, columns = tasks (top-1 %), plus the mean."""
-    tasks = list(results["tasks"])
+def verdicts(results: dict) -> list[str]:
+    """One plain sentence per task: did the routed ensemble beat the fair baseline?"""
+    lines = []
+    reference = "baseline" if "baseline" in results["rows"] else "seed"
+    for name, task in results["tasks"].items():
+        metric = headline(task)
+        routed, base = task["routed ensemble"][metric] * 100, task[reference][metric] * 100
+        delta = routed - base
+        word = "beat" if delta > 0 else ("tied" if delta == 0 else "did not beat")
+        lines.append(f"- {name}: MoDE (routed) {word} the {reference} on {metric}: "
+                     f"{routed:.1f} vs {base:.1f} ({delta:+.1f} points)")
+    return lines
+
+
+def markdown_report(results: dict) -> str:
     rows = results["rows"]
-    lines = ["| model | " + " | ".join(tasks) + " | mean |",
-             "|---|" + "---:|" * (len(tasks) + 1)]
-    for row in rows:
-        vals = [results["tasks"][t][row]["top1"] * 100 for t in tasks]
-        lines.append(f"| {row} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {np.mean(vals):.1f} |")
-    lines.append("")
-    lines.append("Top-1 zero-shot accuracy (%) on held-out tasks. Routing weights per task (experts 0..n-1):")
-    lines.append("")
-    for t in tasks:
-        w = ", ".join(f"{x:.3f}" for x in results["tasks"][t]["routing_weights"])
-        lines.append(f"- {t}: [{w}] (chance {100 / results['tasks'][t]['num_classes']:.1f}%)")
-    return "\n".join(lines) + "\n"
+    out = [f"# MoDE evaluation ({results['routing']} routing)", ""]
+    cls = [t for t, v in results["tasks"].items() if v["kind"] == "classification"]
+    ret = [t for t, v in results["tasks"].items() if v["kind"] == "retrieval"]
+    if cls:
+        out += ["Zero-shot top-1 accuracy (%):", "",
+                "| model | " + " | ".join(cls) + " | mean |", "|---|" + "---:|" * (len(cls) + 1)]
+        for row in rows:
+            vals = [results["tasks"][t][row]["top1"] * 100 for t in cls]
+            out.append(f"| {row} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {np.mean(vals):.1f} |")
+        out.append("")
+    for t in ret:
+        out += [f"Retrieval `{t}` (recall %):", "", "| model | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |",
+                "|---|---:|---:|---:|---:|"]
+        for row in rows:
+            r = results["tasks"][t][row]
+            out.append(f"| {row} | {r['i2t_r1'] * 100:.1f} | {r['i2t_r5'] * 100:.1f} | "
+                       f"{r['t2i_r1'] * 100:.1f} | {r['t2i_r5'] * 100:.1f} |")
+        out.append("")
+    out += ["Verdict against the fair single model:", ""] + verdicts(results) + [""]
+    out += ["Routing weights (experts 0..n-1):", ""]
+    for t, v in results["tasks"].items():
+        chance = f", chance top-1 {100 / v['num_classes']:.1f}%" if v["kind"] == "classification" else ""
+        out.append(f"- {t}: [" + ", ".join(f"{w:.3f}" for w in v["routing_weights"]) + f"]{chance}")
+    return "\n".join(out) + "\n"
+
+
+def plot_report(results: dict, stage_dir: Path) -> list[Path]:
+    """routing_weights.png (tasks x experts heatmap) and accuracy.png (per task and row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    weights = np.array([results["tasks"][t]["routing_weights"] for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * weights.shape[1], 0.9 + 0.5 * len(tasks)))
+    im = ax.imshow(weights, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(weights.shape[1]), [f"expert {e}" for e in range(weights.shape[1])], rotation=30)
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i in range(len(tasks)):
+        for j in range(weights.shape[1]):
+            ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label="routing weight")
+    ax.set_title("MoDE routing weights")
+    fig.tight_layout()
+    paths = [stage_dir / "routing_weights.png", stage_dir / "accuracy.png"]
+    with atomic_path(paths[0]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(tasks), 3.8))
+    width = 0.8 / len(rows)
+    for r, row in enumerate(rows):
+        vals = [results["tasks"][t][row][headline(results["tasks"][t])] * 100 for t in tasks]
+        ax.bar(np.arange(len(tasks)) + r * width, vals, width, label=row)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2,
+                  [f"{t}\n({headline(results['tasks'][t])})" for t in tasks])
+    ax.set_ylabel("%")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Held-out tasks")
+    fig.tight_layout()
+    with atomic_path(paths[1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return paths
+
+
+def _jsonable(routing: dict) -> dict:
+    out = {"weights": routing["weights"].tolist(), "metadata": routing["metadata"]}
+    if "query_weights" in routing:
+        out["query_weights"] = np.round(routing["query_weights"], 5).tolist()
+    return out
 
 
 def run_evaluate(cfg: EvaluateConfig, embed_cfg: EmbedConfig, tasks_dir: Path, cluster_dir: Path,
@@ -148,55 +275,46 @@ def run_evaluate(cfg: EvaluateConfig, embed_cfg: EmbedConfig, tasks_dir: Path, c
     upstream = require_manifest(train_dir, "train")
     cluster = require_manifest(cluster_dir, "cluster")
     config_hash = section_hash(cfg)
-    task_files = sorted(str(p) for p in tasks_dir.rglob("*") if p.is_file()) if tasks_dir.is_dir() else []
-    task_hash = combine([(Path(f).relative_to(tasks_dir).as_posix(), file_sha256(f)) for f in task_files])
+    task_files = sorted(p for p in tasks_dir.rglob("*") if p.is_file()) if tasks_dir.is_dir() else []
+    task_hash = combine([(p.relative_to(tasks_dir).as_posix(), file_sha256(p)) for p in task_files])
     fingerprint = combine("evaluate", config_hash, section_hash(embed_cfg), upstream["fingerprint"],
                           cluster["fingerprint"], task_hash)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
-    tasks, skipped = load_tasks(tasks_dir)
+    tasks = load_tasks(tasks_dir)
     registry = json.loads((train_dir / "registry.json").read_text(encoding="utf-8"))
     fine_centroids = np.load(cluster_dir / "fine_centroids.npy")
     expert_of_fine = np.load(cluster_dir / "expert_of_fine.npy")
-    num_experts = len(registry["experts"])
+    experts = [e["model_dir"] for e in registry["experts"]]
     device = pick_device(cfg.device)
 
     encoder = load_encoder(embed_cfg.model, embed_cfg.pooling, device)
-    routing = {}
-    for task in tasks:
-        class_emb = classname_embeddings(encoder, task)
-        routing[task.name] = route(cfg.routing, class_emb, fine_centroids, expert_of_fine, num_experts, cfg.lam)
+    routing = {t.name: route_task(t, encoder, cfg, fine_centroids, expert_of_fine, len(experts)) for t in tasks}
     del encoder
 
-    model_names = ["seed"] + [e["model_dir"] for e in registry["experts"]]
-    logits = {name: clip_logits(train_dir / name, tasks, device, cfg.batch_size)
-              for name in tqdm(model_names, desc="evaluate", unit="model")}
-    results: dict = {"routing": cfg.routing, "tasks": {}, "skipped_tasks": skipped}
+    singles = ["seed"] + (["baseline"] if registry.get("baseline") else []) + experts
+    scores = {}
+    for name in tqdm(singles, desc="evaluate", unit="model"):
+        scores[name] = model_scores(load_clip(train_dir / name, device), tasks, cfg.batch_size)
+    results: dict = {"routing": cfg.routing, "lam": cfg.lam, "tasks": {},
+                     "rows": singles + ["uniform ensemble", "routed ensemble", "oracle best expert"]}
     for t, task in enumerate(tasks):
-        stacked = np.stack([logits[e["model_dir"]][t] for e in registry["experts"]])
-        per_task = {"seed": scores(logits["seed"][t], task.labels)}
-        for e in registry["experts"]:
-            per_task[e["model_dir"]] = scores(logits[e["model_dir"]][t], task.labels)
-        per_task["uniform ensemble"] = scores(
-            ensemble_logits(stacked, np.full(num_experts, 1.0 / num_experts)), task.labels)
-        per_task["routed ensemble"] = scores(ensemble_logits(stacked, routing[task.name]), task.labels)
-        best = max((e["model_dir"] for e in registry["experts"]), key=lambda n: per_task[n]["top1"])
-        per_task["oracle best expert"] = {**per_task[best], "expert": best}
+        rows = evaluate_task(task, {n: scores[n][t] for n in singles}, experts, routing[task.name])
         results["tasks"][task.name] = {
-            **per_task, "routing_weights": routing[task.name].tolist(),
-            "num_classes": len(task.classnames), "num_images": len(task.labels),
+            "kind": task.kind, **rows, "routing_weights": routing[task.name]["weights"].tolist(),
+            "num_images": len(task.images),
+            **({"num_classes": len(task.classnames)} if task.kind == "classification" else {}),
         }
-    results["rows"] = model_names + ["uniform ensemble", "routed ensemble", "oracle best expert"]
-    table = markdown_table(results)
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stage_dir / "results.json", results)
-    atomic_write_text(stage_dir / "results.md", table)
-    outputs = [stage_dir / "results.json", stage_dir / "results.md"]
+    atomic_write_json(stage_dir / "routing.json", {n: _jsonable(r) for n, r in routing.items()})
+    atomic_write_text(stage_dir / "results.md", markdown_report(results))
+    outputs = [stage_dir / f for f in ("results.json", "routing.json", "results.md")]
+    outputs += plot_report(results, stage_dir)
     return write_manifest(
         stage_dir, stage="evaluate", fingerprint=fingerprint, config_hash=config_hash,
         inputs={"train": upstream["fingerprint"], "cluster": cluster["fingerprint"], "tasks": task_hash},
         outputs=hash_outputs(stage_dir, outputs),
-        counts={"tasks": len(tasks), "images": int(sum(len(t.labels) for t in tasks)),
-                "models": len(model_names)},
+        counts={"tasks": len(tasks), "images": int(sum(len(t.images) for t in tasks)), "models": len(singles)},
         started=started, extra={"device": device},
     )

@@ -81,3 +81,20 @@ def route(variant: str, class_embeddings: np.ndarray, fine_centroids: np.ndarray
     if variant == "released":
         return released_weights(class_embeddings, fine_centroids, expert_of_fine, num_experts)
     raise ValueError(f"unknown routing variant {variant!r}; use 'paper' or 'released'")
+
+
+def route_each(variant: str, queries: np.ndarray, fine_centroids: np.ndarray,
+               expert_of_fine: np.ndarray, num_experts: int, lam: float = 0.2) -> np.ndarray:
+    """One weight vector per query, each query its own task: (Q, d) -> (Q, num_experts).
+
+    The paper's text-to-image retrieval routing: p(c | T_q) from A[q, s] alone.
+    """
+    return np.stack([route(variant, q[None, :], fine_centroids, expert_of_fine, num_experts, lam)
+                     for q in queries]) if len(queries) else np.zeros((0, num_experts))
+
+
+def nearest_fine(queries: np.ndarray, fine_centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's nearest fine centre and its (unsquared) distance, for the routing log."""
+    d2 = squared_distances(queries, fine_centroids)
+    nearest = d2.argmin(axis=1)
+    return nearest, np.sqrt(d2[np.arange(len(queries)), nearest])

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from routing.ensemble import ensemble_logits, mean_per_class_accuracy, topk_accuracy
+from routing.ensemble import (
+    ensemble_logits,
+    ensemble_per_query,
+    mean_per_class_accuracy,
+    recall_at_k,
+    topk_accuracy,
+)
 
 
 def test_ensemble_is_the_weighted_sum_of_expert_logits():
@@ -29,3 +35,15 @@ def test_mean_per_class_accuracy_weights_classes_equally():
     labels = np.array([0, 0, 0, 1])
     assert mean_per_class_accuracy(logits, labels) == 0.5
     assert topk_accuracy(logits, labels, 1) == 0.75
+
+
+def test_recall_at_k_matches_row_i_to_column_i():
+    sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.0, 0.5, 0.4]])
+    assert recall_at_k(sim, 1) == pytest.approx(1 / 3)
+    assert recall_at_k(sim, 2) == pytest.approx(1.0)
+
+
+def test_per_query_ensemble_mixes_each_row_with_its_own_weights():
+    scores = np.array([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # 2 experts, 2 queries
+    weights = np.array([[1.0, 0.0], [0.25, 0.75]])
+    np.testing.assert_allclose(ensemble_per_query(scores, weights), [[1.0, 0.0], [0.25, 0.75]])

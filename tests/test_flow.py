@@ -10,7 +10,8 @@ from pipelines.flows import STAGES, check_inputs
 
 pytestmark = pytest.mark.slow
 
-ROWS = ["seed", "expert_000", "expert_001", "uniform ensemble", "routed ensemble", "oracle best expert"]
+ROWS = ["seed", "baseline", "expert_000", "expert_001", "uniform ensemble", "routed ensemble",
+        "oracle best expert"]
 
 
 def test_every_stage_writes_a_manifest(tiny_run):
@@ -21,14 +22,35 @@ def test_every_stage_writes_a_manifest(tiny_run):
 
 def test_results_have_every_row_for_every_held_out_task(tiny_run):
     results = json.loads((tiny_run["run_dir"] / "evaluate" / "results.json").read_text())
-    assert set(results["tasks"]) == {"shapes", "digits", "textures", "scenes"}
+    assert set(results["tasks"]) == {"shapes", "digits", "textures", "scenes", "retrieval"}
+    assert results["rows"] == ROWS
     for task in results["tasks"].values():
+        metrics = ["top1", "top5", "mean_per_class"] if task["kind"] == "classification" else \
+            ["i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"]
         for row in ROWS:
-            assert 0.0 <= task[row]["top1"] <= 1.0
+            assert all(0.0 <= task[row][m] <= 1.0 for m in metrics)
         assert sum(task["routing_weights"]) == pytest.approx(1.0)
-    assert results["skipped_tasks"] == ["retrieval"]
     for row in ROWS:
         assert f"| {row} |" in tiny_run["table"]
+
+
+def test_report_states_the_verdict_against_the_fair_baseline_per_task(tiny_run):
+    report = (tiny_run["run_dir"] / "evaluate" / "results.md").read_text()
+    results = json.loads((tiny_run["run_dir"] / "evaluate" / "results.json").read_text())
+    for name, task in results["tasks"].items():
+        metric = "top1" if task["kind"] == "classification" else "i2t_r1"
+        delta = (task["routed ensemble"][metric] - task["baseline"][metric]) * 100
+        assert f"- {name}: MoDE (routed) " in report
+        assert f"({delta:+.1f} points)" in report
+    for plot in ("routing_weights.png", "accuracy.png"):
+        assert (tiny_run["run_dir"] / "evaluate" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_routing_log_names_each_class_nearest_fine_cluster(tiny_run):
+    routing = json.loads((tiny_run["run_dir"] / "evaluate" / "routing.json").read_text())
+    entry = routing["shapes"]["metadata"][0]
+    assert entry["text"] == "circle" and 0 <= entry["nearest_fine"] < 8 and entry["distance"] > 0
+    assert len(routing["retrieval"]["query_weights"]) == 8  # one weight vector per query caption
 
 
 def test_samples_are_conserved_from_embed_to_split(tiny_run):

@@ -22,7 +22,7 @@ def test_every_model_loads_through_local_dir(tiny_run):
     import open_clip
 
     train = tiny_run["run_dir"] / "train"
-    for name in ["seed", "expert_000", "expert_001"]:
+    for name in ["seed", "baseline", "expert_000", "expert_001"]:
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{train / name}")
         with torch.no_grad():
             feats = model.encode_image(torch.zeros(1, 3, 64, 64))
@@ -48,3 +48,12 @@ def test_experts_differ_from_each_other(tiny_run):
     a = load_file(train / "expert_000" / "open_clip_model.safetensors")
     b = load_file(train / "expert_001" / "open_clip_model.safetensors")
     assert not torch.equal(a["text_projection"], b["text_projection"])
+
+
+def test_the_fair_baseline_continues_the_seed_on_all_data_for_the_experts_compute(tiny_run):
+    train = tiny_run["run_dir"] / "train"
+    registry = json.loads((train / "registry.json").read_text())
+    assert registry["baseline"]["samples"] == sum(e["samples"] for e in registry["experts"])
+    baseline = torch.load(train / "logs" / "baseline" / "checkpoints" / "epoch_2.pt", weights_only=False)
+    assert baseline["epoch"] == 2
+    assert "seed/checkpoints/epoch_1.pt" in (train / "baseline.log").read_text()

@@ -1,0 +1,61 @@
+"""CLIP features from a local-dir model: images, class names (template-averaged), texts.
+
+Shared by the evaluation stage and the prediction API so that both score
+exactly the same way. All features are L2-normalised; logits are cosines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class ClipModel:
+    model: object
+    preprocess: object
+    tokenizer: object
+    device: str
+
+
+def load_clip(model_dir: str | Path, device: str = "cpu") -> ClipModel:
+    import open_clip
+
+    spec = f"local-dir:{model_dir}"
+    model, _, preprocess = open_clip.create_model_and_transforms(spec, device=device)
+    model.eval()
+    return ClipModel(model, preprocess, open_clip.get_tokenizer(spec), device)
+
+
+def image_features(clip: ClipModel, images: list[Image.Image], batch_size: int = 256) -> np.ndarray:
+    """(N, D) unit image embeddings."""
+    import torch
+
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([clip.preprocess(im) for im in images[i:i + batch_size]]).to(clip.device)
+            feats.append(torch.nn.functional.normalize(clip.model.encode_image(batch).float(), dim=-1))
+    return torch.cat(feats).cpu().numpy()
+
+
+def text_features(clip: ClipModel, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """(T, D) unit text embeddings."""
+    import torch
+
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            tokens = clip.tokenizer(texts[i:i + batch_size]).to(clip.device)
+            feats.append(torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1))
+    return torch.cat(feats).cpu().numpy()
+
+
+def classifier_weights(clip: ClipModel, classnames: list[str], templates: list[str]) -> np.ndarray:
+    """(C, D) zero-shot classifier: each class's text embedding averaged over templates."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    per_template = text_features(clip, texts).reshape(len(classnames), len(templates), -1).mean(1)
+    return per_template / np.linalg.norm(per_template, axis=1, keepdims=True)

@@ -1,0 +1,87 @@
+"""Use a trained MoDE system: classify images from class names, or rank captions.
+
+    from routing.predict import MoDESystem
+    system = MoDESystem.load("runs/demo")
+    probs, weights = system.classify(images, ["circle", "square"])
+    scores, weights = system.rank_captions(image, ["a red circle", "a forest"])
+
+The system is read from the run folder's files: `train/registry.json` (the
+experts and their model folders), `cluster/fine_centroids.npy` and
+`expert_of_fine.npy`, and the caption encoder named in the embed manifest.
+An expert added to the registry later is picked up on the next load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clustering.embed import encode, load_encoder
+from pipelines.devices import pick_device
+from routing.clip_features import ClipModel, classifier_weights, image_features, load_clip, text_features
+from routing.ensemble import ensemble_logits
+from routing.metadata import classname_embeddings
+from routing.weights import route
+
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
+
+@dataclass
+class MoDESystem:
+    experts: list[ClipModel]
+    expert_names: list[str]
+    encoder: object
+    fine_centroids: np.ndarray
+    expert_of_fine: np.ndarray
+    routing: str = "paper"
+    lam: float = 0.2
+    logit_scale: float = 100.0
+
+    @classmethod
+    def load(cls, run_dir: str | Path, routing: str = "paper", lam: float = 0.2,
+             device: str = "auto") -> "MoDESystem":
+        run = Path(run_dir)
+        registry_path = run / "train" / "registry.json"
+        if not registry_path.is_file():
+            raise FileNotFoundError(f"{registry_path} not found: train the experts first (moda run ... )")
+        registry = json.loads(registry_path.read_text(encoding="utf-8"))
+        embed = json.loads((run / "embed" / "manifest.json").read_text(encoding="utf-8"))
+        device = pick_device(device)
+        names = [e["model_dir"] for e in registry["experts"]]
+        return cls(
+            experts=[load_clip(run / "train" / n, device) for n in names],
+            expert_names=names,
+            encoder=load_encoder(embed["model"], embed.get("pooling", "model"), device),
+            fine_centroids=np.load(run / "cluster" / "fine_centroids.npy"),
+            expert_of_fine=np.load(run / "cluster" / "expert_of_fine.npy"),
+            routing=routing, lam=lam,
+        )
+
+    def route_texts(self, embeddings: np.ndarray) -> np.ndarray:
+        return route(self.routing, embeddings, self.fine_centroids, self.expert_of_fine,
+                     len(self.experts), self.lam)
+
+    def classify(self, images: list[Image.Image], classnames: list[str],
+                 templates: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C) class probabilities of the routed ensemble, and the (n_experts,) weights."""
+        templates = templates or DEFAULT_TEMPLATES
+        weights = self.route_texts(classname_embeddings(self.encoder, classnames, templates))
+        logits = np.stack([image_features(m, images) @ classifier_weights(m, classnames, templates).T
+                           for m in self.experts])
+        combined = ensemble_logits(logits, weights) * self.logit_scale
+        probs = np.exp(combined - combined.max(axis=1, keepdims=True))
+        return probs / probs.sum(axis=1, keepdims=True), weights
+
+    def rank_captions(self, image: Image.Image, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(K,) ensemble similarity of the image to each caption, and the routing weights.
+
+        As the paper's image-to-text retrieval: the candidate captions are the
+        task's metadata, routed together.
+        """
+        weights = self.route_texts(encode(self.encoder, captions))
+        sims = np.stack([image_features(m, [image]) @ text_features(m, captions).T for m in self.experts])
+        return ensemble_logits(sims, weights)[0], weights
