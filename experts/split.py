@@ -1,30 +1,49 @@
 """Stage 3, split: one WebDataset shard set per expert, readable by open_clip_train.
 
 The MoDE reference code makes every expert stream every shard and filter at
-read time; we materialise each expert's data once, so training reads only
-its own shards. Each input shard is read once, each sample goes to the
-expert the cluster stage assigned, and every sample that does not make it
-(no usable caption, undecodable image, duplicate key, truncated tar) is
-counted by reason and listed in rejects.parquet:
+read time; we materialise each expert's data once, exactly.
 
-    samples_in = sum(expert sizes) + rejected
+How it stays exact and restartable with constant memory:
 
-Odd but valid images (grayscale, RGBA, CMYK, PNG) are converted to RGB JPEG
-rather than rejected. Outputs are written under a temporary folder and
-renamed into place at the end, so a killed split leaves no partial expert.
+1. Plan (from the cluster stage's assignments, no image is read): every
+   assigned sample gets a *slot* in its expert's sequence (input shards in
+   order, samples in order), plus, with `ooc_ratio > 0`, slots in other
+   experts chosen by a hash of (key, expert) (MoDE's out-of-cluster mixing).
+   Slot p of expert e goes to output shard p // shard_size_e. The plan is a
+   small table of slot offsets per (input shard, expert), so which output
+   shards an input shard feeds, and which input shard completes each output
+   shard, are known up front.
+2. Stream: each input shard is read once; each valid sample is written to its
+   slots; an output shard is closed and renamed into place as soon as the
+   input shard that completes it is done, and a per-input-shard progress file
+   records its counts and rejects.
+3. Resume: a rerun after a kill keeps every output shard already renamed into
+   place, skips every input shard whose progress file exists and whose output
+   shards are all final, and rewrites only the unfinished output shards. The
+   result is byte-identical to an uninterrupted run.
+
+Rejected samples (no usable caption, undecodable or huge image, no image,
+duplicate key, truncated tar) leave their slot empty and are counted by
+reason and listed in rejects.parquet:   samples_in = sum(expert sizes) + rejected
+(out-of-cluster copies are counted separately). Odd but valid images
+(grayscale, RGBA, CMYK, 16-bit, PNG) are converted to RGB JPEG.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import shutil
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -40,21 +59,25 @@ from pipelines.manifest import (
     require_manifest,
     write_manifest,
 )
-from pipelines.shards import ShardError, ShardSetWriter, iter_samples, jpeg_bytes
+from pipelines.shards import ShardError, iter_samples, jpeg_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-Image.MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are rejected as "huge_image", not decoded
+MAX_PIXELS = 8192 * 8192
+MANIFEST_NAME = "manifest.json"
+REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 
 
 def expert_dir_name(expert: int) -> str:
     return f"expert_{expert:03d}"
 
 
-def clean_image(files: dict[str, bytes]) -> tuple[bytes | None, str | None]:
+# ---------------------------------------------------------------- images
+def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[bytes | None, str | None]:
     """The sample's image as RGB JPEG bytes, or (None, reason) when unusable.
 
-    A JPEG that is already RGB passes through byte for byte; anything else
-    that decodes is converted.
+    `header`: an RGB JPEG is checked by its header and its end-of-image
+    marker (catches truncation) and passed through byte for byte; `decode`
+    also decodes it fully. Any other format or mode is decoded and converted.
     """
     ext = next((e for e in IMAGE_EXTS if e in files), None)
     if ext is None:
@@ -64,21 +87,197 @@ def clean_image(files: dict[str, bytes]) -> tuple[bytes | None, str | None]:
         return None, "empty_image"
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            image.load()
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                return None, "huge_image"
             if image.format == "JPEG" and image.mode == "RGB":
+                if validate == "decode":
+                    image.load()
+                elif not raw.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+                    return None, "corrupt_image"
                 return raw, None
-            if image.mode == "I;16" or image.mode.startswith("I"):
-                image = image.point(lambda v: v / 256).convert("L")
+            image.load()
+            if image.mode.startswith("I"):  # 16/32-bit integer greyscale
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
             return jpeg_bytes(image.convert("RGB")), None
-    except Image.DecompressionBombError:
-        return None, "huge_image"
     except Exception:  # PIL raises many types for damaged data
         return None, "corrupt_image"
 
 
-def load_assignments(cluster_dir: Path) -> dict[str, int]:
-    table = pq.read_table(cluster_dir / "assignments.parquet", columns=["key", "expert"])
-    return dict(zip(table.column("key").to_pylist(), table.column("expert").to_pylist()))
+# ---------------------------------------------------------------- plan
+def _hash_unit(key: str, expert: int) -> float:
+    digest = hashlib.blake2b(f"{key}\x00{expert}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def ooc_targets(key: str, own: int, thresholds: np.ndarray) -> list[int]:
+    """Other experts that receive a copy of this sample (deterministic in the key)."""
+    return [e for e in range(len(thresholds)) if e != own and _hash_unit(key, e) < thresholds[e]]
+
+
+def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: SplitConfig) -> dict:
+    """Slot offsets per (input shard, expert) and output shard sizes, from assignments alone.
+
+    Streams the assignments in record batches; memory grows only with the
+    number of distinct keys (for the duplicate check), not with images.
+    """
+    parquet = pq.ParquetFile(assignments)
+    own_counts = np.zeros(num_experts, dtype=np.int64)
+    for batch in parquet.iter_batches(columns=["expert"]):
+        own_counts += np.bincount(batch.column("expert").to_numpy(), minlength=num_experts)
+    total = own_counts.sum()
+    others = total - own_counts
+    thresholds = np.where(others > 0, cfg.ooc_ratio * own_counts / np.maximum(others, 1), 0.0)
+    counts = {s: np.zeros(num_experts, dtype=np.int64) for s in shard_order}
+    seen: set[str] = set()
+    duplicates = 0
+    for batch in parquet.iter_batches(columns=["key", "shard", "expert"]):
+        for key, shard, own in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(),
+                                   batch.column("expert").to_pylist()):
+            if shard not in counts:
+                raise ValueError(f"assignments name shard {shard!r}, which is not among the input shards")
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            counts[shard][own] += 1
+            for e in ooc_targets(key, own, thresholds) if cfg.ooc_ratio > 0 else ():
+                counts[shard][e] += 1
+    totals = sum(counts.values()) if counts else np.zeros(num_experts, dtype=np.int64)
+    sizes = [max(1, min(cfg.shard_size, math.ceil(int(t) / cfg.min_shards))) for t in totals]
+    offsets, running = {}, np.zeros(num_experts, dtype=np.int64)
+    for s in shard_order:
+        offsets[s] = running.tolist()
+        running = running + counts[s]
+    return {
+        "offsets": offsets,
+        "counts": {s: c.tolist() for s, c in counts.items()},
+        "totals": [int(t) for t in totals],
+        "shard_sizes": sizes,
+        "num_output_shards": [math.ceil(int(t) / sz) for t, sz in zip(totals, sizes)],
+        "ooc_thresholds": thresholds.tolist(),
+        "planned_duplicates": duplicates,
+    }
+
+
+def output_shards_of(plan: dict, shard: str, expert: int) -> range:
+    """Indices of expert's output shards that this input shard writes into."""
+    start, count = plan["offsets"][shard][expert], plan["counts"][shard][expert]
+    if count == 0:
+        return range(0)
+    size = plan["shard_sizes"][expert]
+    return range(start // size, (start + count - 1) // size + 1)
+
+
+def completing_shard(plan: dict, shard_order: list[str]) -> dict[tuple[int, int], str]:
+    """(expert, output shard) -> the input shard after which it is complete."""
+    done = {}
+    for s in shard_order:
+        for e in range(len(plan["totals"])):
+            for k in output_shards_of(plan, s, e):
+                done[(e, k)] = s  # later input shards overwrite: the last contributor wins
+    return done
+
+
+# ---------------------------------------------------------------- streaming
+class _Outputs:
+    """The open temporary output shards; each is renamed into place when complete."""
+
+    def __init__(self, stage_dir: Path):
+        self.stage_dir = stage_dir
+        self.writers: dict[tuple[int, int], tuple[wds.TarWriter, Path]] = {}
+        self.counts: Counter = Counter()
+        self.final: set[tuple[int, int]] = set()
+        for record in (stage_dir / "progress" / "outputs").glob("*.json"):
+            e, k = (int(part) for part in record.stem.split("_"))
+            if self.final_path(e, k).is_file():
+                self.final.add((e, k))
+
+    def final_path(self, e: int, k: int) -> Path:
+        return self.stage_dir / expert_dir_name(e) / f"{k:05d}.tar"
+
+    def record_path(self, e: int, k: int) -> Path:
+        return self.stage_dir / "progress" / "outputs" / f"{e:03d}_{k:05d}.json"
+
+    def is_final(self, e: int, k: int) -> bool:
+        return (e, k) in self.final
+
+    def write(self, e: int, k: int, key: str, files: dict[str, bytes]) -> None:
+        if (e, k) not in self.writers:
+            tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[(e, k)] = (wds.TarWriter(str(tmp), mtime=0), tmp)
+        writer, _ = self.writers[(e, k)]
+        writer.write({"__key__": key, **files})
+        self.counts[(e, k)] += 1
+
+    def finalize(self, e: int, k: int) -> None:
+        if (e, k) in self.writers:
+            writer, tmp = self.writers.pop((e, k))
+            writer.close()
+        else:  # every sample of this output shard was rejected: an empty, valid tar
+            tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            wds.TarWriter(str(tmp), mtime=0).close()
+        final = self.final_path(e, k)
+        final.unlink(missing_ok=True)
+        tmp.rename(final)
+        atomic_write_json(self.record_path(e, k), {"samples": self.counts.pop((e, k), 0),
+                                                   "sha256": file_sha256(final)})
+        self.final.add((e, k))
+
+
+def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_rejects: dict[str, str],
+                      outputs: _Outputs, num_experts: int, cfg: SplitConfig) -> dict:
+    """Write one input shard's samples to their (not yet final) output shards."""
+    shard = shard_path.stem
+    rows = pq.read_table(assignments, columns=["key", "expert"], filters=[("shard", "==", shard)])
+    thresholds = np.array(plan["ooc_thresholds"])
+    cursor = list(plan["offsets"][shard])
+    queue: dict[str, deque] = defaultdict(deque)
+    for key, own in zip(rows.column("key").to_pylist(), rows.column("expert").to_pylist()):
+        queue[key].append(own)
+    sizes = plan["shard_sizes"]
+    samples_in, own_written, ooc_written = 0, 0, 0
+    rejects: list[dict] = []
+    seen_here: set[str] = set()
+
+    def reject(key: str, reason: str) -> None:
+        rejects.append({"key": key, "shard": shard, "reason": reason})
+
+    try:
+        for sample in iter_samples(shard_path):
+            samples_in += 1
+            key = sample.key
+            if key in seen_here or (key in queue and not queue[key]):
+                reject(key, "duplicate_key")
+                continue
+            if key not in queue:
+                reject(key, "caption:" + caption_rejects.get(key, "not_embedded"))
+                continue
+            seen_here.add(key)
+            own = queue[key].popleft()
+            queue[key].clear()  # later rows of a duplicated key were never given slots
+            targets = [own] + (ooc_targets(key, own, thresholds) if cfg.ooc_ratio > 0 else [])
+            slots = []
+            for e in targets:
+                slots.append((e, cursor[e] // sizes[e]))
+                cursor[e] += 1
+            image, reason = clean_image(sample.files, cfg.validate)
+            if reason is not None:
+                reject(key, reason)
+                continue
+            files = {"jpg": image, "txt": sample.files["txt"]}
+            if "json" in sample.files:
+                files["json"] = sample.files["json"]
+            for e, k in slots:
+                if not outputs.is_final(e, k):
+                    outputs.write(e, k, key, files)
+            own_written += 1
+            ooc_written += len(slots) - 1
+    except ShardError as err:
+        reject("", f"truncated_tar: {err}")
+    return {"samples_in": samples_in, "own": own_written, "ooc": ooc_written, "rejects": rejects}
 
 
 def load_embed_rejects(embed_dir: Path) -> dict[str, str]:
@@ -98,74 +297,93 @@ def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir
     fingerprint = combine("split", config_hash, upstream["fingerprint"], source_hashes)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
-
-    expert_of_key = load_assignments(cluster_dir)
-    caption_rejects = load_embed_rejects(embed_dir)
     num_experts = upstream["num_experts"]
-    partial = stage_dir / ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    writers = [ShardSetWriter(partial / expert_dir_name(e), cfg.shard_size) for e in range(num_experts)]
-    sources: list[set[str]] = [set() for _ in range(num_experts)]
-    seen: set[str] = set()
-    rejects: list[dict] = []
-    samples_in = 0
+    order = [p.stem for p in shards]
+    assignments = cluster_dir / "assignments.parquet"
+
+    plan_path = stage_dir / "plan.json"
+    previous = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    if previous is None or previous.get("fingerprint") != fingerprint:
+        for e in range(max(num_experts, previous.get("num_experts", 0) if previous else 0)):
+            shutil.rmtree(stage_dir / expert_dir_name(e), ignore_errors=True)
+        shutil.rmtree(stage_dir / "progress", ignore_errors=True)
+        (stage_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        plan = make_plan(assignments, order, num_experts, cfg)
+        atomic_write_json(plan_path, {"fingerprint": fingerprint, "num_experts": num_experts, **plan})
+    else:
+        plan = previous
+    for stale in stage_dir.glob("expert_*/.*.tmp"):
+        stale.unlink()
+
+    outputs = _Outputs(stage_dir)
+    completes = completing_shard(plan, order)
+    closes_after: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for ek, s in completes.items():
+        closes_after[s].append(ek)
+    caption_rejects = load_embed_rejects(embed_dir)
+    progress_dir = stage_dir / "progress" / "inputs"
+    progress_dir.mkdir(parents=True, exist_ok=True)
     for shard_path in tqdm(shards, desc="split", unit="shard"):
-        shard = shard_path.stem
-        try:
-            for sample in iter_samples(shard_path):
-                samples_in += 1
-                reason = None
-                if sample.key in seen:
-                    reason = "duplicate_key"
-                elif sample.key not in expert_of_key:
-                    reason = "caption:" + caption_rejects.get(sample.key, "not_embedded")
-                image = None
-                if reason is None:
-                    image, reason = clean_image(sample.files)
-                if reason is not None:
-                    rejects.append({"key": sample.key, "shard": shard, "reason": reason})
-                    continue
-                seen.add(sample.key)
-                expert = expert_of_key[sample.key]
-                files = {"jpg": image, "txt": sample.files["txt"]}
-                if "json" in sample.files:
-                    files["json"] = sample.files["json"]
-                writers[expert].write(sample.key, files)
-                sources[expert].add(shard)
-        except ShardError as err:
-            rejects.append({"key": "", "shard": shard, "reason": f"truncated_tar: {err}"})
+        s = shard_path.stem
+        touched = [(e, k) for e in range(num_experts) for k in output_shards_of(plan, s, e)]
+        record = progress_dir / f"{s}.json"
+        if record.is_file() and all(outputs.is_final(e, k) for e, k in touched):
+            continue
+        result = split_input_shard(shard_path, plan, assignments, caption_rejects, outputs, num_experts, cfg)
+        for e, k in sorted(closes_after.get(s, [])):
+            if not outputs.is_final(e, k):
+                outputs.finalize(e, k)
+        atomic_write_json(record, result)
+    for e, k in sorted(completes):  # experts with no samples at all still get their shards listed
+        if not outputs.is_final(e, k):
+            outputs.finalize(e, k)
+    return _finish(cfg, stage_dir, shards, plan, num_experts, fingerprint, config_hash, upstream,
+                   source_hashes, started)
 
+
+
+def _finish(cfg, stage_dir, shards, plan, num_experts, fingerprint, config_hash, upstream,
+            source_hashes, started) -> dict:
+    """Per-expert sizes.json and manifests, rejects.parquet, the conservation check, the manifest."""
+    records = [json.loads((stage_dir / "progress" / "inputs" / f"{p.stem}.json").read_text()) for p in shards]
     expert_counts = []
-    for e, writer in enumerate(writers):
-        sizes = writer.close()
-        expert_counts.append(sum(sizes.values()))
-        atomic_write_json(writer.out_dir / "manifest.json", {
-            "expert": e, "samples": sum(sizes.values()), "sizes": sizes,
-            "shards_sha256": {p.name: file_sha256(p) for p in writer.shard_paths},
-            "source_shards": sorted(sources[e]),
-        })
     for e in range(num_experts):
-        final = stage_dir / expert_dir_name(e)
-        shutil.rmtree(final, ignore_errors=True)
-        (partial / expert_dir_name(e)).rename(final)
-    shutil.rmtree(partial, ignore_errors=True)
+        folder = stage_dir / expert_dir_name(e)
+        folder.mkdir(parents=True, exist_ok=True)
+        sizes, hashes = {}, {}
+        for k in range(plan["num_output_shards"][e]):
+            out = json.loads((stage_dir / "progress" / "outputs" / f"{e:03d}_{k:05d}.json").read_text())
+            sizes[f"{k:05d}.tar"] = out["samples"]
+            hashes[f"{k:05d}.tar"] = out["sha256"]
+        atomic_write_json(folder / "sizes.json", sizes)
+        sources = sorted(p.stem for p in shards if plan["counts"][p.stem][e] > 0)
+        atomic_write_json(folder / MANIFEST_NAME, {
+            "expert": e, "samples": sum(sizes.values()), "sizes": sizes, "shards_sha256": hashes,
+            "source_shards": sources, "shard_size": plan["shard_sizes"][e], "ooc_ratio": cfg.ooc_ratio,
+        })
+        expert_counts.append(sum(sizes.values()))
+    rejects = [r for rec in records for r in rec["rejects"]]
     with atomic_path(stage_dir / "rejects.parquet") as tmp:
-        schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
-        pq.write_table(pa.Table.from_pylist(rejects, schema=schema), tmp)
-
-    by_reason = Counter(r["reason"].split(":")[0] if r["reason"].startswith("truncated") else r["reason"]
+        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp)
+    by_reason = Counter("truncated_tar" if r["reason"].startswith("truncated_tar") else r["reason"]
                         for r in rejects)
     rejected = sum(n for r, n in by_reason.items() if r != "truncated_tar")
-    if samples_in != sum(expert_counts) + rejected:
-        raise RuntimeError(f"split lost samples: {samples_in} in, {sum(expert_counts)} out, {rejected} rejected")
-    outputs = [p for e in range(num_experts) for p in (stage_dir / expert_dir_name(e)).iterdir()]
+    samples_in = sum(rec["samples_in"] for rec in records)
+    own = sum(rec["own"] for rec in records)
+    ooc = sum(rec["ooc"] for rec in records)
+    if samples_in != own + rejected or sum(expert_counts) != own + ooc:
+        raise RuntimeError(f"split does not add up: {samples_in} in, {own} written, {rejected} rejected, "
+                           f"{ooc} out-of-cluster copies, {sum(expert_counts)} in expert shards")
+    outputs = [p for e in range(num_experts) for p in sorted((stage_dir / expert_dir_name(e)).iterdir())]
     outputs.append(stage_dir / "rejects.parquet")
     return write_manifest(
         stage_dir, stage="split", fingerprint=fingerprint, config_hash=config_hash,
         inputs={"cluster": upstream["fingerprint"], **source_hashes},
         outputs=hash_outputs(stage_dir, outputs),
-        counts={"samples_in": samples_in, "experts": expert_counts, "rejected": dict(by_reason)},
-        started=started, extra={"num_experts": num_experts},
+        counts={"samples_in": samples_in, "written": own, "ooc_copies": ooc, "experts": expert_counts,
+                "rejected": dict(by_reason)},
+        started=started,
+        extra={"num_experts": num_experts, "input_shards": [str(p.resolve()) for p in shards]},
     )
 
 

@@ -117,6 +117,8 @@ def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_s
     ]
     if num_samples is not None:
         cmd += ["--train-num-samples", str(num_samples)]
+    if cfg.dataset_resampled:
+        cmd += ["--dataset-resampled"]
     if resume:
         cmd += ["--resume", resume]
     return cmd + list(cfg.extra_args)
@@ -144,17 +146,23 @@ def run_trainer(cmd: list[str], log_file: Path, on_line: Callable[[str], None] |
 
 def train_one(cfg: TrainConfig, *, name: str, stage_dir: Path, model_spec: str, model_cfg: dict,
               train_data: str, num_samples: int | None, epochs: int, start_from: Path | None,
-              device: str, on_line: Callable[[str], None] | None) -> Path:
+              device: str, on_line: Callable[[str], None] | None, fingerprint: str) -> Path:
     """Train (or resume) one model to `epochs` total and export it; return the checkpoint.
 
-    A run whose checkpoints folder holds `epoch_latest.pt` continues from it
-    (`--resume latest`); otherwise it starts from `start_from` (the seed's
-    checkpoint for experts) or from scratch.
+    `fingerprint` identifies what this model is trained from (config, data,
+    starting checkpoint). Checkpoints left by a run with another fingerprint
+    are discarded; with the same one, a finished run is reused and a killed
+    run continues from `epoch_latest.pt` (`--resume latest`). Otherwise the
+    run starts from `start_from` (the seed's checkpoint for experts) or from
+    scratch.
     """
     logs = stage_dir / "logs"
     run_logs = logs / name
     checkpoints = run_logs / "checkpoints"
     final = checkpoints / f"epoch_{epochs}.pt"
+    marker = run_logs / "moda_fingerprint.txt"
+    if not marker.is_file() or marker.read_text().strip() != fingerprint:
+        shutil.rmtree(run_logs, ignore_errors=True)
     if not final.is_file():
         if (checkpoints / "epoch_latest.pt").is_file():
             resume = "latest"
@@ -163,6 +171,8 @@ def train_one(cfg: TrainConfig, *, name: str, stage_dir: Path, model_spec: str, 
             resume = str(start_from) if start_from else None
         cmd = trainer_command(cfg, model_spec=model_spec, train_data=train_data, num_samples=num_samples,
                               logs=logs, name=name, epochs=epochs, resume=resume, device=device)
+        run_logs.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint + "\n")
         run_trainer(cmd, stage_dir / f"{name}.log", on_line)
         if not final.is_file():
             raise RuntimeError(f"open_clip_train finished without writing {final}; see {stage_dir / (name + '.log')}")
@@ -186,17 +196,26 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
     model_spec = f"local-dir:{arch_dir.resolve()}"
     num_experts = upstream["num_experts"]
     shard_sets = [expert_shards(split_dir, e) for e in range(num_experts)]
-    empty = [e for e, (paths, _) in enumerate(shard_sets) if not paths]
+    empty = [e for e, (_, sizes) in enumerate(shard_sets) if not sum(sizes.values())]
     if empty:
-        raise ValueError(f"experts {empty} have no training shards in {split_dir}")
+        raise ValueError(f"experts {empty} have no training samples in {split_dir}")
+    few = [e for e, (paths, _) in enumerate(shard_sets) if len(paths) < cfg.workers]
+    if few and not cfg.dataset_resampled:
+        raise ValueError(
+            f"experts {few} have fewer shards than train.workers={cfg.workers} (open_clip_train needs one "
+            "per worker): raise split.min_shards, lower train.workers, or set train.dataset_resampled")
 
     # Seed: all experts' shards together (clean, deduplicated data).
     all_paths = [str(p.resolve()) for paths, _ in shard_sets for p in paths]
     all_samples = sum(sum(sizes.values()) for _, sizes in shard_sets)
+    data_hashes = [file_sha256(split_dir / expert_dir_name(e) / "manifest.json") for e in range(num_experts)]
+    run_key = combine(config_hash, model_cfg)
+    seed_fp = combine("seed", run_key, data_hashes)
     t0 = time.time()
     seed_ckpt = train_one(cfg, name="seed", stage_dir=stage_dir, model_spec=model_spec, model_cfg=model_cfg,
                           train_data="::".join(all_paths), num_samples=all_samples,
-                          epochs=cfg.seed_epochs, start_from=None, device=device, on_line=on_line)
+                          epochs=cfg.seed_epochs, start_from=None, device=device, on_line=on_line,
+                          fingerprint=seed_fp)
     timings = {"seed": round(time.time() - t0, 2)}
 
     total_epochs = cfg.seed_epochs + cfg.expert_epochs
@@ -204,19 +223,19 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
     registry_experts = []
     for e, (paths, sizes) in enumerate(shard_sets):
         name = expert_dir_name(e)
-        folder = paths[0].parent.resolve()
-        pattern = f"{folder}/{{{paths[0].stem}..{paths[-1].stem}}}.tar" if len(paths) > 1 else str(paths[0].resolve())
+        pattern = "::".join(str(p.resolve()) for p in paths)  # counted by the folder's sizes.json
         t0 = time.time()
         ckpt = train_one(cfg, name=name, stage_dir=stage_dir, model_spec=model_spec, model_cfg=model_cfg,
                          train_data=pattern, num_samples=None, epochs=total_epochs, start_from=seed_ckpt,
-                         device=device, on_line=on_line)
+                         device=device, on_line=on_line,
+                         fingerprint=combine(name, run_key, seed_fp, data_hashes[e]))
         timings[name] = round(time.time() - t0, 2)
         registry_experts.append({
             "id": e,
             "model_dir": name,
             "fine_clusters": [s for s, owner in enumerate(expert_of_fine) if owner == e],
             "samples": sum(sizes.values()),
-            "data_manifest_sha256": file_sha256(split_dir / name / "manifest.json"),
+            "data_manifest_sha256": data_hashes[e],
             "checkpoint": str(ckpt.relative_to(stage_dir)),
             "seeded_from": "seed",
         })
@@ -234,7 +253,8 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
         t0 = time.time()
         ckpt = train_one(cfg, name="baseline", stage_dir=stage_dir, model_spec=model_spec,
                          model_cfg=model_cfg, train_data="::".join(all_paths), num_samples=all_samples,
-                         epochs=total_epochs, start_from=seed_ckpt, device=device, on_line=on_line)
+                         epochs=total_epochs, start_from=seed_ckpt, device=device, on_line=on_line,
+                         fingerprint=combine("baseline", run_key, seed_fp))
         timings["baseline"] = round(time.time() - t0, 2)
         registry["baseline"] = {"model_dir": "baseline", "checkpoint": str(ckpt.relative_to(stage_dir)),
                                 "samples": all_samples, "seeded_from": "seed"}

@@ -3,6 +3,8 @@
     moda synth configs/demo.yaml          generate the synthetic demo data
     moda run configs/demo.yaml            run the pipeline in-process (no server)
     moda run configs/demo.yaml --stages cluster,split
+    moda stage split configs/demo.yaml    one stage, directly (no Prefect)
+    moda verify runs/demo                 check the split from the files alone
     moda predict runs/demo img.jpg --classes circle,square,star
     moda predict runs/demo img.jpg --captions "a red circle" "a forest"
     moda demo                             the full demo through a local Prefect server
@@ -65,6 +67,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage(args: argparse.Namespace) -> int:
+    from pipelines.stages import run_stage
+
+    manifest = run_stage(args.stage, load_config(args.config), args.run_dir)
+    state = "skipped" if manifest.get("skipped") else f"done in {manifest['seconds']} s"
+    print(json.dumps({"stage": args.stage, "state": state, "counts": manifest.get("counts", {})}))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from experts.verify import verify_split
+
+    problems, summary = verify_split(args.run_dir)
+    print(json.dumps(summary))
+    for problem in problems:
+        print(f"moda verify: {problem}", file=sys.stderr)
+    if problems:
+        print(f"moda verify: FAILED with {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print("moda verify: OK: samples in = samples in experts + rejected, no duplicates")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipelines.demo import main as demo_main
 
@@ -83,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<name>)")
     p.add_argument("--stages", default=None, help="comma-separated subset of embed,cluster,split,train,evaluate")
     p.set_defaults(func=_run)
+    p = sub.add_parser("stage", help="run one stage directly, without Prefect")
+    p.add_argument("stage", choices=["embed", "cluster", "split", "train", "evaluate"])
+    p.add_argument("config")
+    p.add_argument("--run-dir", default=None)
+    p.set_defaults(func=_stage)
+    p = sub.add_parser("verify", help="check that the split lost and duplicated nothing (exit 1 if it did)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_verify)
     p = sub.add_parser("predict", help="classify images or rank captions with a trained MoDE system")
     p.add_argument("run_dir", help="a run folder, e.g. runs/demo")
     p.add_argument("images", nargs="+", help="image files")

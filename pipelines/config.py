@@ -86,9 +86,21 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Per-expert WebDataset shard sets: `shard_size` samples per output shard."""
+    """Per-expert WebDataset shard sets.
+
+    `shard_size` samples per output shard at most; `min_shards` output shards
+    per expert at least (open_clip_train needs workers x GPUs shards unless it
+    samples with replacement), shrinking the shards of small experts.
+    `ooc_ratio` adds a deterministic sample of other experts' pairs to each
+    expert, that share of its own size (MoDE's reference uses 0.02).
+    `validate`: `header` checks an RGB JPEG's header and end marker and copies
+    its bytes; `decode` decodes every image fully (slower, stricter).
+    """
 
     shard_size: int = 1000
+    min_shards: int = 1
+    ooc_ratio: float = 0.0
+    validate: str = "header"
 
 
 @dataclass(frozen=True)
@@ -101,8 +113,9 @@ class TrainConfig:
     counter) and trains until `seed_epochs + expert_epochs` on its own shards,
     as MoDE continues its seed for the last epochs. `baseline` also trains the
     fair single-model baseline: the seed continued on all data for the same
-    number of samples as all experts together. `extra_args` are passed to the
-    trainer unchanged.
+    number of samples as all experts together. `dataset_resampled` samples
+    shards with replacement (needed when an expert has fewer shards than
+    `workers`). `extra_args` are passed to the trainer unchanged.
     """
 
     model: str = "experts/model_configs/moda-tiny.json"
@@ -117,6 +130,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     baseline: bool = True
+    dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -175,6 +189,10 @@ def _validate(cfg: Config) -> None:
     _choice(cfg.embed.pooling, ("model", "mean", "cls"), "embed.pooling")
     _positive(cfg.embed.batch_size, "embed.batch_size")
     _positive(cfg.split.shard_size, "split.shard_size")
+    _positive(cfg.split.min_shards, "split.min_shards")
+    if not 0 <= cfg.split.ooc_ratio < 1:
+        raise ConfigError("split.ooc_ratio must be in [0, 1)")
+    _choice(cfg.split.validate, ("header", "decode"), "split.validate")
     t = cfg.train
     _positive(t.seed_epochs, "train.seed_epochs")
     _positive(t.expert_epochs, "train.expert_epochs")

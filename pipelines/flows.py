@@ -20,9 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
 
 from pipelines.config import Config, load_config
-from pipelines.shards import expand_shards
-
-STAGES = ("embed", "cluster", "split", "train", "evaluate")
+from pipelines.stages import STAGES, check_inputs, run_paths, run_stage
 
 
 def _logger():
@@ -37,114 +35,82 @@ def _artifact_key(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
 
 
+def _artifact(create, *, key: str, **kwargs) -> None:
+    """Publish an artifact when running inside a Prefect run; a no-op otherwise."""
+    try:
+        create(key=_artifact_key(key), **kwargs)
+    except MissingContextError:
+        pass
+
+
 def _summarise(cfg: Config, stage: str, manifest: dict) -> None:
     log = _logger()
     state = "skipped (outputs match fingerprint)" if manifest.get("skipped") else f"done in {manifest['seconds']} s"
     log.info("%s: %s; counts %s", stage, state, json.dumps(manifest.get("counts", {})))
-    if manifest.get("skipped"):
-        return
-    try:
-        create_markdown_artifact(
-            key=_artifact_key(f"{cfg.name}-{stage}"),
-            markdown=f"## {stage}\n\n```json\n{json.dumps(manifest.get('counts', {}), indent=2)}\n```\n",
-            description=f"moda {stage} stage summary",
-        )
-    except MissingContextError:
-        pass
+    if not manifest.get("skipped"):
+        _artifact(create_markdown_artifact, key=f"{cfg.name}-{stage}",
+                  markdown=f"## {stage}\n\n```json\n{json.dumps(manifest.get('counts', {}), indent=2)}\n```\n",
+                  description=f"moda {stage} stage summary")
 
 
-def run_paths(cfg: Config, run_dir: str | None) -> dict[str, Path]:
-    root = Path(run_dir or Path("runs") / cfg.name)
-    return {stage: root / stage for stage in STAGES} | {"root": root}
+def _stage(stage: str, config_path: str, run_dir: str | None, on_line=None) -> tuple[Config, dict]:
+    cfg = load_config(config_path)
+    manifest = run_stage(stage, cfg, run_dir, on_line=on_line)
+    _summarise(cfg, stage, manifest)
+    return cfg, manifest
 
 
 @flow(name="embed")
 def embed_flow(config_path: str, run_dir: str | None = None) -> dict:
-    from clustering.embed import run_embed
-
-    cfg = load_config(config_path)
-    paths = run_paths(cfg, run_dir)
-    manifest = run_embed(cfg.embed, expand_shards(cfg.data.train_shards), paths["embed"])
-    _summarise(cfg, "embed", manifest)
-    return manifest
+    return _stage("embed", config_path, run_dir)[1]
 
 
 @flow(name="cluster")
 def cluster_flow(config_path: str, run_dir: str | None = None) -> dict:
-    from clustering.cluster import run_cluster
-
-    cfg = load_config(config_path)
-    paths = run_paths(cfg, run_dir)
-    manifest = run_cluster(cfg.cluster, paths["embed"], paths["cluster"])
-    _summarise(cfg, "cluster", manifest)
-    report = json.loads((paths["cluster"] / "report.json").read_text())
+    cfg, manifest = _stage("cluster", config_path, run_dir)
+    report = json.loads((run_paths(cfg, run_dir)["cluster"] / "report.json").read_text())
     rows = [{"expert": e, "samples": n, "fine clusters": len(fines), "top terms": " ".join(terms)}
             for e, (n, fines, terms) in enumerate(zip(report["expert_sizes"], report["expert_fine_clusters"],
                                                       report["expert_top_terms"]))]
-    try:
-        create_table_artifact(key=_artifact_key(f"{cfg.name}-experts"), table=rows,
-                              description="Expert sizes and the caption terms most typical of each")
-    except MissingContextError:
-        pass
+    _artifact(create_table_artifact, key=f"{cfg.name}-experts", table=rows,
+              description="Expert sizes and the caption terms most typical of each")
     return manifest
 
 
 @flow(name="split")
 def split_flow(config_path: str, run_dir: str | None = None) -> dict:
-    from experts.split import run_split
-
-    cfg = load_config(config_path)
-    paths = run_paths(cfg, run_dir)
-    manifest = run_split(cfg.split, expand_shards(cfg.data.train_shards), paths["embed"],
-                         paths["cluster"], paths["split"])
-    _summarise(cfg, "split", manifest)
-    return manifest
+    return _stage("split", config_path, run_dir)[1]
 
 
 @flow(name="train")
 def train_flow(config_path: str, run_dir: str | None = None) -> dict:
-    from experts.train import PROGRESS, run_train
+    from experts.train import PROGRESS
 
-    cfg = load_config(config_path)
-    paths = run_paths(cfg, run_dir)
     log = _logger()
 
     def on_line(line: str) -> None:
         if PROGRESS.search(line) or "ERROR" in line or "Error" in line:
             log.info(line)
 
-    manifest = run_train(cfg.train, paths["split"], paths["cluster"], paths["train"], on_line=on_line)
-    _summarise(cfg, "train", manifest)
-    return manifest
+    return _stage("train", config_path, run_dir, on_line=on_line)[1]
 
 
 @flow(name="evaluate")
 def evaluate_flow(config_path: str, run_dir: str | None = None) -> dict:
-    from routing.evaluate import run_evaluate
-
-    cfg = load_config(config_path)
-    paths = run_paths(cfg, run_dir)
-    manifest = run_evaluate(cfg.evaluate, cfg.embed, Path(cfg.data.eval_tasks), paths["cluster"],
-                            paths["train"], paths["evaluate"])
-    _summarise(cfg, "evaluate", manifest)
-    table = (paths["evaluate"] / "results.md").read_text()
-    try:
-        create_markdown_artifact(key=_artifact_key(f"{cfg.name}-results"), markdown=table,
-                                 description="MoDE zero-shot results: seed, experts, ensembles")
-    except MissingContextError:
-        pass
+    cfg, manifest = _stage("evaluate", config_path, run_dir)
+    stage_dir = run_paths(cfg, run_dir)["evaluate"]
+    _artifact(create_markdown_artifact, key=f"{cfg.name}-results", markdown=(stage_dir / "results.md").read_text(),
+              description="MoDE evaluation: seed, baseline, experts, ensembles")
+    results = json.loads((stage_dir / "results.json").read_text())
+    rows = [{"task": t, **{f"expert {e}": round(w, 3) for e, w in enumerate(v["routing_weights"])}}
+            for t, v in results["tasks"].items()]
+    _artifact(create_table_artifact, key=f"{cfg.name}-routing", table=rows,
+              description="Routing weights per task")
     return manifest
 
 
 STAGE_FLOWS = {"embed": embed_flow, "cluster": cluster_flow, "split": split_flow,
                "train": train_flow, "evaluate": evaluate_flow}
-
-
-def check_inputs(cfg: Config) -> None:
-    """Fail before any work when the config points at data that is not there."""
-    expand_shards(cfg.data.train_shards)
-    if not Path(cfg.data.eval_tasks).is_dir():
-        raise FileNotFoundError(f"data.eval_tasks: folder {cfg.data.eval_tasks} not found")
 
 
 @flow(name="moda")

@@ -86,8 +86,26 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
     except (tarfile.TarError, EOFError, OSError) as err:
         # The sample being read when the tar broke may be incomplete: not yielded.
         raise ShardError(f"{path}: unreadable after sample {current.key if current else None!r}: {err}") from err
+    if not _has_end_marker(path):
+        # Cut exactly between two members, a tar still parses: only the missing
+        # end-of-archive blocks tell. The last sample may have lost files.
+        raise ShardError(f"{path}: no end-of-archive marker after sample "
+                         f"{current.key if current else None!r}: the file is truncated")
     if current is not None:
         yield current
+
+
+def _has_end_marker(path: str | Path) -> bool:
+    """An uncompressed tar ends with two zero blocks; compressed ones are not checked."""
+    with open(path, "rb") as handle:
+        if handle.read(2) in (b"\x1f\x8b", b"BZ") or handle.read(1) == b"":
+            return True
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size < 1024:
+            return False
+        handle.seek(size - 1024)
+        return handle.read(1024) == bytes(1024)
 
 
 def read_caption(sample: Sample) -> tuple[str | None, str | None]:
@@ -126,7 +144,7 @@ class ShardSetWriter:
     def _open(self) -> None:
         name = f"{self.index:05d}.tar"
         self._tmp = self.out_dir / f".{name}.tmp"
-        self._writer = wds.TarWriter(str(self._tmp))
+        self._writer = wds.TarWriter(str(self._tmp), mtime=0)  # reproducible bytes
         self._count = 0
 
     def _close_shard(self) -> None:

@@ -66,3 +66,22 @@ def test_missing_shards_fail_with_their_names(tmp_path):
         expand_shards(tmp_path)
     with pytest.raises(FileNotFoundError, match="00003.tar"):
         expand_shards(str(tmp_path / "{00002..00003}.tar"))
+
+
+def test_tar_cut_exactly_between_samples_is_detected(tmp_path):
+    import tarfile
+
+    writer = ShardSetWriter(tmp_path, shard_size=100)
+    for i in range(6):
+        writer.write(f"k{i}", {"txt": b"x" * 100})
+    writer.close()
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    cut = members[3].offset  # the header of the 4th sample's first file
+    shard.write_bytes(shard.read_bytes()[:cut])
+    got = []
+    with pytest.raises(ShardError, match="no end-of-archive marker"):
+        for sample in iter_samples(shard):
+            got.append(sample.key)
+    assert got == ["k0", "k1"]  # k2 may have lost files after the cut: not yielded

@@ -22,9 +22,10 @@ def image_bytes(mode="RGB", fmt="JPEG", size=(16, 16)):
     return buf.getvalue()
 
 
-def fake_cluster_stage(stage_dir, expert_of_key, num_experts):
+def fake_cluster_stage(stage_dir, expert_of_key, num_experts, shard_of_key):
+    """assignments.parquet + manifest, as run_cluster writes them."""
     stage_dir.mkdir(parents=True)
-    table = pa.table({"key": list(expert_of_key), "shard": ["x"] * len(expert_of_key),
+    table = pa.table({"key": list(expert_of_key), "shard": [shard_of_key(k) for k in expert_of_key],
                       "fine": [0] * len(expert_of_key), "expert": list(expert_of_key.values())})
     with atomic_path(stage_dir / "assignments.parquet") as tmp:
         pq.write_table(table, tmp)
@@ -79,7 +80,8 @@ def corrupted_input(tmp_path):
     surviving = [s.key for s in _readable(second)]
     expert_of_key = {k: i % 2 for i, k in enumerate(["ok0", "ok1", "ok2", "corrupt", "truncjpg", "zero", "noimage"]
                                                      + surviving)}
-    fake_cluster_stage(tmp_path / "cluster", expert_of_key, 2)
+    fake_cluster_stage(tmp_path / "cluster", expert_of_key, 2,
+                       lambda k: "00001" if k[1:].isdigit() else "00000")
     fake_embed_rejects(tmp_path / "embed", [{"key": "nocaption", "shard": "00000", "reason": "missing_caption"},
                                             {"key": "emptycap", "shard": "00000", "reason": "empty_caption"}])
     return tmp_path, [tmp_path / "in" / "00000.tar", second], len(surviving)
@@ -136,3 +138,117 @@ def test_rerun_with_same_inputs_is_skipped(corrupted_input):
     again = run_split(SplitConfig(shard_size=4), shards, root / "embed", root / "cluster", root / "split")
     assert again["skipped"] and again["outputs"] == first["outputs"]
     assert not (root / "split" / ".partial").exists()
+
+
+# ---------------------------------------------------------------- on real upstream stages
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import write_config
+from experts.verify import verify_split
+from pipelines.config import load_config
+from pipelines.manifest import file_sha256
+from pipelines.stages import run_stage
+from pipelines.synth import generate
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    """1,200 synthetic pairs in 12 input shards, embedded and clustered (4 experts)."""
+    root = tmp_path_factory.mktemp("split_run")
+    config = write_config(root / "c.yaml", root / "data",
+                          synth={"num_train": 1200, "shard_size": 100, "eval_per_class": 1, "retrieval_pairs": 4},
+                          cluster={"num_fine": 16, "num_experts": 4, "niter": 10},
+                          split={"shard_size": 25, "ooc_ratio": 0.05})
+    cfg = load_config(config)
+    generate(cfg.synth)
+    for stage in ("embed", "cluster"):
+        run_stage(stage, cfg, root / "run")
+    return config, cfg, root
+
+
+def split_outputs(run_dir):
+    split = run_dir / "split"
+    return {str(p.relative_to(split)): file_sha256(p) for p in sorted(split.glob("expert_*/*"))
+            if p.is_file()} | {"rejects.parquet": file_sha256(split / "rejects.parquet")}
+
+
+def fresh_run(root, name):
+    """A run folder sharing the embed and cluster stages, with no split yet."""
+    run = root / name
+    run.mkdir()
+    for stage in ("embed", "cluster"):
+        os.symlink(root / "run" / stage, run / stage)
+    return run
+
+
+def test_out_of_cluster_mixing_is_deterministic_and_verified(clustered):
+    _, cfg, root = clustered
+    a, b = fresh_run(root, "ooc_a"), fresh_run(root, "ooc_b")
+    ma, mb = run_stage("split", cfg, a), run_stage("split", cfg, b)
+    assert split_outputs(a) == split_outputs(b)
+    copies = ma["counts"]["ooc_copies"]
+    assert 0.5 * 0.05 * 1200 < copies < 2 * 0.05 * 1200
+    assert sum(ma["counts"]["experts"]) == 1200 + copies
+    problems, summary = verify_split(a)
+    assert problems == [] and summary["ooc_copies"] == copies
+
+
+def test_each_expert_gets_at_least_min_shards(clustered):
+    config, _, root = clustered
+    cfg = load_config(write_config(root / "m.yaml", root / "data",
+                                   cluster={"num_fine": 16, "num_experts": 4, "niter": 10},
+                                   split={"shard_size": 10_000, "min_shards": 3}))
+    run = fresh_run(root, "min_shards")
+    run_stage("split", cfg, run)
+    for e in range(4):
+        sizes = json.loads((run / "split" / f"expert_{e:03d}" / "sizes.json").read_text())
+        assert len(sizes) >= 3 and all(n > 0 for n in sizes.values())
+
+
+def test_verify_catches_a_lost_sample(clustered, capsys):
+    from pipelines.cli import main as cli_main
+    from pipelines.shards import ShardSetWriter
+
+    _, cfg, root = clustered
+    run = fresh_run(root, "tampered")
+    run_stage("split", cfg, run)
+    assert cli_main(["verify", str(run)]) == 0
+    shard = run / "split" / "expert_001" / "00000.tar"
+    samples = list(iter_samples(shard))[1:]  # drop one sample
+    tmp = run / "rewrite"
+    writer = ShardSetWriter(tmp, shard_size=10**6)
+    for s in samples:
+        writer.write(s.key, s.files)
+    writer.close()
+    os.replace(tmp / "00000.tar", shard)
+    assert cli_main(["verify", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "sizes.json says" in err and "neither in an expert nor rejected" in err
+
+
+def test_a_killed_split_resumes_to_the_same_outputs(clustered):
+    config, cfg, root = clustered
+    reference = fresh_run(root, "uninterrupted")
+    run_stage("split", cfg, reference)
+    expected = split_outputs(reference)
+    killed_mid_way = 0
+    for point, kill_after in enumerate([1, 6, 14]):
+        run = fresh_run(root, f"killed_{point}")
+        records = run / "split" / "progress" / "outputs"
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "stage", "split", str(config),
+                                 "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            if records.is_dir() and len(list(records.glob("*.json"))) >= kill_after:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        proc.wait()
+        if not (run / "split" / "manifest.json").is_file():
+            killed_mid_way += 1
+        resumed = run_stage("split", cfg, run)
+        assert not resumed.get("skipped")
+        assert split_outputs(run) == expected
+        assert verify_split(run)[0] == []
+    assert killed_mid_way >= 2  # the test really interrupted the stage

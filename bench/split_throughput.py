@@ -1,0 +1,126 @@
+"""Split stage throughput against a raw copy of the same tars, and peak memory at two sizes.
+
+    .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128]
+
+Peers, named: (1) `shutil.copyfile` of the same input tar files (the floor
+any split must pay: read every byte, write every byte); (2) the split itself
+at `small` and `factor * small` samples, each in a fresh process, to show
+that peak RSS does not grow with the data. The cluster stage is replaced by
+a seeded random assignment to 4 experts, so only the split is measured.
+Prints MB/s of both and their ratio, and both peak RSS figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_input(folder: Path, samples: int, image_size: int) -> list[Path]:
+    from pipelines.config import SynthConfig
+    from pipelines.synth import generate_train
+
+    generate_train(SynthConfig(num_train=samples, shard_size=1000, image_size=image_size), folder)
+    return sorted(folder.glob("*.tar"))
+
+
+def fake_cluster(folder: Path, shards: list[Path], experts: int = 4) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.manifest import write_manifest
+    from pipelines.shards import iter_samples
+
+    keys, names = [], []
+    for shard in shards:
+        for sample in iter_samples(shard):
+            keys.append(sample.key)
+            names.append(shard.stem)
+    expert = np.random.default_rng(0).integers(experts, size=len(keys))
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"key": keys, "shard": names, "fine": expert, "expert": expert}),
+                   folder / "assignments.parquet")
+    write_manifest(folder, stage="cluster", fingerprint="bench", config_hash="bench", inputs={}, outputs={},
+                   counts={}, started=time.time(), extra={"num_experts": experts})
+
+
+def peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM; ru_maxrss would include the parent's peak
+    inherited across fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(run: Path, shards: list[str]) -> None:
+    """Run only the split in this process and report its time and peak RSS."""
+    from experts.split import run_split
+    from pipelines.config import SplitConfig
+
+    t0 = time.perf_counter()
+    manifest = run_split(SplitConfig(shard_size=1000), [Path(s) for s in shards], run / "embed",
+                         run / "cluster", run / "split")
+    seconds = time.perf_counter() - t0
+    peak_mb = peak_rss_mb()
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "samples": manifest["counts"]["samples_in"]}))
+
+
+def measure(tmp: Path, samples: int, image_size: int) -> dict:
+    data = tmp / f"in_{samples}"
+    shards = make_input(data, samples, image_size)
+    megabytes = sum(p.stat().st_size for p in shards) / 1e6
+    run = tmp / f"run_{samples}"
+    fake_cluster(run / "cluster", shards)
+    (run / "embed").mkdir()
+    t0 = time.perf_counter()
+    copy_dir = tmp / f"copy_{samples}"
+    copy_dir.mkdir()
+    for p in shards:
+        shutil.copyfile(p, copy_dir / p.name)
+    copy_seconds = time.perf_counter() - t0
+    out = subprocess.run([sys.executable, __file__, "--child", str(run), *map(str, shards)],
+                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    split = json.loads(out)
+    return {"samples": samples, "megabytes": round(megabytes, 1),
+            "copy_mb_s": round(megabytes / copy_seconds, 1),
+            "split_mb_s": round(megabytes / split["seconds"], 1),
+            "split_samples_s": round(samples / split["seconds"], 1),
+            "ratio_split_vs_copy": round(copy_seconds / split["seconds"], 4),
+            "peak_rss_mb": round(split["peak_rss_mb"], 1)}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), sys.argv[3:])
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", type=int, default=4000)
+    parser.add_argument("--factor", type=int, default=10)
+    parser.add_argument("--image-size", type=int, default=128)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [measure(Path(tmp), n, args.image_size) for n in (args.small, args.small * args.factor)]
+    for row in rows:
+        print(json.dumps(row))
+    small, large = rows
+    print(f"split vs raw copy (MB/s ratio): {large['ratio_split_vs_copy']:.4f}x "
+          f"({large['split_mb_s']} vs {large['copy_mb_s']} MB/s at {large['samples']} samples)")
+    print(f"peak RSS: {small['peak_rss_mb']} MB at {small['samples']} samples, "
+          f"{large['peak_rss_mb']} MB at {large['samples']} samples "
+          f"(ratio {large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x for {args.factor}x the data)")
+
+
+if __name__ == "__main__":
+    main()
