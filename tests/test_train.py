@@ -1,6 +1,7 @@
 """Stage 4: the seed and the experts, trained by open_clip_train (from the tiny end-to-end run)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -57,3 +58,13 @@ def test_the_fair_baseline_continues_the_seed_on_all_data_for_the_experts_comput
     baseline = torch.load(train / "logs" / "baseline" / "checkpoints" / "epoch_2.pt", weights_only=False)
     assert baseline["epoch"] == 2
     assert "seed/checkpoints/epoch_1.pt" in (train / "baseline.log").read_text()
+
+
+def test_experts_train_on_the_split_shards_as_they_are_counted_by_sizes_json(tiny_run):
+    train = tiny_run["run_dir"] / "train"
+    command = next(line for line in (train / "expert_000.log").read_text().splitlines() if line.startswith("$ "))
+    assert "--train-num-samples" not in command
+    assert str((tiny_run["run_dir"] / "split" / "expert_000" / "00000.tar").resolve()) in command
+    sizes = json.loads((tiny_run["run_dir"] / "split" / "expert_000" / "sizes.json").read_text())
+    per_epoch = math.ceil(sum(sizes.values()) / 16) * 16  # open_clip counts whole batches of 16
+    assert f"[{per_epoch}/{per_epoch} (100%)]" in (train / "expert_000.log").read_text()
