@@ -103,6 +103,9 @@ def run_cluster(cfg: ClusterConfig, embed_dir: Path, stage_dir: Path) -> dict:
         balance_iters=cfg.balance_iters, seed=cfg.seed,
     )
     expert = expert_of_fine[fine]
+    if cfg.random_split:
+        # Rand-n ablation: the same expert sizes, samples dealt at random.
+        expert = np.random.default_rng(cfg.seed).permutation(expert)
     expert_sizes = np.bincount(expert, minlength=cfg.num_experts)
     if (expert_sizes == 0).any():
         empty = np.flatnonzero(expert_sizes == 0).tolist()
@@ -135,6 +138,7 @@ def run_cluster(cfg: ClusterConfig, embed_dir: Path, stage_dir: Path) -> dict:
         "expert_fine_clusters": [np.flatnonzero(expert_of_fine == c).tolist()
                                  for c in range(cfg.num_experts)],
         "expert_top_terms": top_terms(captions, expert, cfg.num_experts),
+        "random_split": cfg.random_split,
     }
     atomic_write_json(stage_dir / "report.json", report)
     outputs = [stage_dir / f"{name}.npy" for name in arrays]

@@ -180,6 +180,22 @@ def train_one(cfg: TrainConfig, *, name: str, stage_dir: Path, model_spec: str, 
     return final
 
 
+def given_seed(checkpoint: Path, model_cfg: dict, stage_dir: Path) -> tuple[Path, int]:
+    """Use an existing trainer checkpoint as the seed: export it, return it and its epoch.
+
+    A checkpoint with optimizer state and an epoch counter is resumed by every
+    expert (MoDE's recipe); a bare state_dict gives weights only (epoch 0).
+    """
+    import torch
+
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"train.seed_checkpoint: {checkpoint} not found")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    epoch = int(state.get("epoch", 0)) if isinstance(state, dict) else 0
+    export_checkpoint(checkpoint, model_cfg, stage_dir / "seed")
+    return checkpoint.resolve(), epoch
+
+
 def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: Path,
               on_line: Callable[[str], None] | None = None) -> dict:
     started = time.time()
@@ -205,20 +221,27 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
             f"experts {few} have fewer shards than train.workers={cfg.workers} (open_clip_train needs one "
             "per worker): raise split.min_shards, lower train.workers, or set train.dataset_resampled")
 
-    # Seed: all experts' shards together (clean, deduplicated data).
+    # Seed: all experts' shards together (clean, deduplicated data). An epoch is
+    # the number of distinct samples; out-of-cluster copies only add repeats.
     all_paths = [str(p.resolve()) for paths, _ in shard_sets for p in paths]
-    all_samples = sum(sum(sizes.values()) for _, sizes in shard_sets)
+    expert_samples = sum(sum(sizes.values()) for _, sizes in shard_sets)
+    all_samples = upstream["counts"].get("written", expert_samples)
     data_hashes = [file_sha256(split_dir / expert_dir_name(e) / "manifest.json") for e in range(num_experts)]
     run_key = combine(config_hash, model_cfg)
     seed_fp = combine("seed", run_key, data_hashes)
     t0 = time.time()
-    seed_ckpt = train_one(cfg, name="seed", stage_dir=stage_dir, model_spec=model_spec, model_cfg=model_cfg,
-                          train_data="::".join(all_paths), num_samples=all_samples,
-                          epochs=cfg.seed_epochs, start_from=None, device=device, on_line=on_line,
-                          fingerprint=seed_fp)
+    if cfg.seed_checkpoint:
+        seed_ckpt, seed_epochs = given_seed(Path(cfg.seed_checkpoint), model_cfg, stage_dir)
+        seed_fp = combine("seed-given", run_key, file_sha256(seed_ckpt))
+    else:
+        seed_ckpt = train_one(cfg, name="seed", stage_dir=stage_dir, model_spec=model_spec, model_cfg=model_cfg,
+                              train_data="::".join(all_paths), num_samples=all_samples,
+                              epochs=cfg.seed_epochs, start_from=None, device=device, on_line=on_line,
+                              fingerprint=seed_fp)
+        seed_epochs = cfg.seed_epochs
     timings = {"seed": round(time.time() - t0, 2)}
 
-    total_epochs = cfg.seed_epochs + cfg.expert_epochs
+    total_epochs = seed_epochs + cfg.expert_epochs
     expert_of_fine = _load_expert_of_fine(cluster_dir)
     registry_experts = []
     for e, (paths, sizes) in enumerate(shard_sets):
@@ -240,8 +263,8 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
             "seeded_from": "seed",
         })
     registry = {
-        "seed": {"model_dir": "seed", "checkpoint": str(seed_ckpt.relative_to(stage_dir)),
-                 "samples": all_samples, "epochs": cfg.seed_epochs},
+        "seed": {"model_dir": "seed", "checkpoint": str(seed_ckpt.resolve()),
+                 "samples": None if cfg.seed_checkpoint else all_samples, "epochs": seed_epochs},
         "experts": registry_experts,
         "baseline": None,
         "cluster": str(cluster_dir.resolve()),
@@ -252,12 +275,12 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
         # all experts together saw (expert_epochs passes over the union of their data).
         t0 = time.time()
         ckpt = train_one(cfg, name="baseline", stage_dir=stage_dir, model_spec=model_spec,
-                         model_cfg=model_cfg, train_data="::".join(all_paths), num_samples=all_samples,
+                         model_cfg=model_cfg, train_data="::".join(all_paths), num_samples=expert_samples,
                          epochs=total_epochs, start_from=seed_ckpt, device=device, on_line=on_line,
                          fingerprint=combine("baseline", run_key, seed_fp))
         timings["baseline"] = round(time.time() - t0, 2)
         registry["baseline"] = {"model_dir": "baseline", "checkpoint": str(ckpt.relative_to(stage_dir)),
-                                "samples": all_samples, "seeded_from": "seed"}
+                                "samples": expert_samples, "seeded_from": "seed"}
     atomic_write_json(stage_dir / "registry.json", registry)
     outputs = {"registry.json": file_sha256(stage_dir / "registry.json")}
     models = ["seed"] + [x["model_dir"] for x in registry_experts] + (["baseline"] if cfg.baseline else [])

@@ -74,6 +74,8 @@ class ClusterConfig:
     `sample_size` caps how many embeddings the fine k-means is fitted on (0 =
     all). `balance_iters` rounds of capacity-constrained reassignment follow
     the plain k-means so that fine clusters have near-equal sizes.
+    `random_split` (the paper's Rand-n ablation) keeps the expert sizes but
+    deals samples to experts at random instead of by cluster.
     """
 
     num_fine: int = 1024
@@ -82,6 +84,7 @@ class ClusterConfig:
     niter: int = 20
     balance_iters: int = 5
     seed: int = 0
+    random_split: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,9 @@ class TrainConfig:
     fair single-model baseline: the seed continued on all data for the same
     number of samples as all experts together. `dataset_resampled` samples
     shards with replacement (needed when an expert has fewer shards than
-    `workers`). `extra_args` are passed to the trainer unchanged.
+    `workers`). `seed_checkpoint` uses an existing open_clip_train checkpoint
+    as the seed instead of training one (its epoch counter and optimizer
+    state are resumed). `extra_args` are passed to the trainer unchanged.
     """
 
     model: str = "experts/model_configs/moda-tiny.json"
@@ -130,6 +135,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     baseline: bool = True
+    seed_checkpoint: str = ""
     dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
 
@@ -146,6 +152,7 @@ class EvaluateConfig:
     lam: float = 0.2
     batch_size: int = 256
     device: str = "auto"
+    ablations: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,8 @@ def _validate(cfg: Config) -> None:
     _choice(t.precision, ("fp32", "amp", "amp_bf16", "bf16", "fp16"), "train.precision")
     _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
     _positive(cfg.evaluate.lam, "evaluate.lam")
+    for ablation in cfg.evaluate.ablations:
+        _choice(ablation, ("random", "one_step"), "evaluate.ablations[]")
     s = cfg.synth
     _positive(s.num_train, "synth.num_train")
     _positive(s.shard_size, "synth.shard_size")

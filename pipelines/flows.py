@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
 
 from pipelines.config import Config, load_config
-from pipelines.stages import STAGES, check_inputs, run_paths, run_stage
+from pipelines.stages import STAGES, check_inputs, run_ablation, run_paths, run_stage
 
 
 def _logger():
@@ -109,6 +109,15 @@ def evaluate_flow(config_path: str, run_dir: str | None = None) -> dict:
     return manifest
 
 
+@flow(name="ablation")
+def ablation_flow(config_path: str, variant: str, run_dir: str | None = None) -> dict:
+    """One of the paper's ablations (random split, one-step clustering), from the run's seed."""
+    cfg = load_config(config_path)
+    manifest = run_ablation(variant, cfg, run_dir)
+    _summarise(cfg, f"ablation {variant}", manifest)
+    return manifest
+
+
 STAGE_FLOWS = {"embed": embed_flow, "cluster": cluster_flow, "split": split_flow,
                "train": train_flow, "evaluate": evaluate_flow}
 
@@ -132,6 +141,9 @@ def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
     for stage in STAGES:
         if stage in chosen:
             STAGE_FLOWS[stage](config_path, str(paths["root"]))
+        if stage == "train" and stage in chosen:
+            for variant in cfg.evaluate.ablations:
+                ablation_flow(config_path, variant, str(paths["root"]))
     results = paths["evaluate"] / "results.md"
     if "evaluate" in chosen and results.is_file():
         table = results.read_text()

@@ -6,6 +6,9 @@ The Prefect flows (pipelines/flows.py) and `moda stage` both call
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,5 +56,44 @@ def run_stage(stage: str, cfg: Config, run_dir: str | Path | None,
         from routing.evaluate import run_evaluate
 
         return run_evaluate(cfg.evaluate, cfg.embed, Path(cfg.data.eval_tasks), paths["cluster"],
-                            paths["train"], paths["evaluate"])
+                            paths["train"], paths["evaluate"],
+                            ablations=[(v, ablation_dir(cfg, run_dir, v)) for v in cfg.evaluate.ablations])
     raise ValueError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
+
+
+def ablation_dir(cfg: Config, run_dir: str | Path | None, variant: str) -> Path:
+    return run_paths(cfg, run_dir)["root"] / "ablations" / variant
+
+
+def ablation_config(cfg: Config, run_dir: str | Path | None, variant: str) -> Config:
+    """The run's config changed into one of the paper's ablations, continuing the run's seed."""
+    registry = json.loads((run_paths(cfg, run_dir)["train"] / "registry.json").read_text(encoding="utf-8"))
+    if variant == "random":
+        cluster = dataclasses.replace(cfg.cluster, random_split=True)
+    elif variant == "one_step":
+        cluster = dataclasses.replace(cfg.cluster, num_fine=cfg.cluster.num_experts)
+    else:
+        raise ValueError(f"unknown ablation {variant!r}; use 'random' or 'one_step'")
+    train = dataclasses.replace(cfg.train, seed_checkpoint=registry["seed"]["checkpoint"], baseline=False)
+    evaluate = dataclasses.replace(cfg.evaluate, ablations=[])
+    return dataclasses.replace(cfg, name=f"{cfg.name}-{variant}", cluster=cluster, train=train,
+                               evaluate=evaluate)
+
+
+def run_ablation(variant: str, cfg: Config, run_dir: str | Path | None,
+                 on_line: Callable[[str], None] | None = None) -> dict:
+    """Cluster, split and train one ablation under runs/<name>/ablations/<variant>/.
+
+    It shares the run's caption embeddings (a link to its embed stage) and
+    its seed checkpoint, so only the experts are trained again.
+    """
+    root = ablation_dir(cfg, run_dir, variant)
+    root.mkdir(parents=True, exist_ok=True)
+    embed_link = root / "embed"
+    if not embed_link.exists():
+        os.symlink(os.path.relpath(run_paths(cfg, run_dir)["embed"], root), embed_link)
+    variant_cfg = ablation_config(cfg, run_dir, variant)
+    manifests = {}
+    for stage in ("cluster", "split", "train"):
+        manifests[stage] = run_stage(stage, variant_cfg, root, on_line=on_line)
+    return manifests["train"]

@@ -9,6 +9,10 @@ Rows of the report, for every task:
   routed ensemble     experts' logits weighted by MoDE routing (routing/weights.py)
   oracle best expert  the best single expert picked with the test labels: an upper
                       bound for routing to one expert, not a fair competitor
+  Rand-n uniform ensemble, one-step routed ensemble
+                      the paper's ablations, when `evaluate.ablations` asks for them:
+                      experts of the same sizes on a random split, and experts from
+                      a one-step clustering (m = n); both continue the same seed
 
 Classification tasks: class names (with prompt templates) are embedded with
 the clustering's caption encoder and routed; metrics top-1, top-5 and mean
@@ -134,27 +138,39 @@ def model_scores(clip, tasks: list[Task], batch_size: int) -> list[np.ndarray]:
     return out
 
 
-def evaluate_task(task: Task, scores: dict[str, np.ndarray], experts: list[str], routing: dict) -> dict:
-    """Every row's metrics on one task, from each model's scores and the routing weights."""
-    stacked = np.stack([scores[e] for e in experts])
-    uniform = np.full(len(experts), 1.0 / len(experts))
-    rows: dict[str, dict] = {}
+def ensemble_scores(task: Task, stacked: np.ndarray, routing: dict | None) -> dict[str, float]:
+    """Metrics of an ensemble of experts' scores (n, N, K): routed, or uniform when routing is None."""
+    uniform = np.full(stacked.shape[0], 1.0 / stacked.shape[0])
+    weights = uniform if routing is None else routing["weights"]
+    combined = ensemble_logits(stacked, weights)
     if task.kind == "classification":
-        for name, s in scores.items():
-            rows[name] = classification_scores(s, task.labels)
-        rows["uniform ensemble"] = classification_scores(ensemble_logits(stacked, uniform), task.labels)
-        rows["routed ensemble"] = classification_scores(ensemble_logits(stacked, routing["weights"]),
-                                                        task.labels)
-    else:
-        for name, s in scores.items():
-            rows[name] = retrieval_scores(s, s.T)
-        averaged = ensemble_logits(stacked, uniform)
-        rows["uniform ensemble"] = retrieval_scores(averaged, averaged.T)
-        t2i = ensemble_per_query(np.transpose(stacked, (0, 2, 1)), routing["query_weights"])
-        rows["routed ensemble"] = retrieval_scores(ensemble_logits(stacked, routing["weights"]), t2i)
+        return classification_scores(combined, task.labels)
+    if routing is None:
+        return retrieval_scores(combined, combined.T)
+    t2i = ensemble_per_query(np.transpose(stacked, (0, 2, 1)), routing["query_weights"])
+    return retrieval_scores(combined, t2i)
+
+
+def evaluate_task(task: Task, scores: dict[str, np.ndarray], experts: list[str], routing: dict,
+                  ablations: list[tuple[str, np.ndarray, dict | None]] = ()) -> dict:
+    """Every row's metrics on one task.
+
+    scores: each single model's scores on the task; experts: the MoDE experts
+    among them; routing: the task's MoDE routing; ablations: (row name,
+    stacked expert scores, routing or None for uniform) of ablation systems.
+    """
+    rows: dict[str, dict] = {}
+    for name, s in scores.items():
+        rows[name] = classification_scores(s, task.labels) if task.kind == "classification" \
+            else retrieval_scores(s, s.T)
+    stacked = np.stack([scores[e] for e in experts])
+    rows["uniform ensemble"] = ensemble_scores(task, stacked, None)
+    rows["routed ensemble"] = ensemble_scores(task, stacked, routing)
     metric = "top1" if task.kind == "classification" else "i2t_r1"
     best = max(experts, key=lambda e: rows[e][metric])
     rows["oracle best expert"] = {**rows[best], "expert": best}
+    for name, ablation_stack, ablation_routing in ablations:
+        rows[name] = ensemble_scores(task, ablation_stack, ablation_routing)
     return rows
 
 
@@ -270,15 +286,17 @@ def _jsonable(routing: dict) -> dict:
 
 
 def run_evaluate(cfg: EvaluateConfig, embed_cfg: EmbedConfig, tasks_dir: Path, cluster_dir: Path,
-                 train_dir: Path, stage_dir: Path) -> dict:
+                 train_dir: Path, stage_dir: Path, ablations: list[tuple[str, Path]] = ()) -> dict:
     started = time.time()
     upstream = require_manifest(train_dir, "train")
     cluster = require_manifest(cluster_dir, "cluster")
     config_hash = section_hash(cfg)
     task_files = sorted(p for p in tasks_dir.rglob("*") if p.is_file()) if tasks_dir.is_dir() else []
     task_hash = combine([(p.relative_to(tasks_dir).as_posix(), file_sha256(p)) for p in task_files])
+    ablation_fps = [(v, require_manifest(d / "train", f"train ({v} ablation)")["fingerprint"])
+                    for v, d in ablations]
     fingerprint = combine("evaluate", config_hash, section_hash(embed_cfg), upstream["fingerprint"],
-                          cluster["fingerprint"], task_hash)
+                          cluster["fingerprint"], task_hash, ablation_fps)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
     tasks = load_tasks(tasks_dir)
@@ -296,10 +314,29 @@ def run_evaluate(cfg: EvaluateConfig, embed_cfg: EmbedConfig, tasks_dir: Path, c
     scores = {}
     for name in tqdm(singles, desc="evaluate", unit="model"):
         scores[name] = model_scores(load_clip(train_dir / name, device), tasks, cfg.batch_size)
+    systems = []  # ablations: (row name, per-expert scores per task, routing per task or None)
+    for variant, variant_dir in ablations:
+        v_registry = json.loads((variant_dir / "train" / "registry.json").read_text(encoding="utf-8"))
+        v_experts = [e["model_dir"] for e in v_registry["experts"]]
+        v_scores = [model_scores(load_clip(variant_dir / "train" / e, device), tasks, cfg.batch_size)
+                    for e in v_experts]
+        if variant == "random":  # a random split has no clusters to route by
+            systems.append((f"Rand-{len(v_experts)} uniform ensemble", v_scores, None))
+        else:
+            v_fine = np.load(variant_dir / "cluster" / "fine_centroids.npy")
+            v_owner = np.load(variant_dir / "cluster" / "expert_of_fine.npy")
+            v_encoder = load_encoder(embed_cfg.model, embed_cfg.pooling, device)
+            v_routing = {t.name: route_task(t, v_encoder, cfg, v_fine, v_owner, len(v_experts)) for t in tasks}
+            systems.append(("one-step routed ensemble", v_scores, v_routing))
     results: dict = {"routing": cfg.routing, "lam": cfg.lam, "tasks": {},
-                     "rows": singles + ["uniform ensemble", "routed ensemble", "oracle best expert"]}
+                     "rows": singles + ["uniform ensemble", "routed ensemble", "oracle best expert"]
+                     + [name for name, _, _ in systems]}
     for t, task in enumerate(tasks):
-        rows = evaluate_task(task, {n: scores[n][t] for n in singles}, experts, routing[task.name])
+        ablation_rows = [(name, np.stack([per_expert[t] for per_expert in v_scores]),
+                          None if v_routing is None else v_routing[task.name])
+                         for name, v_scores, v_routing in systems]
+        rows = evaluate_task(task, {n: scores[n][t] for n in singles}, experts, routing[task.name],
+                             ablation_rows)
         results["tasks"][task.name] = {
             "kind": task.kind, **rows, "routing_weights": routing[task.name]["weights"].tolist(),
             "num_images": len(task.images),
