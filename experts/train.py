@@ -10,6 +10,18 @@ MoDE's recipe: every expert starts from the same seed checkpoint and resumes
 it (weights, optimizer state, epoch counter), then trains only on its own
 cluster's data for the remaining epochs. Experts are independent jobs.
 
+Efficient-training switches (config `train`): bf16 autocast (`precision:
+auto` picks amp_bf16 on a GPU), FLIP patch dropout with a final unmasked
+tune (`patch_dropout`, `unmasked_tune_share`), LAMB with EVA-CLIP's betas
+(`optimizer: lamb`), gradient checkpointing, torch.compile, local loss with
+gathered gradients. Attention runs through PyTorch's fused SDPA kernels
+(flash attention on a GPU), which open_clip's default blocks use.
+
+Scheduling: the seed and the baseline use every visible GPU; experts run in
+parallel, one per group of `gpus_per_expert` GPUs (CUDA_VISIBLE_DEVICES is
+narrowed per run, within any mask the worker already has); on a CPU they run
+one after another.
+
 Outputs under the stage folder:
     model_config/open_clip_config.json   the architecture (no weights)
     logs/<name>/                          open_clip_train's logs and checkpoints
@@ -23,13 +35,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import math
+import queue
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.devices import pick_device
@@ -44,6 +57,7 @@ from pipelines.manifest import (
     require_manifest,
     write_manifest,
 )
+from experts.launch import gpu_slots, run_trainer, trainer_command, visible_gpus
 from experts.split import expert_dir_name, expert_shards
 
 log = logging.getLogger("moda.train")
@@ -91,93 +105,124 @@ def export_checkpoint(checkpoint: Path, model_cfg: dict, folder: Path) -> None:
     write_model_folder(folder, model_cfg, weights)
 
 
-def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_samples: int | None,
-                    logs: Path, name: str, epochs: int, resume: str | None, device: str) -> list[str]:
-    """The `open_clip_train.main` command line for one run (seed or expert)."""
-    cmd = [
-        sys.executable, "-m", "open_clip_train.main",
-        "--model", model_spec,
-        "--train-data", train_data,
-        "--dataset-type", "webdataset",
-        "--batch-size", str(cfg.batch_size),
-        "--epochs", str(epochs),
-        "--lr", str(cfg.lr),
-        "--wd", str(cfg.weight_decay),
-        "--warmup", str(cfg.warmup),
-        "--workers", str(cfg.workers),
-        "--precision", cfg.precision,
-        "--seed", str(cfg.seed),
-        "--logs", str(logs),
-        "--name", name,
-        "--save-frequency", "1",
-        "--save-most-recent",
-        "--zeroshot-frequency", "0",
-        "--log-every-n-steps", "10",
-        "--device", device,
-    ]
-    if num_samples is not None:
-        cmd += ["--train-num-samples", str(num_samples)]
-    if cfg.dataset_resampled:
-        cmd += ["--dataset-resampled"]
-    if resume:
-        cmd += ["--resume", resume]
-    return cmd + list(cfg.extra_args)
+@dataclass
+class Job:
+    """One model to train: from `start_from` (at `start_epoch`) to `epochs` in total."""
+
+    name: str
+    train_data: str
+    num_samples: int | None
+    epochs: int
+    start_epoch: int
+    start_from: Path | None
+    fingerprint: str
+    tune_epochs: int = 0  # final epochs without patch dropout (FLIP's unmasked tune)
 
 
-def run_trainer(cmd: list[str], log_file: Path, on_line: Callable[[str], None] | None = None) -> None:
-    """Run the trainer, streaming its output to `log_file` and `on_line`; raise on failure."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    tail: list[str] = []
-    with open(log_file, "a", encoding="utf-8") as sink:
-        sink.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sink.write(line)
-            tail = (tail + [line.rstrip()])[-30:]
-            if on_line is not None:
-                on_line(line.rstrip())
-        code = proc.wait()
-    if code != 0:
-        raise RuntimeError(f"open_clip_train exited with {code}; see {log_file}:\n" + "\n".join(tail))
+def tune_epochs(cfg: TrainConfig, epochs: int) -> int:
+    """How many of a run's last `epochs` are the unmasked tune (0 without patch dropout)."""
+    if cfg.patch_dropout <= 0 or cfg.unmasked_tune_share <= 0:
+        return 0
+    return min(epochs, math.ceil(cfg.unmasked_tune_share * epochs))
 
 
-def train_one(cfg: TrainConfig, *, name: str, stage_dir: Path, model_spec: str, model_cfg: dict,
-              train_data: str, num_samples: int | None, epochs: int, start_from: Path | None,
-              device: str, on_line: Callable[[str], None] | None, fingerprint: str) -> Path:
-    """Train (or resume) one model to `epochs` total and export it; return the checkpoint.
+def train_job(cfg: TrainConfig, job: Job, *, stage_dir: Path, model_spec: str, model_cfg: dict, device: str,
+              gpus: list[str] | None, on_line: Callable[[str, str], None] | None) -> Path:
+    """Train (or resume) one model and export it as a local-dir folder; return its final checkpoint.
 
-    `fingerprint` identifies what this model is trained from (config, data,
-    starting checkpoint). Checkpoints left by a run with another fingerprint
-    are discarded; with the same one, a finished run is reused and a killed
-    run continues from `epoch_latest.pt` (`--resume latest`). Otherwise the
-    run starts from `start_from` (the seed's checkpoint for experts) or from
-    scratch.
+    Checkpoints left by a run with another fingerprint are discarded; with the
+    same one, a finished run is reused and a killed run continues from
+    `epoch_latest.pt` (`--resume latest`), so its step counter continues.
     """
     logs = stage_dir / "logs"
-    run_logs = logs / name
+    run_logs = logs / job.name
     checkpoints = run_logs / "checkpoints"
-    final = checkpoints / f"epoch_{epochs}.pt"
     marker = run_logs / "moda_fingerprint.txt"
-    if not marker.is_file() or marker.read_text().strip() != fingerprint:
+    log_file = stage_dir / f"{job.name}.log"
+    if not marker.is_file() or marker.read_text().strip() != job.fingerprint:
         shutil.rmtree(run_logs, ignore_errors=True)
-    if not final.is_file():
-        if (checkpoints / "epoch_latest.pt").is_file():
+        log_file.unlink(missing_ok=True)
+    masked_until = job.epochs - job.tune_epochs
+    phases = [(masked_until, False)] if masked_until > job.start_epoch else []
+    if job.tune_epochs:
+        phases.append((job.epochs, True))
+    for target, unmasked in phases:
+        if (checkpoints / f"epoch_{target}.pt").is_file():
+            continue
+        if ensure_latest(checkpoints):
             resume = "latest"
         else:
             shutil.rmtree(run_logs, ignore_errors=True)  # the trainer refuses to reuse a name
-            resume = str(start_from) if start_from else None
-        cmd = trainer_command(cfg, model_spec=model_spec, train_data=train_data, num_samples=num_samples,
-                              logs=logs, name=name, epochs=epochs, resume=resume, device=device)
+            resume = str(job.start_from) if job.start_from else None
+        cmd = trainer_command(cfg, model_spec=model_spec, train_data=job.train_data,
+                              num_samples=job.num_samples, logs=logs, name=job.name, epochs=target,
+                              resume=resume, device=device, unmasked=unmasked,
+                              nproc=max(1, len(gpus or [])))
         run_logs.mkdir(parents=True, exist_ok=True)
-        marker.write_text(fingerprint + "\n")
-        run_trainer(cmd, stage_dir / f"{name}.log", on_line)
-        if not final.is_file():
-            raise RuntimeError(f"open_clip_train finished without writing {final}; see {stage_dir / (name + '.log')}")
-    export_checkpoint(final, model_cfg, stage_dir / name)
+        marker.write_text(job.fingerprint + "\n")
+        run_trainer(cmd, log_file, gpus, None if on_line is None else (lambda line: on_line(job.name, line)))
+        if not (checkpoints / f"epoch_{target}.pt").is_file():
+            raise RuntimeError(f"open_clip_train finished without writing epoch_{target}.pt; see {log_file}")
+    final = checkpoints / f"epoch_{job.epochs}.pt"
+    export_checkpoint(final, model_cfg, stage_dir / job.name)
     return final
+
+
+def ensure_latest(checkpoints: Path) -> bool:
+    """Make `epoch_latest.pt` the newest complete checkpoint; False when there is none.
+
+    open_clip_train writes `epoch_latest.pt` atomically, but `epoch_N.pt`
+    directly and first: a run killed between the two leaves only `epoch_N.pt`
+    (and one killed while saving leaves a truncated one, skipped here).
+    """
+    import torch
+
+    latest = checkpoints / "epoch_latest.pt"
+    numbered = sorted(checkpoints.glob("epoch_[0-9]*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    newest_number = int(numbered[-1].stem.split("_")[1]) if numbered else -1
+    if latest.is_file():
+        try:
+            if torch.load(latest, map_location="cpu", weights_only=False)["epoch"] >= newest_number:
+                return True
+        except Exception:
+            latest.unlink()
+    for candidate in reversed(numbered):
+        try:
+            torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception:
+            candidate.unlink()
+            continue
+        tmp = checkpoints / ".epoch_latest.pt.tmp"
+        shutil.copyfile(candidate, tmp)
+        tmp.replace(latest)
+        return True
+    return False
+
+
+def run_on_slots(jobs: list[Callable[[list[str]], Path]], slots: list[list[str]],
+                 runner: Callable[[list[Callable[[], Path]], int], list[Path]]) -> list[Path]:
+    """Run jobs so that each holds one GPU slot while it runs: at most len(slots) at once."""
+    free: queue.Queue = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def hold_slot(job: Callable[[list[str]], Path]) -> Callable[[], Path]:
+        def run() -> Path:
+            slot = free.get()
+            try:
+                return job(slot)
+            finally:
+                free.put(slot)
+        run.__name__ = getattr(job, "__name__", "job")
+        return run
+
+    return runner([hold_slot(job) for job in jobs], len(slots))
+
+
+def run_parallel(tasks: list[Callable[[], Path]], workers: int) -> list[Path]:
+    """Default runner: a thread per concurrent model (the work happens in subprocesses)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda task: task(), tasks))
 
 
 def given_seed(checkpoint: Path, model_cfg: dict, stage_dir: Path) -> tuple[Path, int]:
@@ -197,16 +242,27 @@ def given_seed(checkpoint: Path, model_cfg: dict, stage_dir: Path) -> tuple[Path
 
 
 def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: Path,
-              on_line: Callable[[str], None] | None = None) -> dict:
+              on_line: Callable[[str, str], None] | None = None,
+              runner: Callable[[list[Callable[[], Path]], int], list[Path]] = run_parallel) -> dict:
+    """Seed, experts (in parallel across GPU slots) and baseline; registry and manifest.
+
+    `runner(tasks, concurrency)` runs the expert tasks and returns their
+    checkpoints in order; the Prefect flow passes one that makes each expert
+    a Prefect task.
+    """
     started = time.time()
     upstream = require_manifest(split_dir, "split")
     config_hash = section_hash(cfg)
     model_cfg = model_config_dict(cfg.model)
+    if cfg.patch_dropout > 0:
+        model_cfg = {**model_cfg, "vision_cfg": {**model_cfg["vision_cfg"], "patch_dropout": cfg.patch_dropout}}
     fingerprint = combine("train", config_hash, upstream["fingerprint"], model_cfg)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
     stage_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
+    gpus = visible_gpus() if device == "cuda" else []
+    slots = gpu_slots(gpus, cfg.gpus_per_expert)
     arch_dir = stage_dir / "model_config"
     write_model_folder(arch_dir, model_cfg)
     model_spec = f"local-dir:{arch_dir.resolve()}"
@@ -215,11 +271,15 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
     empty = [e for e, (_, sizes) in enumerate(shard_sets) if not sum(sizes.values())]
     if empty:
         raise ValueError(f"experts {empty} have no training samples in {split_dir}")
-    few = [e for e, (paths, _) in enumerate(shard_sets) if len(paths) < cfg.workers]
+    needed = cfg.workers * max(1, cfg.gpus_per_expert if gpus else 1)
+    few = [e for e, (paths, _) in enumerate(shard_sets) if len(paths) < needed]
     if few and not cfg.dataset_resampled:
         raise ValueError(
-            f"experts {few} have fewer shards than train.workers={cfg.workers} (open_clip_train needs one "
-            "per worker): raise split.min_shards, lower train.workers, or set train.dataset_resampled")
+            f"experts {few} have fewer shards than the {needed} data loaders (train.workers x GPUs) "
+            "open_clip_train needs: raise split.min_shards, lower train.workers, or set "
+            "train.dataset_resampled")
+    common = dict(stage_dir=stage_dir, model_spec=model_spec, model_cfg=model_cfg, device=device,
+                  on_line=on_line)
 
     # Seed: all experts' shards together (clean, deduplicated data). An epoch is
     # the number of distinct samples; out-of-cluster copies only add repeats.
@@ -228,40 +288,42 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
     all_samples = upstream["counts"].get("written", expert_samples)
     data_hashes = [file_sha256(split_dir / expert_dir_name(e) / "manifest.json") for e in range(num_experts)]
     run_key = combine(config_hash, model_cfg)
-    seed_fp = combine("seed", run_key, data_hashes)
     t0 = time.time()
     if cfg.seed_checkpoint:
         seed_ckpt, seed_epochs = given_seed(Path(cfg.seed_checkpoint), model_cfg, stage_dir)
         seed_fp = combine("seed-given", run_key, file_sha256(seed_ckpt))
     else:
-        seed_ckpt = train_one(cfg, name="seed", stage_dir=stage_dir, model_spec=model_spec, model_cfg=model_cfg,
-                              train_data="::".join(all_paths), num_samples=all_samples,
-                              epochs=cfg.seed_epochs, start_from=None, device=device, on_line=on_line,
-                              fingerprint=seed_fp)
+        seed_fp = combine("seed", run_key, data_hashes)
         seed_epochs = cfg.seed_epochs
+        seed_job = Job("seed", "::".join(all_paths), all_samples, seed_epochs, 0, None, seed_fp)
+        seed_ckpt = train_job(cfg, seed_job, gpus=gpus or None, **common)
     timings = {"seed": round(time.time() - t0, 2)}
 
     total_epochs = seed_epochs + cfg.expert_epochs
+    tune = tune_epochs(cfg, cfg.expert_epochs)
+    jobs = [Job(expert_dir_name(e), "::".join(str(p.resolve()) for p in paths), None, total_epochs,
+                seed_epochs, seed_ckpt, combine(expert_dir_name(e), run_key, seed_fp, data_hashes[e]), tune)
+            for e, (paths, _) in enumerate(shard_sets)]
+    def expert_task(job: Job) -> Callable[[list[str]], Path]:
+        def run(slot: list[str]) -> Path:
+            t = time.time()
+            ckpt = train_job(cfg, job, gpus=slot or None, **common)
+            timings[job.name] = round(time.time() - t, 2)
+            return ckpt
+        run.__name__ = job.name
+        return run
+
+    checkpoints = run_on_slots([expert_task(job) for job in jobs], slots, runner)
     expert_of_fine = _load_expert_of_fine(cluster_dir)
-    registry_experts = []
-    for e, (paths, sizes) in enumerate(shard_sets):
-        name = expert_dir_name(e)
-        pattern = "::".join(str(p.resolve()) for p in paths)  # counted by the folder's sizes.json
-        t0 = time.time()
-        ckpt = train_one(cfg, name=name, stage_dir=stage_dir, model_spec=model_spec, model_cfg=model_cfg,
-                         train_data=pattern, num_samples=None, epochs=total_epochs, start_from=seed_ckpt,
-                         device=device, on_line=on_line,
-                         fingerprint=combine(name, run_key, seed_fp, data_hashes[e]))
-        timings[name] = round(time.time() - t0, 2)
-        registry_experts.append({
-            "id": e,
-            "model_dir": name,
-            "fine_clusters": [s for s, owner in enumerate(expert_of_fine) if owner == e],
-            "samples": sum(sizes.values()),
-            "data_manifest_sha256": data_hashes[e],
-            "checkpoint": str(ckpt.relative_to(stage_dir)),
-            "seeded_from": "seed",
-        })
+    registry_experts = [{
+        "id": e,
+        "model_dir": job.name,
+        "fine_clusters": [s for s, owner in enumerate(expert_of_fine) if owner == e],
+        "samples": sum(shard_sets[e][1].values()),
+        "data_manifest_sha256": data_hashes[e],
+        "checkpoint": str(ckpt.relative_to(stage_dir)),
+        "seeded_from": "seed",
+    } for e, (job, ckpt) in enumerate(zip(jobs, checkpoints))]
     registry = {
         "seed": {"model_dir": "seed", "checkpoint": str(seed_ckpt.resolve()),
                  "samples": None if cfg.seed_checkpoint else all_samples, "epochs": seed_epochs},
@@ -274,10 +336,9 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
         # The fair single model: the seed continued on all data for as many samples as
         # all experts together saw (expert_epochs passes over the union of their data).
         t0 = time.time()
-        ckpt = train_one(cfg, name="baseline", stage_dir=stage_dir, model_spec=model_spec,
-                         model_cfg=model_cfg, train_data="::".join(all_paths), num_samples=expert_samples,
-                         epochs=total_epochs, start_from=seed_ckpt, device=device, on_line=on_line,
-                         fingerprint=combine("baseline", run_key, seed_fp))
+        job = Job("baseline", "::".join(all_paths), expert_samples, total_epochs, seed_epochs, seed_ckpt,
+                  combine("baseline", run_key, seed_fp), tune)
+        ckpt = train_job(cfg, job, gpus=gpus or None, **common)
         timings["baseline"] = round(time.time() - t0, 2)
         registry["baseline"] = {"model_dir": "baseline", "checkpoint": str(ckpt.relative_to(stage_dir)),
                                 "samples": expert_samples, "seeded_from": "seed"}
@@ -291,7 +352,7 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
         stage_dir, stage="train", fingerprint=fingerprint, config_hash=config_hash,
         inputs={"split": upstream["fingerprint"]}, outputs=outputs,
         counts={"experts": num_experts, "seed_samples": all_samples, "seconds_per_model": timings},
-        started=started, extra={"device": device},
+        started=started, extra={"device": device, "gpu_slots": slots},
     )
 
 

@@ -110,17 +110,25 @@ class SplitConfig:
 class TrainConfig:
     """Seed and expert CLIPs, trained by `open_clip_train.main` as a subprocess.
 
-    `model` is an open_clip model name or a path to a model-config JSON file
-    (registered under its file stem). The seed trains `seed_epochs` on all
-    data; each expert resumes the seed's checkpoint (weights, optimizer, epoch
-    counter) and trains until `seed_epochs + expert_epochs` on its own shards,
-    as MoDE continues its seed for the last epochs. `baseline` also trains the
-    fair single-model baseline: the seed continued on all data for the same
-    number of samples as all experts together. `dataset_resampled` samples
-    shards with replacement (needed when an expert has fewer shards than
-    `workers`). `seed_checkpoint` uses an existing open_clip_train checkpoint
-    as the seed instead of training one (its epoch counter and optimizer
-    state are resumed). `extra_args` are passed to the trainer unchanged.
+    `model` is an open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, ...), a
+    path to a model-config JSON file, or a `local-dir:` folder. The seed
+    trains `seed_epochs` on all data; each expert resumes the seed's
+    checkpoint (weights, optimizer, epoch counter) and trains until
+    `seed_epochs + expert_epochs` on its own shards, as MoDE continues its
+    seed for the last epochs. `baseline` also trains the fair single-model
+    baseline: the seed continued on all data for the same number of samples
+    as all experts together. `seed_checkpoint` uses an existing
+    open_clip_train checkpoint as the seed instead of training one.
+
+    Efficient training: `precision` (`auto` = amp_bf16 on a GPU, fp32 on a
+    CPU); `patch_dropout` (FLIP: share of image patches dropped while
+    training) with the last `unmasked_tune_share` of each expert's epochs run
+    without it; `optimizer` `adamw` or `lamb` (timm's, as EVA-CLIP) with
+    `beta1`, `beta2`, `eps`, `weight_decay`; `grad_checkpointing`,
+    `torchcompile`, `local_loss` (with gathered gradients, for many GPUs).
+    `gpus_per_expert` GPUs train each expert (torchrun); experts run in
+    parallel on disjoint GPUs. `dataset_resampled` samples shards with
+    replacement. `extra_args` are passed to the trainer unchanged.
     """
 
     model: str = "experts/model_configs/moda-tiny.json"
@@ -130,8 +138,18 @@ class TrainConfig:
     lr: float = 5e-4
     warmup: int = 50
     weight_decay: float = 0.1
+    optimizer: str = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    precision: str = "auto"
+    patch_dropout: float = 0.5
+    unmasked_tune_share: float = 0.2
+    grad_checkpointing: bool = False
+    torchcompile: bool = False
+    local_loss: bool = False
     workers: int = 1
-    precision: str = "fp32"
+    gpus_per_expert: int = 1
     seed: int = 0
     device: str = "auto"
     baseline: bool = True
@@ -205,7 +223,15 @@ def _validate(cfg: Config) -> None:
     _positive(t.expert_epochs, "train.expert_epochs")
     _positive(t.batch_size, "train.batch_size")
     _positive(t.lr, "train.lr")
-    _choice(t.precision, ("fp32", "amp", "amp_bf16", "bf16", "fp16"), "train.precision")
+    _choice(t.precision, ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16"),
+            "train.precision")
+    _choice(t.optimizer, ("adamw", "lamb"), "train.optimizer")
+    if not 0 <= t.patch_dropout < 1:
+        raise ConfigError("train.patch_dropout must be in [0, 1)")
+    if not 0 <= t.unmasked_tune_share <= 1:
+        raise ConfigError("train.unmasked_tune_share must be in [0, 1]")
+    _positive(t.gpus_per_expert, "train.gpus_per_expert")
+    _positive(t.workers, "train.workers")
     _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
     _positive(cfg.evaluate.lam, "evaluate.lam")
     for ablation in cfg.evaluate.ablations:

@@ -15,8 +15,15 @@ import json
 import logging
 from pathlib import Path
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.exceptions import MissingContextError
 
 from pipelines.config import Config, load_config
@@ -82,17 +89,44 @@ def split_flow(config_path: str, run_dir: str | None = None) -> dict:
     return _stage("split", config_path, run_dir)[1]
 
 
-@flow(name="train")
+@task(name="train-expert", cache_policy=NO_CACHE)
+def _train_expert(job):
+    return job()
+
+
+def _prefect_runner(jobs, concurrency: int):
+    """Each expert a Prefect task; the GPU slots inside the jobs bound the concurrency."""
+    futures = [_train_expert.with_options(task_run_name=getattr(job, "__name__", "expert")).submit(job)
+               for job in jobs]
+    return [future.result() for future in futures]
+
+
+@flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=16))
 def train_flow(config_path: str, run_dir: str | None = None) -> dict:
     from experts.train import PROGRESS
 
     log = _logger()
+    cfg = load_config(config_path)
+    progress: dict[str, float] = {}
+    artifact_id = None
+    try:
+        artifact_id = create_progress_artifact(progress=0.0, key=_artifact_key(f"{cfg.name}-train-progress"),
+                                               description="Share of the current training run done, per model")
+    except MissingContextError:
+        pass
 
-    def on_line(line: str) -> None:
-        if PROGRESS.search(line) or "ERROR" in line or "Error" in line:
-            log.info(line)
+    def on_line(name: str, line: str) -> None:
+        match = PROGRESS.search(line)
+        if match:
+            progress[name] = int(match.group(2)) / max(1, int(match.group(3)))
+            if artifact_id is not None:
+                update_progress_artifact(artifact_id, progress=100 * sum(progress.values()) / len(progress))
+        if match or "ERROR" in line or "Error" in line:
+            log.info("[%s] %s", name, line)
 
-    return _stage("train", config_path, run_dir, on_line=on_line)[1]
+    manifest = run_stage("train", cfg, run_dir, on_line=on_line, runner=_prefect_runner)
+    _summarise(cfg, "train", manifest)
+    return manifest
 
 
 @flow(name="evaluate")

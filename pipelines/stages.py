@@ -32,7 +32,7 @@ def check_inputs(cfg: Config) -> None:
 
 
 def run_stage(stage: str, cfg: Config, run_dir: str | Path | None,
-              on_line: Callable[[str], None] | None = None) -> dict:
+              on_line: Callable[[str, str], None] | None = None, runner: Callable | None = None) -> dict:
     """Run one stage (skipped inside when its fingerprint matches); return its manifest."""
     paths = run_paths(cfg, run_dir)
     if stage == "embed":
@@ -51,7 +51,8 @@ def run_stage(stage: str, cfg: Config, run_dir: str | Path | None,
     if stage == "train":
         from experts.train import run_train
 
-        return run_train(cfg.train, paths["split"], paths["cluster"], paths["train"], on_line=on_line)
+        kwargs = {"runner": runner} if runner is not None else {}
+        return run_train(cfg.train, paths["split"], paths["cluster"], paths["train"], on_line=on_line, **kwargs)
     if stage == "evaluate":
         from routing.evaluate import run_evaluate
 
@@ -81,7 +82,7 @@ def ablation_config(cfg: Config, run_dir: str | Path | None, variant: str) -> Co
 
 
 def run_ablation(variant: str, cfg: Config, run_dir: str | Path | None,
-                 on_line: Callable[[str], None] | None = None) -> dict:
+                 on_line: Callable[[str, str], None] | None = None) -> dict:
     """Cluster, split and train one ablation under runs/<name>/ablations/<variant>/.
 
     It shares the run's caption embeddings (a link to its embed stage) and

@@ -2,6 +2,8 @@
 
 import json
 import math
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +70,45 @@ def test_experts_train_on_the_split_shards_as_they_are_counted_by_sizes_json(tin
     sizes = json.loads((tiny_run["run_dir"] / "split" / "expert_000" / "sizes.json").read_text())
     per_epoch = math.ceil(sum(sizes.values()) / 16) * 16  # open_clip counts whole batches of 16
     assert f"[{per_epoch}/{per_epoch} (100%)]" in (train / "expert_000.log").read_text()
+
+
+def test_a_killed_expert_resumes_from_its_checkpoint_and_a_finished_one_is_not_retrained(tiny_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import write_config
+    from pipelines.config import load_config
+    from pipelines.stages import run_stage
+
+    seed = json.loads((tiny_run["run_dir"] / "train" / "registry.json").read_text())["seed"]["checkpoint"]
+    config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
+                          train={"seed_checkpoint": seed, "expert_epochs": 3, "baseline": False,
+                                 "batch_size": 16, "warmup": 2, "unmasked_tune_share": 0.0})
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("embed", "cluster", "split"):
+        os.symlink(tiny_run["run_dir"] / stage, run / stage)
+    checkpoints = run / "train" / "logs" / "expert_000" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "stage", "train", str(config),
+                             "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (checkpoints / "epoch_latest.pt").is_file():
+        time.sleep(0.05)  # the first expert epoch is saved
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (checkpoints / "epoch_4.pt").is_file()  # really interrupted mid-way
+
+    cfg = load_config(config)
+    run_stage("train", cfg, run)
+    log = (run / "train" / "expert_000.log").read_text()
+    resumed = log[log.rindex("$ "):]
+    assert "--resume latest" in resumed.splitlines()[0]
+    assert "Start epoch 1" not in resumed and "Start epoch 3" in resumed  # the epoch counter continued
+    assert torch.load(checkpoints / "epoch_4.pt", weights_only=False)["epoch"] == 4
+
+    # A finished expert is not trained again: drop the stage manifest, rerun, no new trainer launch.
+    launches = {n: (run / "train" / f"{n}.log").read_text().count("$ ") for n in ("expert_000", "expert_001")}
+    (run / "train" / "manifest.json").unlink()
+    run_stage("train", cfg, run)
+    assert launches == {n: (run / "train" / f"{n}.log").read_text().count("$ ") for n in launches}

@@ -1,0 +1,140 @@
+"""Launching open_clip_train: command lines, GPU slots, and the trainer process.
+
+moda does not train; it builds the command a person would type for
+`python -m open_clip_train.main` (or `torchrun --nproc_per_node N -m
+open_clip_train.main` for several GPUs per model), pins each run to its own
+GPUs through CUDA_VISIBLE_DEVICES, and streams the trainer's output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipelines.config import TrainConfig
+
+
+def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) -> list[str]:
+    """GPU ids this process may use: the CUDA_VISIBLE_DEVICES mask when set, else all."""
+    env = os.environ if env is None else env
+    mask = env.get("CUDA_VISIBLE_DEVICES")
+    if mask is not None:
+        return [g.strip() for g in mask.split(",") if g.strip() and g.strip() != "-1"]
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [str(i) for i in range(count)]
+
+
+def gpu_slots(gpus: list[str], per_model: int) -> list[list[str]]:
+    """Disjoint groups of `per_model` GPUs: how many models can train at once, and where.
+
+    No GPU: one CPU slot (an empty group), so models run one after another.
+    """
+    if not gpus:
+        return [[]]
+    if per_model > len(gpus):
+        raise ValueError(f"train.gpus_per_expert={per_model} but only {len(gpus)} GPU(s) visible: {gpus}")
+    return [gpus[i:i + per_model] for i in range(0, len(gpus) - per_model + 1, per_model)]
+
+
+def resolve_precision(cfg: TrainConfig, device: str) -> str:
+    """`auto`: bf16 autocast on a GPU (stable for large CLIPs), fp32 on a CPU (bf16 is slow there)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "amp_bf16" if device == "cuda" else "fp32"
+
+
+def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_samples: int | None,
+                    logs: Path, name: str, epochs: int, resume: str | None, device: str,
+                    unmasked: bool = False, nproc: int = 1) -> list[str]:
+    """The open_clip_train command line for one run (seed, expert or baseline)."""
+    if nproc > 1:
+        launcher = [shutil.which("torchrun") or "torchrun", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "open_clip_train.main"]
+    else:
+        launcher = [sys.executable, "-m", "open_clip_train.main"]
+    cmd = launcher + [
+        "--model", model_spec,
+        "--train-data", train_data,
+        "--dataset-type", "webdataset",
+        "--batch-size", str(cfg.batch_size),
+        "--epochs", str(epochs),
+        "--lr", str(cfg.lr),
+        "--wd", str(cfg.weight_decay),
+        "--beta1", str(cfg.beta1),
+        "--beta2", str(cfg.beta2),
+        "--eps", str(cfg.eps),
+        "--warmup", str(cfg.warmup),
+        "--workers", str(cfg.workers),
+        "--precision", resolve_precision(cfg, device),
+        "--seed", str(cfg.seed),
+        "--logs", str(logs),
+        "--name", name,
+        "--save-frequency", "1",
+        "--save-most-recent",
+        "--zeroshot-frequency", "0",
+        "--log-every-n-steps", "10",
+        "--device", device,
+        "--report-to", "tensorboard",
+    ]
+    if cfg.optimizer == "lamb":
+        cmd += ["--opt", "timm/lamb"]
+    if num_samples is not None:
+        cmd += ["--train-num-samples", str(num_samples)]
+    if cfg.dataset_resampled:
+        cmd += ["--dataset-resampled"]
+    if cfg.grad_checkpointing:
+        cmd += ["--grad-checkpointing"]
+    if cfg.torchcompile:
+        cmd += ["--torchcompile"]
+    if cfg.local_loss:
+        cmd += ["--local-loss", "--gather-with-grad"]
+    if unmasked:
+        cmd += ["--force-patch-dropout", "0"]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd + list(cfg.extra_args)
+
+
+# Exec the trainer with PR_SET_PDEATHSIG = SIGKILL (Linux): if moda's process is killed, its
+# trainer dies with it instead of writing on into checkpoints that a rerun is resuming.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))\n"
+    "except Exception:\n    pass\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+def run_trainer(cmd: list[str], log_file: Path, gpus: list[str] | None = None,
+                on_line: Callable[[str], None] | None = None) -> None:
+    """Run the trainer on `gpus` (None: leave the mask alone), streaming its output; raise on failure.
+
+    On Linux the trainer is tied to this process's life (see _DIE_WITH_PARENT).
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    tail: list[str] = []
+    with open(log_file, "a", encoding="utf-8") as sink:
+        sink.write("$ " + " ".join(cmd) + "\n")
+        sink.flush()
+        launch = [sys.executable, "-c", _DIE_WITH_PARENT] + cmd if sys.platform == "linux" else cmd
+        proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sink.write(line)
+            tail = (tail + [line.rstrip()])[-30:]
+            if on_line is not None:
+                on_line(line.rstrip())
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"open_clip_train exited with {code}; see {log_file}:\n" + "\n".join(tail))

@@ -1,0 +1,109 @@
+"""Trainer command lines, GPU slots and parallel scheduling (no training here)."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from experts.launch import gpu_slots, resolve_precision, trainer_command, visible_gpus
+from experts.train import model_config_dict, run_on_slots, run_parallel, tune_epochs
+from pipelines.config import TrainConfig, load_config
+
+
+def command(cfg=TrainConfig(), **kw):
+    args = dict(model_spec="ViT-B-32", train_data="a.tar", num_samples=None, logs=Path("logs"), name="x",
+                epochs=3, resume=None, device="cuda")
+    args.update(kw)
+    return trainer_command(cfg, **args)
+
+
+def test_visible_gpus_respect_an_existing_mask():
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,5,7"}) == ["2", "5", "7"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({}, count=2) == ["0", "1"]
+
+
+def test_gpu_slots_are_disjoint_groups():
+    assert gpu_slots(["2", "5", "7"], 1) == [["2"], ["5"], ["7"]]
+    assert gpu_slots(["0", "1", "2", "3", "4"], 2) == [["0", "1"], ["2", "3"]]
+    assert gpu_slots([], 1) == [[]]  # CPU: one slot, experts one after another
+    with pytest.raises(ValueError, match="gpus_per_expert=4 but only 2"):
+        gpu_slots(["0", "1"], 4)
+
+
+def test_precision_auto_is_bf16_on_gpu_and_fp32_on_cpu():
+    assert resolve_precision(TrainConfig(), "cuda") == "amp_bf16"
+    assert resolve_precision(TrainConfig(), "cpu") == "fp32"
+    assert resolve_precision(TrainConfig(precision="fp16"), "cuda") == "fp16"
+
+
+def test_efficient_training_switches_become_trainer_flags():
+    cmd = command(TrainConfig(optimizer="lamb", grad_checkpointing=True, torchcompile=True, local_loss=True,
+                              weight_decay=0.05))
+    joined = " ".join(cmd)
+    for flag in ("--opt timm/lamb", "--beta1 0.9", "--beta2 0.98", "--eps 1e-06", "--wd 0.05",
+                 "--grad-checkpointing", "--torchcompile", "--local-loss", "--gather-with-grad",
+                 "--precision amp_bf16", "--report-to tensorboard"):
+        assert flag in joined, flag
+    assert "--force-patch-dropout" not in joined
+    assert "--force-patch-dropout 0" in " ".join(command(unmasked=True))
+
+
+def test_several_gpus_per_model_launch_through_torchrun():
+    cmd = command(nproc=4)
+    assert cmd[0].endswith("torchrun") and "--nproc_per_node=4" in cmd and "open_clip_train.main" in cmd
+
+
+def test_unmasked_tune_takes_the_configured_share_of_expert_epochs():
+    assert tune_epochs(TrainConfig(patch_dropout=0.5, unmasked_tune_share=0.2), 5) == 1
+    assert tune_epochs(TrainConfig(patch_dropout=0.5, unmasked_tune_share=0.5), 5) == 3
+    assert tune_epochs(TrainConfig(patch_dropout=0.0), 5) == 0
+    assert tune_epochs(TrainConfig(unmasked_tune_share=0.0), 5) == 0
+
+
+def test_experts_never_share_a_slot_and_use_every_slot():
+    slots = [["0"], ["1"]]
+    running, peak, used = set(), [0], []
+    lock = threading.Lock()
+
+    def job(i):
+        def run(slot):
+            with lock:
+                assert tuple(slot) not in running
+                running.add(tuple(slot))
+                peak[0] = max(peak[0], len(running))
+                used.append(tuple(slot))
+            time.sleep(0.05)
+            with lock:
+                running.remove(tuple(slot))
+            return i
+        return run
+
+    results = run_on_slots([job(i) for i in range(6)], slots, run_parallel)
+    assert results == list(range(6))
+    assert peak[0] == 2 and set(used) == {("0",), ("1",)}
+
+
+@pytest.mark.parametrize("preset", ["vit-b-32", "vit-b-16", "vit-l-14"])
+def test_gpu_presets_load_and_name_open_clip_models(preset):
+    cfg = load_config(f"configs/presets/{preset}.yaml")
+    assert cfg.train.optimizer == "lamb" and cfg.train.precision == "amp_bf16"
+    assert cfg.train.patch_dropout == 0.5
+    assert model_config_dict(cfg.train.model)["vision_cfg"]["patch_size"] in (14, 16, 32)
+
+
+def test_resume_point_is_the_newest_complete_checkpoint(tmp_path):
+    import torch
+
+    from experts.train import ensure_latest
+
+    assert ensure_latest(tmp_path) is False
+    torch.save({"epoch": 2}, tmp_path / "epoch_2.pt")
+    (tmp_path / "epoch_3.pt").write_bytes(b"PK\x03\x04 truncated while saving")
+    assert ensure_latest(tmp_path) is True
+    assert torch.load(tmp_path / "epoch_latest.pt", weights_only=False)["epoch"] == 2
+    assert not (tmp_path / "epoch_3.pt").exists()
+    torch.save({"epoch": 4}, tmp_path / "epoch_4.pt")  # newer than the latest copy
+    assert ensure_latest(tmp_path) is True
+    assert torch.load(tmp_path / "epoch_latest.pt", weights_only=False)["epoch"] == 4
