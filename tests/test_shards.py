@@ -32,12 +32,17 @@ def test_member_names_split_at_the_first_dot_of_the_base_name():
     assert split_member_name("dir/abc.seg.png") == ("dir/abc", "seg.png")
 
 
-def test_truncated_tar_yields_complete_samples_then_raises(tmp_path):
-    writer = ShardSetWriter(tmp_path, shard_size=100)
-    for i in range(20):
-        writer.write(f"k{i:02d}", {"txt": b"x" * 2000})
+def one_shard(folder, keys, size):
+    """A single shard of text-only samples; returns its path."""
+    writer = ShardSetWriter(folder, shard_size=10**6)
+    for key in keys:
+        writer.write(key, {"txt": b"x" * size})
     writer.close()
-    shard = tmp_path / "00000.tar"
+    return folder / "00000.tar"
+
+
+def test_truncated_tar_yields_complete_samples_then_raises(tmp_path):
+    shard = one_shard(tmp_path, [f"k{i:02d}" for i in range(20)], 2000)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     got = []
@@ -71,11 +76,7 @@ def test_missing_shards_fail_with_their_names(tmp_path):
 def test_tar_cut_exactly_between_samples_is_detected(tmp_path):
     import tarfile
 
-    writer = ShardSetWriter(tmp_path, shard_size=100)
-    for i in range(6):
-        writer.write(f"k{i}", {"txt": b"x" * 100})
-    writer.close()
-    shard = tmp_path / "00000.tar"
+    shard = one_shard(tmp_path, [f"k{i}" for i in range(6)], 100)
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
     cut = members[3].offset  # the header of the 4th sample's first file
