@@ -225,20 +225,43 @@ def run_parallel(tasks: list[Callable[[], Path]], workers: int) -> list[Path]:
         return list(pool.map(lambda task: task(), tasks))
 
 
-def given_seed(checkpoint: Path, model_cfg: dict, stage_dir: Path) -> tuple[Path, int]:
-    """Use an existing trainer checkpoint as the seed: export it, return it and its epoch.
+def given_seed(source: Path, model_cfg: dict, stage_dir: Path) -> tuple[Path, int]:
+    """Use an existing model as the seed: export it, return a checkpoint to start from and its epoch.
 
-    A checkpoint with optimizer state and an epoch counter is resumed by every
-    expert (MoDE's recipe); a bare state_dict gives weights only (epoch 0).
+    An open_clip_train checkpoint (optimizer state, epoch counter) is resumed
+    by every expert, MoDE's recipe. A bare state_dict file or a `local-dir`
+    model folder (open_clip_model.safetensors) gives weights only (epoch 0).
     """
     import torch
 
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"train.seed_checkpoint: {checkpoint} not found")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if source.is_dir():
+        from safetensors.torch import load_file
+
+        weights = source / "open_clip_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"train.seed_checkpoint: {weights} not found (a local-dir model folder?)")
+        bare = stage_dir / "seed_init.pt"
+        with atomic_path(bare) as tmp:
+            torch.save(load_file(str(weights)), tmp)
+        source = bare
+    if not source.is_file():
+        raise FileNotFoundError(f"train.seed_checkpoint: {source} not found")
+    state = torch.load(source, map_location="cpu", weights_only=False)
     epoch = int(state.get("epoch", 0)) if isinstance(state, dict) else 0
-    export_checkpoint(checkpoint, model_cfg, stage_dir / "seed")
-    return checkpoint.resolve(), epoch
+    export_checkpoint(source, model_cfg, stage_dir / "seed")
+    return source.resolve(), epoch
+
+
+def weights_only(checkpoint: Path, stage_dir: Path) -> Path:
+    """The seed's weights without optimizer state or epoch: experts start a fresh schedule."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    bare = stage_dir / "seed_weights.pt"
+    with atomic_path(bare) as tmp:
+        weights = state["state_dict"] if "state_dict" in state else state
+        torch.save({k.removeprefix("module."): v for k, v in weights.items()}, tmp)
+    return bare
 
 
 def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: Path,
@@ -299,10 +322,14 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
         seed_ckpt = train_job(cfg, seed_job, gpus=gpus or None, **common)
     timings = {"seed": round(time.time() - t0, 2)}
 
-    total_epochs = seed_epochs + cfg.expert_epochs
+    if cfg.expert_init == "weights":  # fresh short schedule from the seed's weights
+        start_ckpt, start_epoch = weights_only(seed_ckpt, stage_dir), 0
+    else:  # MoDE: resume the seed's optimizer state and LR schedule
+        start_ckpt, start_epoch = seed_ckpt, seed_epochs
+    total_epochs = start_epoch + cfg.expert_epochs
     tune = tune_epochs(cfg, cfg.expert_epochs)
     jobs = [Job(expert_dir_name(e), "::".join(str(p.resolve()) for p in paths), None, total_epochs,
-                seed_epochs, seed_ckpt, combine(expert_dir_name(e), run_key, seed_fp, data_hashes[e]), tune)
+                start_epoch, start_ckpt, combine(expert_dir_name(e), run_key, seed_fp, data_hashes[e]), tune)
             for e, (paths, _) in enumerate(shard_sets)]
     def expert_task(job: Job) -> Callable[[list[str]], Path]:
         def run(slot: list[str]) -> Path:
@@ -336,7 +363,7 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
         # The fair single model: the seed continued on all data for as many samples as
         # all experts together saw (expert_epochs passes over the union of their data).
         t0 = time.time()
-        job = Job("baseline", "::".join(all_paths), expert_samples, total_epochs, seed_epochs, seed_ckpt,
+        job = Job("baseline", "::".join(all_paths), expert_samples, total_epochs, start_epoch, start_ckpt,
                   combine("baseline", run_key, seed_fp), tune)
         ckpt = train_job(cfg, job, gpus=gpus or None, **common)
         timings["baseline"] = round(time.time() - t0, 2)

@@ -118,7 +118,10 @@ class TrainConfig:
     seed for the last epochs. `baseline` also trains the fair single-model
     baseline: the seed continued on all data for the same number of samples
     as all experts together. `seed_checkpoint` uses an existing
-    open_clip_train checkpoint as the seed instead of training one.
+    open_clip_train checkpoint, state_dict file or local-dir model folder as
+    the seed instead of training one. `expert_init`: `resume` (MoDE: the
+    seed's optimizer state and LR schedule continue) or `weights` (the
+    seed's weights only, a fresh schedule of `expert_epochs`).
 
     Efficient training: `precision` (`auto` = amp_bf16 on a GPU, fp32 on a
     CPU); `patch_dropout` (FLIP: share of image patches dropped while
@@ -154,6 +157,7 @@ class TrainConfig:
     device: str = "auto"
     baseline: bool = True
     seed_checkpoint: str = ""
+    expert_init: str = "resume"
     dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
 
@@ -226,6 +230,7 @@ def _validate(cfg: Config) -> None:
     _choice(t.precision, ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16"),
             "train.precision")
     _choice(t.optimizer, ("adamw", "lamb"), "train.optimizer")
+    _choice(t.expert_init, ("resume", "weights"), "train.expert_init")
     if not 0 <= t.patch_dropout < 1:
         raise ConfigError("train.patch_dropout must be in [0, 1)")
     if not 0 <= t.unmasked_tune_share <= 1:

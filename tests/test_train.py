@@ -112,3 +112,25 @@ def test_a_killed_expert_resumes_from_its_checkpoint_and_a_finished_one_is_not_r
     (run / "train" / "manifest.json").unlink()
     run_stage("train", cfg, run)
     assert launches == {n: (run / "train" / f"{n}.log").read_text().count("$ ") for n in launches}
+
+
+def test_weights_only_experts_start_a_fresh_schedule_from_a_local_dir_seed(tiny_run, tmp_path):
+    import os
+
+    from conftest import write_config
+    from pipelines.config import load_config
+    from pipelines.stages import run_stage
+
+    seed_folder = tiny_run["run_dir"] / "train" / "seed"  # a local-dir model, weights only
+    config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
+                          train={"seed_checkpoint": str(seed_folder), "expert_init": "weights",
+                                 "expert_epochs": 1, "baseline": False, "batch_size": 16, "warmup": 2})
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("embed", "cluster", "split"):
+        os.symlink(tiny_run["run_dir"] / stage, run / stage)
+    run_stage("train", load_config(config), run)
+    checkpoint = run / "train" / "logs" / "expert_000" / "checkpoints" / "epoch_1.pt"
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1  # counted from 0, not from the seed's
+    log = (run / "train" / "expert_000.log").read_text()
+    assert "loaded checkpoint" in log and "seed_weights.pt" in log and "Start epoch 0" in log
