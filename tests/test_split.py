@@ -13,7 +13,7 @@ from PIL import Image
 from experts.split import clean_image, expert_shards, run_split
 from pipelines.config import SplitConfig
 from pipelines.manifest import atomic_path, hash_outputs, write_manifest
-from pipelines.shards import ShardSetWriter, iter_samples
+from pipelines.shards import ShardSetWriter, iter_samples, write_rejects
 
 
 def image_bytes(mode="RGB", fmt="JPEG", size=(16, 16)):
@@ -36,8 +36,7 @@ def fake_cluster_stage(stage_dir, expert_of_key, num_experts, shard_of_key):
 
 def fake_embed_rejects(stage_dir, rejects):
     stage_dir.mkdir(parents=True)
-    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
-    pq.write_table(pa.Table.from_pylist(rejects, schema=schema), stage_dir / "rejects.parquet")
+    write_rejects(stage_dir / "rejects.parquet", rejects)
 
 
 @pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"),
@@ -47,6 +46,23 @@ def test_odd_but_valid_images_become_rgb_jpeg(mode, fmt):
     assert reason is None
     with Image.open(io.BytesIO(out)) as im:
         assert (im.format, im.mode) == ("JPEG", "RGB")
+
+
+@pytest.mark.parametrize("validate", ["header", "decode"])
+def test_a_truncated_jpeg_is_rejected_in_both_validation_modes(validate):
+    raw = image_bytes(size=(64, 64))
+    assert clean_image({"jpg": raw[: len(raw) * 2 // 3]}, validate) == (None, "corrupt_image")
+
+
+def test_decode_mode_rejects_damage_that_the_header_check_lets_through():
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="JPEG")
+    good = buf.getvalue()
+    # a stray start-of-image marker inside the scan data: header and end marker intact
+    raw = good[: len(good) // 2] + b"\xff\xd8" + good[len(good) // 2:]
+    assert clean_image({"jpg": raw}, "header") == (raw, None)
+    assert clean_image({"jpg": raw}, "decode")[1] == "corrupt_image"
 
 
 def test_rgb_jpeg_passes_through_unchanged():
@@ -187,7 +203,8 @@ def fresh_run(root, name):
 def test_out_of_cluster_mixing_is_deterministic_and_verified(clustered):
     _, cfg, root = clustered
     a, b = fresh_run(root, "ooc_a"), fresh_run(root, "ooc_b")
-    ma, mb = run_stage("split", cfg, a), run_stage("split", cfg, b)
+    ma = run_stage("split", cfg, a)
+    run_stage("split", cfg, b)
     assert split_outputs(a) == split_outputs(b)
     copies = ma["counts"]["ooc_copies"]
     assert 0.5 * 0.05 * 1200 < copies < 2 * 0.05 * 1200
