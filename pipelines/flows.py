@@ -80,7 +80,24 @@ def cluster_flow(config_path: str, run_dir: str | None = None) -> dict:
                                                       report["expert_top_terms"]))]
     _artifact(create_table_artifact, key=f"{cfg.name}-experts", table=rows,
               description="Expert sizes and the caption terms most typical of each")
+    _artifact(create_markdown_artifact, key=f"{cfg.name}-cluster-balance", markdown=cluster_markdown(report),
+              description="Cluster balance and inertia")
     return manifest
+
+
+def cluster_markdown(report: dict) -> str:
+    """The cluster report's balance figures as a short markdown table."""
+    rows = [
+        ("samples (fit sample)", f"{report['samples']} ({report['fit_sample']})"),
+        ("fine imbalance factor, fit sample (balanced)", f"{report['fine_imbalance_on_sample']:.4f}"),
+        ("fine imbalance factor, all data (nearest centre)", f"{report['fine_imbalance_all']:.4f}"),
+        ("fine inertia per sample", f"{report['fine_inertia_per_sample']:.4f}"),
+        ("expert sizes", ", ".join(str(n) for n in report["expert_sizes"])),
+        ("largest / smallest expert", f"{report['expert_size_ratio']:.3f}"),
+        ("expert spread (training priority)", ", ".join(f"{v:.3f}" for v in report["expert_spread"])),
+    ]
+    body = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"## Clustering\n\n| | |\n|---|---|\n{body}\n\nPlot: `cluster_sizes.png` in the cluster folder.\n"
 
 
 @flow(name="split")

@@ -82,3 +82,26 @@ def test_missing_upstream_stage_says_what_to_run(tmp_path):
 def test_top_terms_prefer_words_typical_of_the_cluster():
     terms = top_terms(["red circle"] * 5 + ["blue square"] * 5, np.array([0] * 5 + [1] * 5), 2)
     assert set(terms[0]) == {"red", "circle"} and set(terms[1]) == {"blue", "square"}
+
+
+def test_fit_on_a_sample_still_assigns_every_file_in_order(tmp_path):
+    x, captions, _ = topics()
+    stage = tmp_path / "embed"
+    stage.mkdir()
+    keys, outputs = [], []
+    for f, rows in enumerate([slice(0, 150), slice(150, 400)]):  # two shards of unequal size
+        shard_keys = [f"s{f}k{i:04d}" for i in range(rows.stop - rows.start)]
+        keys += shard_keys
+        path = stage / f"{f:05d}.parquet"
+        pq.write_table(embedding_table(shard_keys, f"{f:05d}", captions[rows], x[rows]), path)
+        outputs.append(path)
+    write_manifest(stage, stage="embed", fingerprint="two-files", config_hash="x", inputs={},
+                   outputs=hash_outputs(stage, outputs), counts={}, started=time.time())
+    run_cluster(ClusterConfig(num_fine=8, num_experts=2, niter=10, sample_size=120), stage, tmp_path / "cluster")
+    table = pq.read_table(tmp_path / "cluster" / "assignments.parquet").to_pydict()
+    assert table["key"] == keys
+    assert table["shard"] == ["00000"] * 150 + ["00001"] * 250
+    report = json.loads((tmp_path / "cluster" / "report.json").read_text())
+    assert report["fit_sample"] == 120 and report["samples"] == 400
+    assert sum(report["fine_sizes"]) == 400
+    assert (tmp_path / "cluster" / "cluster_sizes.png").stat().st_size > 0
