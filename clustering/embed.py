@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from pipelines.manifest import (
     hash_outputs,
     is_done,
     read_manifest,
+    remove_stale_temps,
+    require_manifest,
     write_manifest,
 )
 from pipelines.shards import ShardError, count_reasons, iter_samples, read_caption, write_rejects
@@ -56,11 +59,13 @@ def resolve_model(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
-def load_encoder(model: str, pooling: str = "model", device: str = "auto"):
+def load_encoder(model: str, pooling: str = "model", device: str = "auto", precision: str = "fp32"):
     """A SentenceTransformer for `model`, with the pooling made explicit.
 
     `pooling="model"` keeps the folder's own pooling module; `mean` or `cls`
     rebuilds the model as transformer + that pooling (SimCSE-style [CLS]).
+    `precision`: `fp32`, `bf16` or `fp16` weights; `auto` = bf16 on a GPU,
+    fp32 on a CPU (bf16 matmuls on a CPU are slower than fp32).
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import modules
@@ -68,10 +73,39 @@ def load_encoder(model: str, pooling: str = "model", device: str = "auto"):
     path = resolve_model(model)
     device = pick_device(device)
     if pooling == "model":
-        return SentenceTransformer(path, device=device)
-    transformer = modules.Transformer(path)
-    pool = modules.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
-    return SentenceTransformer(modules=[transformer, pool], device=device)
+        encoder = SentenceTransformer(path, device=device)
+    else:
+        transformer = modules.Transformer(path)
+        pool = modules.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
+        encoder = SentenceTransformer(modules=[transformer, pool], device=device)
+    dtype = encoder_dtype(precision, device)
+    if dtype is not None:
+        encoder = encoder.to(dtype)
+    return encoder
+
+
+def encoder_dtype(precision: str, device: str):
+    """The torch dtype for `precision` on `device`, or None to keep fp32."""
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if str(device).startswith("cuda") else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_run_encoder(embed_dir: Path, device: str = "auto"):
+    """The encoder a run's embed stage used (the SimCSE-adapted one when it adapted).
+
+    Routing embeds class names with it, so they share the space of the fine
+    centroids. Reads the embed manifest, not the config, so a run folder is
+    enough.
+    """
+    manifest = require_manifest(embed_dir, "embed")
+    adapted = manifest.get("encoder")
+    precision = manifest.get("precision", "auto")
+    if adapted:
+        return load_encoder(str(embed_dir / adapted), "model", device, precision)
+    return load_encoder(manifest["model"], manifest.get("pooling", "model"), device, precision)
 
 
 def encode(encoder, texts: list[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
@@ -89,9 +123,15 @@ def encode(encoder, texts: list[str], batch_size: int = 128, progress: bool = Fa
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def embedding_table(keys: list[str], shard: str, captions: list[str], vectors: np.ndarray) -> pa.Table:
+STORAGE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def embedding_table(keys: list[str], shard: str, captions: list[str], vectors: np.ndarray,
+                    storage: str = "float32") -> pa.Table:
+    """One embed output file's rows; `storage="float16"` halves the file (cosines move < 1e-3)."""
     dim = vectors.shape[1]
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    dtype = np.float16 if storage == "float16" else np.float32
+    flat = pa.array(vectors.reshape(-1).astype(dtype), type=STORAGE_TYPES[storage])
     return pa.table({
         "key": pa.array(keys, type=pa.string()),
         "shard": pa.array([shard] * len(keys), type=pa.string()),
@@ -112,8 +152,8 @@ def read_embeddings(paths: list[Path]) -> tuple[pa.Table, np.ndarray]:
     return table.drop_columns(["embedding"]), np.ascontiguousarray(matrix, dtype=np.float32)
 
 
-def embed_shard(encoder, shard_path: Path, batch_size: int) -> tuple[pa.Table, list[dict]]:
-    """Embed the captions of one shard; return the table and the rejected samples."""
+def shard_captions(shard_path: Path) -> tuple[list[str], list[str], list[dict]]:
+    """(keys, captions, rejects) of one shard: a sample without a usable caption is a reject."""
     keys, texts, rejects = [], [], []
     shard = shard_path.stem
     try:
@@ -126,12 +166,110 @@ def embed_shard(encoder, shard_path: Path, batch_size: int) -> tuple[pa.Table, l
                 texts.append(text)
     except ShardError as err:
         rejects.append({"key": "", "shard": shard, "reason": f"truncated_tar: {err}"})
-    return embedding_table(keys, shard, texts, encode(encoder, texts, batch_size)), rejects
+    return keys, texts, rejects
+
+
+def encode_distinct(encoder, texts: list[str], batch_size: int) -> np.ndarray:
+    """encode() each distinct caption once: web alt-text repeats ("image", product names)."""
+    distinct, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True) if texts else ([], [])
+    if len(distinct) == len(texts):
+        return encode(encoder, texts, batch_size)
+    return encode(encoder, list(distinct), batch_size)[inverse]
+
+
+def embed_table(encoder, shard: str, captions: tuple[list[str], list[str], list[dict]], batch_size: int,
+                storage: str = "float32") -> tuple[pa.Table, list[dict]]:
+    """Embed one shard's (keys, captions, rejects); return the table and the rejects."""
+    keys, texts, rejects = captions
+    vectors = encode_distinct(encoder, texts, batch_size)
+    return embedding_table(keys, shard, texts, vectors, storage), rejects
+
+
+def shard_is_done(stage_dir: Path, shard_path: Path, config_hash: str, source_hash: str) -> dict | None:
+    """The shard's completion marker when its output exists under this config and input."""
+    out = stage_dir / f"{shard_path.stem}.parquet"
+    marker = stage_dir / f"{shard_path.stem}.done.json"
+    if marker.is_file() and out.is_file():
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        if info.get("config") == config_hash and info.get("source_sha256") == source_hash:
+            return info
+    return None
+
+
+def embed_shards(cfg: EmbedConfig, encoder_path: str | None, shards: list[Path], source_hashes: dict[str, str],
+                 config_hash: str, stage_dir: Path, device: str, threads: int = 0, position: int = 0) -> None:
+    """One worker's share: embed each shard, write its file then its completion marker.
+
+    Runs in the stage's process, or in one spawned process per GPU (each with
+    its own `device`) over a disjoint list of shards.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if encoder_path:
+        encoder = load_encoder(encoder_path, "model", device, cfg.precision)
+    else:
+        encoder = load_encoder(cfg.model, cfg.pooling, device, cfg.precision)
+    # Read the next shard's captions in a thread while this one is encoded
+    # (tar parsing holds the GIL only briefly; torch's matmuls release it).
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(shard_captions, shards[0]) if shards else None
+        for i, shard_path in enumerate(tqdm(shards, desc=f"embed {device}", unit="shard", position=position)):
+            t0 = time.time()
+            captions = pending.result()
+            pending = reader.submit(shard_captions, shards[i + 1]) if i + 1 < len(shards) else None
+            table, rejects = embed_table(encoder, shard_path.stem, captions, cfg.batch_size, cfg.storage)
+            write_shard_output(stage_dir, shard_path.stem, table, {
+                "config": config_hash, "source_sha256": source_hashes[shard_path.stem], "embedded": table.num_rows,
+                "rejects": rejects, "seconds": round(time.time() - t0, 3), "device": device,
+            })
+
+
+def write_shard_output(stage_dir: Path, stem: str, table: pa.Table, marker: dict) -> None:
+    """The shard's parquet file, then its completion marker (both atomic, in that order)."""
+    with atomic_path(stage_dir / f"{stem}.parquet") as tmp:
+        pq.write_table(table, tmp)
+    atomic_write_json(stage_dir / f"{stem}.done.json", marker)
+
+
+def worker_devices(cfg: EmbedConfig) -> list[str]:
+    """One device per embed worker: every visible GPU (or `processes` of them), else the CPU."""
+    device = pick_device(cfg.device)
+    if device == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        count = min(count, cfg.processes) if cfg.processes else count
+        return [f"cuda:{i}" for i in range(max(1, count))]
+    return [device] * max(1, cfg.processes)
+
+
+def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[Path], source_hashes: dict[str, str],
+                config_hash: str, stage_dir: Path) -> None:
+    """Embed `todo` in this process, or in one spawned process per device over disjoint shards."""
+    devices = worker_devices(cfg)[:max(1, len(todo))]
+    if len(devices) == 1:
+        embed_shards(cfg, encoder_path, todo, source_hashes, config_hash, stage_dir, devices[0])
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = 0 if devices[0].startswith("cuda") else max(1, (os.cpu_count() or 1) // len(devices))
+    with ProcessPoolExecutor(len(devices), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(embed_shards, cfg, encoder_path, todo[w::len(devices)], source_hashes,
+                               config_hash, stage_dir, device, threads, w)
+                   for w, device in enumerate(devices)]
+        for future in futures:
+            future.result()
 
 
 def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path) -> dict:
-    """Embed every input shard, resuming at the first shard not done under this config.
+    """Embed every input shard, resuming at the shards not done under this config.
 
+    With `simcse_steps`, first adapts the encoder to the captions (saved as
+    `encoder/`, used for every embedding here and for class names later).
     Writes `manifest.json` last. Conservation: samples_in = embedded + rejected.
     """
     stems = [p.stem for p in shards]
@@ -143,46 +281,44 @@ def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path) -> dict:
     fingerprint = combine("embed", config_hash, source_hashes)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
+    remove_stale_temps(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    encoder = None
+    encoder_path = None
+    if cfg.simcse_steps:
+        from clustering.simcse import adapt_encoder
+
+        encoder_path = str(adapt_encoder(cfg, shards, stage_dir / "encoder", config_hash))
+    todo = [p for p in shards if not shard_is_done(stage_dir, p, config_hash, source_hashes[p.stem])]
+    t_embed = time.time()
+    if todo:
+        run_workers(cfg, encoder_path, todo, source_hashes, config_hash, stage_dir)
+    embed_seconds = time.time() - t_embed
     markers = []
-    for shard_path in tqdm(shards, desc="embed", unit="shard"):
-        out = stage_dir / f"{shard_path.stem}.parquet"
-        marker = stage_dir / f"{shard_path.stem}.done.json"
-        source_hash = source_hashes[shard_path.stem]
-        if marker.is_file() and out.is_file():
-            info = json.loads(marker.read_text(encoding="utf-8"))
-            if info.get("config") == config_hash and info.get("source_sha256") == source_hash:
-                markers.append(info)
-                continue
-        if encoder is None:
-            encoder = load_encoder(cfg.model, cfg.pooling, cfg.device)
-        t0 = time.time()
-        table, rejects = embed_shard(encoder, shard_path, cfg.batch_size)
-        with atomic_path(out) as tmp:
-            pq.write_table(table, tmp)
-        info = {
-            "config": config_hash, "source_sha256": source_hash, "embedded": table.num_rows,
-            "rejects": rejects, "seconds": round(time.time() - t0, 3),
-        }
-        atomic_write_json(marker, info)
+    for p in shards:
+        info = shard_is_done(stage_dir, p, config_hash, source_hashes[p.stem])
+        if info is None:
+            raise RuntimeError(f"{p}: embedding finished without its output; rerun the embed stage")
         markers.append(info)
     rejects = [r for info in markers for r in info["rejects"]]
     write_rejects(stage_dir / "rejects.parquet", rejects)
     embedded = sum(info["embedded"] for info in markers)
     by_reason, rejected = count_reasons(rejects)
-    seconds = sum(info["seconds"] for info in markers)
+    done_now = sum(info["embedded"] for p, info in zip(shards, markers) if p in todo)
     outputs = [stage_dir / f"{s}.parquet" for s in stems] + [stage_dir / "rejects.parquet"]
+    if encoder_path:
+        outputs += sorted(f for f in Path(encoder_path).rglob("*") if f.is_file())
     return write_manifest(
         stage_dir, stage="embed", fingerprint=fingerprint, config_hash=config_hash,
         inputs=source_hashes, outputs=hash_outputs(stage_dir, outputs),
         counts={
             "samples_in": embedded + rejected,
             "embedded": embedded, "rejected": by_reason,
-            "captions_per_second": round(embedded / seconds, 1) if seconds else None,
+            # wall clock over the shards embedded by this run, all workers together
+            "captions_per_second": round(done_now / embed_seconds, 1) if todo and embed_seconds else None,
         },
         started=started,
-        extra={"model": cfg.model, "pooling": cfg.pooling, "dim": _dim_of(stage_dir, stems)},
+        extra={"model": cfg.model, "pooling": cfg.pooling, "precision": cfg.precision,
+               "dim": _dim_of(stage_dir, stems), "encoder": "encoder" if encoder_path else None},
     )
 
 
@@ -195,4 +331,5 @@ def _dim_of(stage_dir: Path, stems: list[str]) -> int:
 
 def embedding_files(stage_dir: Path, manifest: dict) -> list[Path]:
     """The per-shard embedding files an embed manifest lists, in shard order."""
-    return [stage_dir / rel for rel in sorted(manifest["outputs"]) if rel != "rejects.parquet"]
+    return [stage_dir / rel for rel in sorted(manifest["outputs"])
+            if rel.endswith(".parquet") and "/" not in rel and rel != "rejects.parquet"]

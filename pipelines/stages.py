@@ -56,7 +56,7 @@ def run_stage(stage: str, cfg: Config, run_dir: str | Path | None,
     if stage == "evaluate":
         from routing.evaluate import run_evaluate
 
-        return run_evaluate(cfg.evaluate, cfg.embed, Path(cfg.data.eval_tasks), paths["cluster"],
+        return run_evaluate(cfg.evaluate, paths["embed"], Path(cfg.data.eval_tasks), paths["cluster"],
                             paths["train"], paths["evaluate"],
                             ablations=[(v, ablation_dir(cfg, run_dir, v)) for v in cfg.evaluate.ablations])
     raise ValueError(f"unknown stage {stage!r}; stages are {list(STAGES)}")

@@ -38,8 +38,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from clustering.embed import encode, load_encoder
-from pipelines.config import EmbedConfig, EvaluateConfig, section_hash
+from clustering.embed import encode, load_run_encoder
+from pipelines.config import EvaluateConfig, section_hash
 from pipelines.devices import pick_device
 from pipelines.manifest import (
     atomic_path,
@@ -285,7 +285,7 @@ def _jsonable(routing: dict) -> dict:
     return out
 
 
-def run_evaluate(cfg: EvaluateConfig, embed_cfg: EmbedConfig, tasks_dir: Path, cluster_dir: Path,
+def run_evaluate(cfg: EvaluateConfig, embed_dir: Path, tasks_dir: Path, cluster_dir: Path,
                  train_dir: Path, stage_dir: Path, ablations: list[tuple[str, Path]] = ()) -> dict:
     started = time.time()
     upstream = require_manifest(train_dir, "train")
@@ -295,7 +295,8 @@ def run_evaluate(cfg: EvaluateConfig, embed_cfg: EmbedConfig, tasks_dir: Path, c
     task_hash = combine([(p.relative_to(tasks_dir).as_posix(), file_sha256(p)) for p in task_files])
     ablation_fps = [(v, require_manifest(d / "train", f"train ({v} ablation)")["fingerprint"])
                     for v, d in ablations]
-    fingerprint = combine("evaluate", config_hash, section_hash(embed_cfg), upstream["fingerprint"],
+    embed = require_manifest(embed_dir, "embed")
+    fingerprint = combine("evaluate", config_hash, embed["fingerprint"], upstream["fingerprint"],
                           cluster["fingerprint"], task_hash, ablation_fps)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
@@ -306,7 +307,7 @@ def run_evaluate(cfg: EvaluateConfig, embed_cfg: EmbedConfig, tasks_dir: Path, c
     experts = [e["model_dir"] for e in registry["experts"]]
     device = pick_device(cfg.device)
 
-    encoder = load_encoder(embed_cfg.model, embed_cfg.pooling, device)
+    encoder = load_run_encoder(embed_dir, device)
     routing = {t.name: route_task(t, encoder, cfg, fine_centroids, expert_of_fine, len(experts)) for t in tasks}
     del encoder
 
@@ -325,7 +326,7 @@ def run_evaluate(cfg: EvaluateConfig, embed_cfg: EmbedConfig, tasks_dir: Path, c
         else:
             v_fine = np.load(variant_dir / "cluster" / "fine_centroids.npy")
             v_owner = np.load(variant_dir / "cluster" / "expert_of_fine.npy")
-            v_encoder = load_encoder(embed_cfg.model, embed_cfg.pooling, device)
+            v_encoder = load_run_encoder(embed_dir, device)
             v_routing = {t.name: route_task(t, v_encoder, cfg, v_fine, v_owner, len(v_experts)) for t in tasks}
             systems.append(("one-step routed ensemble", v_scores, v_routing))
     results: dict = {"routing": cfg.routing, "lam": cfg.lam, "tasks": {},

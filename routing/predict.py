@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clustering.embed import encode, load_encoder
+from clustering.embed import encode, load_run_encoder
 from pipelines.devices import pick_device
 from routing.clip_features import ClipModel, classifier_weights, image_features, load_clip, text_features
 from routing.ensemble import ensemble_logits
@@ -49,13 +49,12 @@ class MoDESystem:
         if not registry_path.is_file():
             raise FileNotFoundError(f"{registry_path} not found: train the experts first (moda run ... )")
         registry = json.loads(registry_path.read_text(encoding="utf-8"))
-        embed = json.loads((run / "embed" / "manifest.json").read_text(encoding="utf-8"))
         device = pick_device(device)
         names = [e["model_dir"] for e in registry["experts"]]
         return cls(
             experts=[load_clip(run / "train" / n, device) for n in names],
             expert_names=names,
-            encoder=load_encoder(embed["model"], embed.get("pooling", "model"), device),
+            encoder=load_run_encoder(run / "embed", device),
             fine_centroids=np.load(run / "cluster" / "fine_centroids.npy"),
             expert_of_fine=np.load(run / "cluster" / "expert_of_fine.npy"),
             routing=routing, lam=lam,

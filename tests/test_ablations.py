@@ -22,7 +22,7 @@ def ablated(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation_eval")
     from pathlib import Path
 
-    run_evaluate(cfg.evaluate, cfg.embed, Path(cfg.data.eval_tasks), paths["cluster"], paths["train"], out,
+    run_evaluate(cfg.evaluate, paths["embed"], Path(cfg.data.eval_tasks), paths["cluster"], paths["train"], out,
                  ablations=[(v, ablation_dir(cfg, tiny_run["run_dir"], v)) for v in ("random", "one_step")])
     return cfg, tiny_run["run_dir"], out
 

