@@ -41,6 +41,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temps(stage_dir: str | Path) -> int:
+    """Delete temporary files a killed run left in `stage_dir` (call before any writer starts)."""
+    stale = list(Path(stage_dir).glob(".*.tmp")) if Path(stage_dir).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,81 @@
+"""Fault injection: a stage SIGKILLed at several points, then rerun, ends as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_config
+from pipelines.config import load_config
+from pipelines.manifest import file_sha256
+from pipelines.stages import run_stage
+from pipelines.synth import generate
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """600 synthetic pairs in 6 input shards, and a reference run of embed and cluster."""
+    root = tmp_path_factory.mktemp("faults")
+    config = write_config(root / "c.yaml", root / "data",
+                          synth={"num_train": 600, "shard_size": 100, "eval_per_class": 1, "retrieval_pairs": 4},
+                          cluster={"num_fine": 16, "num_experts": 4, "niter": 10})
+    cfg = load_config(config)
+    generate(cfg.synth)
+    for stage in ("embed", "cluster"):
+        run_stage(stage, cfg, root / "reference")
+    return config, cfg, root
+
+
+def outputs(stage_dir, pattern):
+    return {p.name: file_sha256(p) for p in sorted(stage_dir.glob(pattern))}
+
+
+def kill_when(config, stage, run, ready) -> bool:
+    """Run `moda stage <stage>` in a subprocess, SIGKILL it once `ready()`; True if it was cut short."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "stage", stage, str(config),
+                             "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None:
+        if ready():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    return not (run / stage / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_embed_resumes_at_the_unfinished_shards(data):
+    config, cfg, root = data
+    expected = outputs(root / "reference" / "embed", "0*.parquet")
+    cut_short = 0
+    for point, done in enumerate([1, 4]):
+        run = root / f"embed_killed_{point}"
+        cut_short += kill_when(config, "embed", run, lambda: len(list((run / "embed").glob("*.done.json"))) >= done)
+        finished = {p.name for p in (run / "embed").glob("*.done.json")}
+        resumed = run_stage("embed", cfg, run)
+        assert outputs(run / "embed", "0*.parquet") == expected
+        assert resumed["counts"]["samples_in"] == 600
+        assert len(finished) < 6 or not cut_short  # the kill left work to do
+    assert cut_short >= 1
+
+
+@pytest.mark.slow
+def test_a_killed_cluster_reruns_to_the_same_outputs(data):
+    config, cfg, root = data
+    expected = outputs(root / "reference" / "cluster", "*.npy") | outputs(root / "reference" / "cluster",
+                                                                         "assignments.parquet")
+    cut_short = 0
+    for point, delay in enumerate([0.5, 3.0]):
+        run = root / f"cluster_killed_{point}"
+        run.mkdir()
+        os.symlink(root / "reference" / "embed", run / "embed")
+        start = time.time()
+        cut_short += kill_when(config, "cluster", run, lambda: time.time() - start > delay)
+        run_stage("cluster", cfg, run)
+        got = outputs(run / "cluster", "*.npy") | outputs(run / "cluster", "assignments.parquet")
+        assert got == expected
+        assert not list((run / "cluster").glob("*.tmp*"))  # no partial file left behind
+    assert cut_short >= 1
