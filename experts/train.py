@@ -65,9 +65,11 @@ PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
 
 
 def model_config_dict(model: str) -> dict:
-    """The open_clip architecture dict for a JSON path, a `local-dir:` folder or a built-in name."""
-    import open_clip
+    """The open_clip architecture dict for a JSON path, a `local-dir:` folder or a built-in name.
 
+    open_clip is imported only for a built-in name: the import takes seconds,
+    and a rerun that skips the stage should not pay it.
+    """
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
@@ -78,6 +80,8 @@ def model_config_dict(model: str) -> dict:
         if not config.is_file():
             raise FileNotFoundError(f"train.model: {config} not found")
         return json.loads(config.read_text(encoding="utf-8"))["model_cfg"]
+    import open_clip
+
     cfg = open_clip.get_model_config(model)
     if cfg is None:
         raise ValueError(f"train.model: {model!r} is not an open_clip model, a .json config or local-dir:")

@@ -74,6 +74,8 @@ def embed_flow(config_path: str, run_dir: str | None = None) -> dict:
 @flow(name="cluster")
 def cluster_flow(config_path: str, run_dir: str | None = None) -> dict:
     cfg, manifest = _stage("cluster", config_path, run_dir)
+    if manifest.get("skipped"):  # its artifacts were published by the run that made it
+        return manifest
     report = json.loads((run_paths(cfg, run_dir)["cluster"] / "report.json").read_text())
     rows = [{"expert": e, "samples": n, "fine clusters": len(fines), "top terms": " ".join(terms)}
             for e, (n, fines, terms) in enumerate(zip(report["expert_sizes"], report["expert_fine_clusters"],
@@ -148,6 +150,8 @@ def train_flow(config_path: str, run_dir: str | None = None) -> dict:
 @flow(name="evaluate")
 def evaluate_flow(config_path: str, run_dir: str | None = None) -> dict:
     cfg, manifest = _stage("evaluate", config_path, run_dir)
+    if manifest.get("skipped"):
+        return manifest
     stage_dir = run_paths(cfg, run_dir)["evaluate"]
     _artifact(create_markdown_artifact, key=f"{cfg.name}-results", markdown=(stage_dir / "results.md").read_text(),
               description="MoDE evaluation: seed, baseline, experts, ensembles")

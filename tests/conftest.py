@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -71,5 +72,7 @@ def tiny_run(tmp_path_factory, tiny_data) -> dict:
     config = write_config(root / "tiny.yaml", tiny_data)
     run_dir = root / "run"
     with prefect_test_harness():
+        started = time.perf_counter()
         table = moda(config_path=str(config), run_dir=str(run_dir))
-    return {"config": config, "run_dir": run_dir, "table": table}
+        seconds = time.perf_counter() - started
+    return {"config": config, "run_dir": run_dir, "table": table, "seconds": seconds}
