@@ -160,12 +160,17 @@ def plot_sizes(fine_sizes: np.ndarray, expert_sizes: np.ndarray, path: Path) -> 
     plt.close(fig)
 
 
+def cluster_fingerprint(cfg: ClusterConfig, embed_dir: Path) -> str:
+    """What the cluster stage's outputs depend on: its config and the embed stage's fingerprint."""
+    return combine("cluster", section_hash(cfg), require_manifest(embed_dir, "embed")["fingerprint"])
+
+
 def run_cluster(cfg: ClusterConfig, embed_dir: Path, stage_dir: Path) -> dict:
     """Fit on a sample, assign everything file by file, group fine centres into experts."""
     started = time.time()
     upstream = require_manifest(embed_dir, "embed")
     config_hash = section_hash(cfg)
-    fingerprint = combine("cluster", config_hash, upstream["fingerprint"])
+    fingerprint = cluster_fingerprint(cfg, embed_dir)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
 

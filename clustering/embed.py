@@ -265,26 +265,38 @@ def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[Path], so
             future.result()
 
 
-def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path) -> dict:
+def embed_fingerprint(cfg: EmbedConfig, shards: list[Path],
+                      encoder_path: Path | None = None) -> tuple[str, str, dict[str, str]]:
+    """(fingerprint, config hash, sha256 per input shard): what the embed stage's outputs depend on."""
+    source_hashes = {p.stem: file_sha256(p) for p in shards}
+    config_hash = section_hash(cfg)
+    if encoder_path is not None:
+        config_hash = combine(config_hash, hash_outputs(encoder_path, sorted(
+            f for f in Path(encoder_path).rglob("*") if f.is_file())))
+    return combine("embed", config_hash, source_hashes), config_hash, source_hashes
+
+
+def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path, encoder_path: Path | None = None) -> dict:
     """Embed every input shard, resuming at the shards not done under this config.
 
     With `simcse_steps`, first adapts the encoder to the captions (saved as
     `encoder/`, used for every embedding here and for class names later).
+    `encoder_path` instead embeds with an encoder folder an earlier run saved
+    (new data for an added expert must share the run's embedding space).
     Writes `manifest.json` last. Conservation: samples_in = embedded + rejected.
     """
     stems = [p.stem for p in shards]
     if len(set(stems)) != len(stems):
         raise ValueError("input shards must have distinct file names (their stems name the outputs)")
     started = time.time()
-    source_hashes = {p.stem: file_sha256(p) for p in shards}
-    config_hash = section_hash(cfg)
-    fingerprint = combine("embed", config_hash, source_hashes)
+    fingerprint, config_hash, source_hashes = embed_fingerprint(cfg, shards, encoder_path)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
     remove_stale_temps(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    encoder_path = None
-    if cfg.simcse_steps:
+    given_encoder = encoder_path is not None
+    encoder_path = str(encoder_path) if given_encoder else None
+    if cfg.simcse_steps and not given_encoder:
         from clustering.simcse import adapt_encoder
 
         encoder_path = str(adapt_encoder(cfg, shards, stage_dir / "encoder", config_hash))
@@ -305,7 +317,7 @@ def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path) -> dict:
     by_reason, rejected = count_reasons(rejects)
     done_now = sum(info["embedded"] for p, info in zip(shards, markers) if p in todo)
     outputs = [stage_dir / f"{s}.parquet" for s in stems] + [stage_dir / "rejects.parquet"]
-    if encoder_path:
+    if encoder_path and not given_encoder:
         outputs += sorted(f for f in Path(encoder_path).rglob("*") if f.is_file())
     return write_manifest(
         stage_dir, stage="embed", fingerprint=fingerprint, config_hash=config_hash,
@@ -318,7 +330,8 @@ def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path) -> dict:
         },
         started=started,
         extra={"model": cfg.model, "pooling": cfg.pooling, "precision": cfg.precision,
-               "dim": _dim_of(stage_dir, stems), "encoder": "encoder" if encoder_path else None},
+               "dim": _dim_of(stage_dir, stems),
+               "encoder": str(Path(encoder_path).resolve()) if given_encoder else ("encoder" if encoder_path else None)},
     )
 
 

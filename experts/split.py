@@ -285,13 +285,19 @@ def load_embed_rejects(embed_dir: Path) -> dict[str, str]:
     return {k: r for k, r in zip(table.column("key").to_pylist(), table.column("reason").to_pylist()) if k}
 
 
+def split_fingerprint(cfg: SplitConfig, shards: list[Path], cluster_dir: Path) -> tuple[str, dict[str, str]]:
+    """(fingerprint, sha256 per input shard): config, the cluster stage's fingerprint, the input shards."""
+    upstream = require_manifest(cluster_dir, "cluster")
+    source_hashes = {p.stem: file_sha256(p) for p in shards}
+    return combine("split", section_hash(cfg), upstream["fingerprint"], source_hashes), source_hashes
+
+
 def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir: Path,
               stage_dir: Path) -> dict:
     started = time.time()
     upstream = require_manifest(cluster_dir, "cluster")
     config_hash = section_hash(cfg)
-    source_hashes = {p.stem: file_sha256(p) for p in shards}
-    fingerprint = combine("split", config_hash, upstream["fingerprint"], source_hashes)
+    fingerprint, source_hashes = split_fingerprint(cfg, shards, cluster_dir)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
     num_experts = upstream["num_experts"]

@@ -203,6 +203,27 @@ def ensure_latest(checkpoints: Path) -> bool:
     return False
 
 
+class ExpertTask:
+    """Train one expert; a picklable callable, so a Dask worker on another host can run it.
+
+    Called with a GPU slot (run_on_slots) or with none (`slot` given up front,
+    for Dask); returns (final checkpoint, {"seconds", "host"}).
+    """
+
+    def __init__(self, cfg: TrainConfig, job: Job, common: dict, slot: list[str] | None = None):
+        self.cfg, self.job, self.common, self.slot = cfg, job, common, slot
+        self.__name__ = job.name
+
+    def __call__(self, slot: list[str] | None = None) -> tuple[Path, dict]:
+        import os
+        import socket
+
+        slot = self.slot if slot is None else slot
+        started = time.time()
+        ckpt = train_job(self.cfg, self.job, gpus=slot or None, **self.common)
+        return ckpt, {"seconds": round(time.time() - started, 2), "host": f"{socket.gethostname()}:{os.getpid()}"}
+
+
 def run_on_slots(jobs: list[Callable[[list[str]], Path]], slots: list[list[str]],
                  runner: Callable[[list[Callable[[], Path]], int], list[Path]]) -> list[Path]:
     """Run jobs so that each holds one GPU slot while it runs: at most len(slots) at once."""
@@ -268,6 +289,15 @@ def weights_only(checkpoint: Path, stage_dir: Path) -> Path:
     return bare
 
 
+def train_fingerprint(cfg: TrainConfig, split_dir: Path) -> tuple[str, dict]:
+    """(fingerprint, open_clip model config with FLIP's patch dropout): config, architecture, split."""
+    upstream = require_manifest(split_dir, "split")
+    model_cfg = model_config_dict(cfg.model)
+    if cfg.patch_dropout > 0:
+        model_cfg = {**model_cfg, "vision_cfg": {**model_cfg["vision_cfg"], "patch_dropout": cfg.patch_dropout}}
+    return combine("train", section_hash(cfg), upstream["fingerprint"], model_cfg), model_cfg
+
+
 def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: Path,
               on_line: Callable[[str, str], None] | None = None,
               runner: Callable[[list[Callable[[], Path]], int], list[Path]] = run_parallel) -> dict:
@@ -280,10 +310,7 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
     started = time.time()
     upstream = require_manifest(split_dir, "split")
     config_hash = section_hash(cfg)
-    model_cfg = model_config_dict(cfg.model)
-    if cfg.patch_dropout > 0:
-        model_cfg = {**model_cfg, "vision_cfg": {**model_cfg["vision_cfg"], "patch_dropout": cfg.patch_dropout}}
-    fingerprint = combine("train", config_hash, upstream["fingerprint"], model_cfg)
+    fingerprint, model_cfg = train_fingerprint(cfg, split_dir)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -325,6 +352,7 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
         seed_job = Job("seed", "::".join(all_paths), all_samples, seed_epochs, 0, None, seed_fp)
         seed_ckpt = train_job(cfg, seed_job, gpus=gpus or None, **common)
     timings = {"seed": round(time.time() - t0, 2)}
+    ran_on: dict[str, str] = {}
 
     if cfg.expert_init == "weights":  # fresh short schedule from the seed's weights
         start_ckpt, start_epoch = weights_only(seed_ckpt, stage_dir), 0
@@ -335,16 +363,19 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
     jobs = [Job(expert_dir_name(e), "::".join(str(p.resolve()) for p in paths), None, total_epochs,
                 start_epoch, start_ckpt, combine(expert_dir_name(e), run_key, seed_fp, data_hashes[e]), tune)
             for e, (paths, _) in enumerate(shard_sets)]
-    def expert_task(job: Job) -> Callable[[list[str]], Path]:
-        def run(slot: list[str]) -> Path:
-            t = time.time()
-            ckpt = train_job(cfg, job, gpus=slot or None, **common)
-            timings[job.name] = round(time.time() - t, 2)
-            return ckpt
-        run.__name__ = job.name
-        return run
-
-    checkpoints = run_on_slots([expert_task(job) for job in jobs], slots, runner)
+    if cfg.executor == "dask" and runner is not run_parallel:  # a Dask runner from the Prefect flow
+        # Each expert a task on a Dask worker (any host sharing the run folder); the
+        # worker's own CUDA_VISIBLE_DEVICES and its GPU resource place it, so no local
+        # slot is held, and the trainer's lines go to its log file only.
+        remote = {**common, "on_line": None}
+        tasks = [ExpertTask(cfg, job, remote, slot=[]) for job in jobs]
+        done = runner(tasks, len(tasks))
+    else:
+        done = run_on_slots([ExpertTask(cfg, job, common) for job in jobs], slots, runner)
+    checkpoints = [ckpt for ckpt, _ in done]
+    for job, (_, ran) in zip(jobs, done):
+        timings[job.name] = ran["seconds"]
+        ran_on[job.name] = ran["host"]
     expert_of_fine = _load_expert_of_fine(cluster_dir)
     registry_experts = [{
         "id": e,
@@ -382,7 +413,8 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
     return write_manifest(
         stage_dir, stage="train", fingerprint=fingerprint, config_hash=config_hash,
         inputs={"split": upstream["fingerprint"]}, outputs=outputs,
-        counts={"experts": num_experts, "seed_samples": all_samples, "seconds_per_model": timings},
+        counts={"experts": num_experts, "seed_samples": all_samples, "seconds_per_model": timings,
+                "experts_ran_on": ran_on},
         started=started, extra={"device": device, "gpu_slots": slots},
     )
 

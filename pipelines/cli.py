@@ -5,6 +5,7 @@
     moda run configs/demo.yaml --stages cluster,split
     moda stage split configs/demo.yaml    one stage, directly (no Prefect)
     moda verify runs/demo                 check the split from the files alone
+    moda add-expert configs/demo.yaml --mode split-widest     (or new-data --new-data DIR, task --task DIR)
     moda predict runs/demo img.jpg --classes circle,square,star
     moda predict runs/demo img.jpg --captions "a red circle" "a forest"
     moda demo                             the full demo through a local Prefect server
@@ -90,6 +91,23 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_expert(args: argparse.Namespace) -> int:
+    from pipelines.flows import moda
+
+    load_config(args.config)
+    request = {"mode": args.mode, "new_data": args.new_data or "", "task": args.task or "",
+               "classnames": [c.strip() for c in (args.classes or "").split(",") if c.strip()],
+               "templates": args.template or []}
+    from experts.add import AddRequest
+
+    AddRequest.from_dict(request).check()  # a bad request fails before Prefect starts
+    stages = [] if args.no_evaluate else ["evaluate"]
+    table = moda(config_path=args.config, run_dir=args.run_dir, stages=stages, add_expert=request)
+    if table:
+        print(table)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipelines.demo import main as demo_main
 
@@ -125,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routing", default="paper", choices=["paper", "released"])
     p.add_argument("--top", type=int, default=3)
     p.set_defaults(func=_predict)
+    p = sub.add_parser("add-expert", help="train one more expert later, existing experts untouched")
+    p.add_argument("config")
+    p.add_argument("--mode", required=True, choices=["new-data", "split-widest", "task"])
+    p.add_argument("--new-data", help="new-data: the new shards (folder, glob or brace pattern)")
+    p.add_argument("--task", help="task: a task folder with task.json")
+    p.add_argument("--classes", help="task: comma-separated class names (instead of --task)")
+    p.add_argument("--template", action="append", help="task: prompt template with {} (repeatable)")
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--no-evaluate", action="store_true", help="only add the expert, do not re-evaluate")
+    p.set_defaults(func=_add_expert)
     p = sub.add_parser("demo", help="run the demo through a local Prefect server and worker")
     p.add_argument("--config", default="configs/demo.yaml")
     p.set_defaults(func=_demo)

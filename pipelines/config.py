@@ -159,6 +159,13 @@ class TrainConfig:
     `gpus_per_expert` GPUs train each expert (torchrun); experts run in
     parallel on disjoint GPUs. `dataset_resampled` samples shards with
     replacement. `extra_args` are passed to the trainer unchanged.
+
+    `executor`: `local` trains the experts on this host's GPUs; `dask` makes
+    each expert a Prefect task on a Dask cluster (prefect-dask), so experts
+    train on several GPU hosts that share the run folder: `dask_address` is
+    the scheduler (`tcp://host:8786`; workers started one per GPU with
+    `--resources GPU=1`), or empty for a temporary local cluster of
+    `dask_local_workers` processes (for trying it out).
     """
 
     model: str = "experts/model_configs/moda-tiny.json"
@@ -187,6 +194,9 @@ class TrainConfig:
     expert_init: str = "resume"
     dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
+    executor: str = "local"
+    dask_address: str = ""
+    dask_local_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,22 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class AddExpertConfig:
+    """`moda add-expert`: one more expert, trained later, existing ones untouched.
+
+    `fine_per_class`: a task-targeted expert owns each class name's
+    `fine_per_class` nearest fine clusters and trains on their samples.
+    `coverage`: an expert on new data owns, for routing, the fewest fine
+    clusters that hold this share of the new samples. The new expert is
+    trained as the others (`train` section: `expert_epochs` from the seed)
+    on shards cut as in the `split` section.
+    """
+
+    fine_per_class: int = 2
+    coverage: float = 0.9
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: a name and one section per stage."""
 
@@ -216,6 +242,7 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    add_expert: AddExpertConfig = field(default_factory=AddExpertConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -280,10 +307,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.unmasked_tune_share must be in [0, 1]")
     _positive(t.gpus_per_expert, "train.gpus_per_expert")
     _positive(t.workers, "train.workers")
+    _choice(t.executor, ("local", "dask"), "train.executor")
+    _positive(t.dask_local_workers, "train.dask_local_workers")
     _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
     _positive(cfg.evaluate.lam, "evaluate.lam")
     for ablation in cfg.evaluate.ablations:
         _choice(ablation, ("random", "one_step"), "evaluate.ablations[]")
+    _positive(cfg.add_expert.fine_per_class, "add_expert.fine_per_class")
+    if not 0 < cfg.add_expert.coverage <= 1:
+        raise ConfigError("add_expert.coverage must be in (0, 1]")
     s = cfg.synth
     _positive(s.num_train, "synth.num_train")
     _positive(s.shard_size, "synth.shard_size")

@@ -80,6 +80,16 @@ def stop(proc: subprocess.Popen | None, name: str) -> None:
             continue
 
 
+def start_server(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    """`prefect server start` on the port of env's PREFECT_API_URL, in its own process group; waits until healthy."""
+    port = env["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0]
+    server = subprocess.Popen(prefect_cli() + ["server", "start", "--host", "127.0.0.1", "--port", port],
+                              env=env, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    wait_healthy(env["PREFECT_API_URL"], server, log)
+    return server
+
+
 def run(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
     print("[demo] $ " + " ".join(cmd[-4:] if cmd[0].endswith("prefect") else cmd), flush=True)
     subprocess.run(cmd, env=env, cwd=cwd, check=True)
@@ -104,10 +114,7 @@ def main(config_path: str = "configs/demo.yaml") -> int:
     try:
         server_log = state / "server.log"
         print(f"[demo] starting prefect server on 127.0.0.1:{port} (log {server_log})", flush=True)
-        server = subprocess.Popen(prefect + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, cwd=root, stdout=open(server_log, "w"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        wait_healthy(env["PREFECT_API_URL"], server, server_log)
+        server = start_server(env, root, server_log)
         run(prefect + ["work-pool", "create", POOL, "--type", "process", "--overwrite"], env, root)
         run(prefect + ["--no-prompt", "deploy", "--all"], env, root)
         worker_log = state / "worker.log"

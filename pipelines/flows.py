@@ -26,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.exceptions import MissingContextError
 
 from pipelines.config import Config, load_config
-from pipelines.stages import STAGES, check_inputs, run_ablation, run_paths, run_stage
+from pipelines.stages import STAGES, check_inputs, run_ablation, run_paths, run_stage, stage_done
 
 
 def _logger():
@@ -119,6 +119,30 @@ def _prefect_runner(jobs, concurrency: int):
     return [future.result() for future in futures]
 
 
+def _dask_runner(gpus_per_expert: int):
+    """Each expert a Prefect task on the flow's Dask cluster, asking for its GPUs as a worker resource."""
+    def run(jobs, concurrency: int):
+        import dask
+
+        futures = []
+        for job in jobs:
+            annotations = {"resources": {"GPU": gpus_per_expert}} if job.common["device"] == "cuda" else {}
+            with dask.annotate(**annotations):
+                futures.append(_train_expert.with_options(task_run_name=job.__name__).submit(job))
+        return [future.result() for future in futures]
+    return run
+
+
+def dask_task_runner(cfg):
+    """The Dask task runner for `train.executor: dask`: the cluster at `dask_address`, or a local one."""
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.dask_local_workers, "threads_per_worker": 1,
+                                         "processes": True, "dashboard_address": None})
+
+
 @flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=16))
 def train_flow(config_path: str, run_dir: str | None = None) -> dict:
     from experts.train import PROGRESS
@@ -142,7 +166,8 @@ def train_flow(config_path: str, run_dir: str | None = None) -> dict:
         if match or "ERROR" in line or "Error" in line:
             log.info("[%s] %s", name, line)
 
-    manifest = run_stage("train", cfg, run_dir, on_line=on_line, runner=_prefect_runner)
+    runner = _dask_runner(cfg.train.gpus_per_expert) if cfg.train.executor == "dask" else _prefect_runner
+    manifest = run_stage("train", cfg, run_dir, on_line=on_line, runner=runner)
     _summarise(cfg, "train", manifest)
     return manifest
 
@@ -172,19 +197,54 @@ def ablation_flow(config_path: str, variant: str, run_dir: str | None = None) ->
     return manifest
 
 
+@flow(name="add-expert")
+def add_expert_flow(config_path: str, mode: str = "split-widest", new_data: str = "", task: str = "",
+                    classnames: list[str] | None = None, templates: list[str] | None = None,
+                    run_dir: str | None = None) -> dict:
+    """Train one more expert and register it; existing experts' files are not touched.
+
+    mode: `new-data` (train on the shards at `new_data`), `split-widest` (the
+    wider half of the widest expert's fine clusters) or `task` (the nearest
+    fine clusters of a task's class names: `task` folder or `classnames`).
+    """
+    from experts.add import AddRequest, run_add_expert
+
+    cfg = load_config(config_path)
+    request = AddRequest.from_dict({"mode": mode, "new_data": new_data, "task": task,
+                                    "classnames": classnames or (), "templates": templates or ()})
+    log = _logger()
+    manifest = run_add_expert(cfg, request=request, run_dir=run_dir,
+                              on_line=lambda name, line: log.info("[%s] %s", name, line)
+                              if "Train Epoch" in line or "Error" in line else None)
+    entry = manifest["expert"]
+    state = "already added (skipped)" if manifest.get("skipped") else f"added in {manifest['seconds']} s"
+    log.info("%s (%s): %s; %d samples, %d fine clusters", entry["name"], mode, state, entry["samples"],
+             len(entry["fine_clusters"]))
+    if not manifest.get("skipped"):
+        detail = json.dumps(entry["selection"], indent=2)
+        _artifact(create_markdown_artifact, key=f"{cfg.name}-{entry['name']}",
+                  markdown=f"## {entry['name']} ({mode})\n\n{entry['samples']} training samples, fine clusters "
+                           f"{entry['fine_clusters']}\n\n```json\n{detail}\n```\n",
+                  description="An expert added to the MoDE system")
+    return manifest
+
+
 STAGE_FLOWS = {"embed": embed_flow, "cluster": cluster_flow, "split": split_flow,
                "train": train_flow, "evaluate": evaluate_flow}
 
 
 @flow(name="moda")
 def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
-         stages: list[str] | None = None) -> str:
+         stages: list[str] | None = None, add_expert: dict | None = None) -> str:
     """The whole MoDE pipeline; `stages` picks a subset (in pipeline order).
 
+    `add_expert` (e.g. {"mode": "split-widest"}; the fields of
+    `add_expert_flow`) adds one expert after the train stage's slot, before
+    evaluate: the `moda/add-expert` deployment runs it with stages=[evaluate].
     Returns the results table (markdown) when the evaluate stage ran.
     """
     cfg = load_config(config_path)
-    chosen = list(stages) if stages else list(STAGES)
+    chosen = list(STAGES) if stages is None else list(stages)
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
@@ -194,10 +254,17 @@ def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
     log.info("moda run %r into %s, stages %s", cfg.name, paths["root"], chosen)
     for stage in STAGES:
         if stage in chosen:
-            STAGE_FLOWS[stage](config_path, str(paths["root"]))
+            if stage_done(stage, cfg, paths["root"]):  # no sub-flow run for a finished stage
+                log.info("%s: skipped (outputs match fingerprint)", stage)
+            elif stage == "train" and cfg.train.executor == "dask":  # experts on a Dask cluster
+                train_flow.with_options(task_runner=dask_task_runner(cfg.train))(config_path, str(paths["root"]))
+            else:
+                STAGE_FLOWS[stage](config_path, str(paths["root"]))
         if stage == "train" and stage in chosen:
             for variant in cfg.evaluate.ablations:
                 ablation_flow(config_path, variant, str(paths["root"]))
+        if stage == "train" and add_expert:
+            add_expert_flow(config_path, run_dir=str(paths["root"]), **add_expert)
     results = paths["evaluate"] / "results.md"
     if "evaluate" in chosen and results.is_file():
         table = results.read_text()

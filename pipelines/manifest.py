@@ -89,12 +89,29 @@ def require_manifest(stage_dir: str | Path, stage: str) -> dict[str, Any]:
     return manifest
 
 
+def file_stat(path: Path) -> list[int]:
+    """[size in bytes, mtime in ns]: what changes when a file is rewritten or replaced."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def outputs_intact(stage_dir: str | Path, manifest: dict[str, Any]) -> bool:
-    """True when every output the manifest lists exists with its recorded hash."""
+    """True when every output the manifest lists exists with its recorded hash.
+
+    A file whose size and modification time are those recorded when the
+    manifest was written is taken as unchanged without reading it (a rerun
+    of a finished stage must not re-hash terabytes of shards); any other is
+    hashed and compared.
+    """
     root = Path(stage_dir)
+    stats = manifest.get("output_stats", {})
     for rel, digest in manifest.get("outputs", {}).items():
         path = root / rel
-        if not path.is_file() or file_sha256(path) != digest:
+        if not path.is_file():
+            return False
+        if stats.get(rel) == file_stat(path):
+            continue
+        if file_sha256(path) != digest:
             return False
     return True
 
@@ -133,6 +150,7 @@ def write_manifest(
         "config_hash": config_hash,
         "inputs": inputs,
         "outputs": outputs,
+        "output_stats": {rel: file_stat(Path(stage_dir) / rel) for rel in outputs},
         "counts": counts,
         "seconds": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.config import Config
+from pipelines.manifest import is_done
 from pipelines.shards import expand_shards
 
 STAGES = ("embed", "cluster", "split", "train", "evaluate")
@@ -60,6 +61,46 @@ def run_stage(stage: str, cfg: Config, run_dir: str | Path | None,
                             paths["train"], paths["evaluate"],
                             ablations=[(v, ablation_dir(cfg, run_dir, v)) for v in cfg.evaluate.ablations])
     raise ValueError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
+
+
+def stage_fingerprint(stage: str, cfg: Config, run_dir: str | Path | None) -> str:
+    """The fingerprint `run_stage` would give this stage now (FileNotFoundError: upstream not run)."""
+    paths = run_paths(cfg, run_dir)
+    if stage == "embed":
+        from clustering.embed import embed_fingerprint
+
+        return embed_fingerprint(cfg.embed, expand_shards(cfg.data.train_shards))[0]
+    if stage == "cluster":
+        from clustering.cluster import cluster_fingerprint
+
+        return cluster_fingerprint(cfg.cluster, paths["embed"])
+    if stage == "split":
+        from experts.split import split_fingerprint
+
+        return split_fingerprint(cfg.split, expand_shards(cfg.data.train_shards), paths["cluster"])[0]
+    if stage == "train":
+        from experts.train import train_fingerprint
+
+        return train_fingerprint(cfg.train, paths["split"])[0]
+    if stage == "evaluate":
+        from routing.evaluate import evaluate_fingerprint
+
+        return evaluate_fingerprint(cfg.evaluate, paths["embed"], Path(cfg.data.eval_tasks), paths["cluster"],
+                                    paths["train"], [(v, ablation_dir(cfg, run_dir, v))
+                                                     for v in cfg.evaluate.ablations])[0]
+    raise ValueError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
+
+
+def stage_done(stage: str, cfg: Config, run_dir: str | Path | None) -> bool:
+    """Whether `run_stage` would skip this stage: its outputs match its fingerprint.
+
+    The `moda` flow asks first, so a finished stage costs no Prefect sub-flow run.
+    """
+    try:
+        fingerprint = stage_fingerprint(stage, cfg, run_dir)
+    except FileNotFoundError:  # an upstream stage has not run
+        return False
+    return is_done(run_paths(cfg, run_dir)[stage], fingerprint)
 
 
 def ablation_dir(cfg: Config, run_dir: str | Path | None, variant: str) -> Path:

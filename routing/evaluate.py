@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clustering.embed import encode, load_run_encoder
+from experts.registry import added_fingerprint, current_added, load_experts, ownership, read_registry
 from pipelines.config import EvaluateConfig, section_hash
 from pipelines.devices import pick_device
 from pipelines.manifest import (
@@ -63,7 +64,7 @@ from routing.ensemble import (
     topk_accuracy,
 )
 from routing.metadata import classname_embeddings
-from routing.weights import nearest_fine, route, route_each
+from routing.weights import nearest_fine, ownership_matrix, route, route_each
 
 
 @dataclass
@@ -174,23 +175,28 @@ def evaluate_task(task: Task, scores: dict[str, np.ndarray], experts: list[str],
     return rows
 
 
-def route_task(task: Task, encoder, cfg: EvaluateConfig, fine_centroids, expert_of_fine, n) -> dict:
-    """Routing weights for one task, with the distances behind them for the log."""
+def route_task(task: Task, encoder, cfg: EvaluateConfig, fine_centroids, ownership, n) -> dict:
+    """Routing weights for one task, with the distances behind them for the log.
+
+    ownership: the cluster stage's expert_of_fine (m,) or an (n, m) matrix
+    (experts added later share fine clusters with the original ones).
+    """
     if task.kind == "classification":
         meta = classname_embeddings(encoder, task.classnames, task.templates)
         names = task.classnames
     else:
         meta = encode(encoder, task.captions)
         names = task.captions
-    weights = route(cfg.routing, meta, fine_centroids, expert_of_fine, n, cfg.lam)
+    owns = ownership_matrix(ownership, n)
+    weights = route(cfg.routing, meta, fine_centroids, owns, n, cfg.lam)
     nearest, dist = nearest_fine(meta, fine_centroids)
     out = {
         "weights": weights,
-        "metadata": [{"text": t, "nearest_fine": int(f), "expert": int(expert_of_fine[f]),
+        "metadata": [{"text": t, "nearest_fine": int(f), "owners": np.flatnonzero(owns[:, f]).tolist(),
                       "distance": round(float(d), 4)} for t, f, d in zip(names, nearest, dist)],
     }
     if task.kind == "retrieval":
-        out["query_weights"] = route_each(cfg.routing, meta, fine_centroids, expert_of_fine, n, cfg.lam)
+        out["query_weights"] = route_each(cfg.routing, meta, fine_centroids, owns, n, cfg.lam)
     return out
 
 
@@ -285,36 +291,48 @@ def _jsonable(routing: dict) -> dict:
     return out
 
 
+def evaluate_fingerprint(cfg: EvaluateConfig, embed_dir: Path, tasks_dir: Path, cluster_dir: Path,
+                         train_dir: Path, ablations: list[tuple[str, Path]] = ()) -> tuple[str, str]:
+    """(fingerprint, hash of the task files): config, upstream stages, tasks, ablations, added experts."""
+    task_files = sorted(p for p in tasks_dir.rglob("*") if p.is_file()) if tasks_dir.is_dir() else []
+    task_hash = combine([(p.relative_to(tasks_dir).as_posix(), file_sha256(p)) for p in task_files])
+    ablation_fps = [(v, require_manifest(d / "train", f"train ({v} ablation)")["fingerprint"])
+                    for v, d in ablations]
+    fingerprint = combine("evaluate", section_hash(cfg), require_manifest(embed_dir, "embed")["fingerprint"],
+                          require_manifest(train_dir, "train")["fingerprint"],
+                          require_manifest(cluster_dir, "cluster")["fingerprint"], task_hash, ablation_fps,
+                          added_fingerprint(train_dir.parent))
+    return fingerprint, task_hash
+
+
 def run_evaluate(cfg: EvaluateConfig, embed_dir: Path, tasks_dir: Path, cluster_dir: Path,
                  train_dir: Path, stage_dir: Path, ablations: list[tuple[str, Path]] = ()) -> dict:
     started = time.time()
     upstream = require_manifest(train_dir, "train")
     cluster = require_manifest(cluster_dir, "cluster")
     config_hash = section_hash(cfg)
-    task_files = sorted(p for p in tasks_dir.rglob("*") if p.is_file()) if tasks_dir.is_dir() else []
-    task_hash = combine([(p.relative_to(tasks_dir).as_posix(), file_sha256(p)) for p in task_files])
-    ablation_fps = [(v, require_manifest(d / "train", f"train ({v} ablation)")["fingerprint"])
-                    for v, d in ablations]
-    embed = require_manifest(embed_dir, "embed")
-    fingerprint = combine("evaluate", config_hash, embed["fingerprint"], upstream["fingerprint"],
-                          cluster["fingerprint"], task_hash, ablation_fps)
+    run_root = train_dir.parent  # experts added later: runs/<name>/added/ (experts/registry.py)
+    fingerprint, task_hash = evaluate_fingerprint(cfg, embed_dir, tasks_dir, cluster_dir, train_dir, ablations)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
     tasks = load_tasks(tasks_dir)
-    registry = json.loads((train_dir / "registry.json").read_text(encoding="utf-8"))
+    registry = read_registry(train_dir)
     fine_centroids = np.load(cluster_dir / "fine_centroids.npy")
-    expert_of_fine = np.load(cluster_dir / "expert_of_fine.npy")
-    experts = [e["model_dir"] for e in registry["experts"]]
+    all_experts = load_experts(run_root)
+    owns = ownership(all_experts, fine_centroids.shape[0])
+    experts = [e.name for e in all_experts]
     device = pick_device(cfg.device)
 
     encoder = load_run_encoder(embed_dir, device)
-    routing = {t.name: route_task(t, encoder, cfg, fine_centroids, expert_of_fine, len(experts)) for t in tasks}
+    routing = {t.name: route_task(t, encoder, cfg, fine_centroids, owns, len(experts)) for t in tasks}
     del encoder
 
     singles = ["seed"] + (["baseline"] if registry.get("baseline") else []) + experts
+    model_paths = {"seed": train_dir / "seed", "baseline": train_dir / "baseline"}
+    model_paths |= {e.name: e.path for e in all_experts}
     scores = {}
     for name in tqdm(singles, desc="evaluate", unit="model"):
-        scores[name] = model_scores(load_clip(train_dir / name, device), tasks, cfg.batch_size)
+        scores[name] = model_scores(load_clip(model_paths[name], device), tasks, cfg.batch_size)
     systems = []  # ablations: (row name, per-expert scores per task, routing per task or None)
     for variant, variant_dir in ablations:
         v_registry = json.loads((variant_dir / "train" / "registry.json").read_text(encoding="utf-8"))
@@ -353,6 +371,8 @@ def run_evaluate(cfg: EvaluateConfig, embed_dir: Path, tasks_dir: Path, cluster_
         stage_dir, stage="evaluate", fingerprint=fingerprint, config_hash=config_hash,
         inputs={"train": upstream["fingerprint"], "cluster": cluster["fingerprint"], "tasks": task_hash},
         outputs=hash_outputs(stage_dir, outputs),
-        counts={"tasks": len(tasks), "images": int(sum(len(t.images) for t in tasks)), "models": len(singles)},
+        counts={"tasks": len(tasks), "images": int(sum(len(t.images) for t in tasks)), "models": len(singles),
+                "added_experts": sum(e.added for e in all_experts),
+                "stale_added_experts": len(current_added(run_root)[1])},
         started=started, extra={"device": device},
     )

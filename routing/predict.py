@@ -5,15 +5,15 @@
     probs, weights = system.classify(images, ["circle", "square"])
     scores, weights = system.rank_captions(image, ["a red circle", "a forest"])
 
-The system is read from the run folder's files: `train/registry.json` (the
-experts and their model folders), `cluster/fine_centroids.npy` and
-`expert_of_fine.npy`, and the caption encoder named in the embed manifest.
-An expert added to the registry later is picked up on the next load.
+The system is read from the run folder's files: `train/registry.json` and
+`added/registry.json` (the experts, their model folders and the fine
+clusters each owns; experts/registry.py), `cluster/fine_centroids.npy`, and
+the caption encoder named in the embed manifest. An expert added later
+(`moda add-expert`) is picked up on the next load.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from clustering.embed import encode, load_run_encoder
+from experts.registry import load_experts, ownership
 from pipelines.devices import pick_device
 from routing.clip_features import ClipModel, classifier_weights, image_features, load_clip, text_features
 from routing.ensemble import ensemble_logits
@@ -36,7 +37,7 @@ class MoDESystem:
     expert_names: list[str]
     encoder: object
     fine_centroids: np.ndarray
-    expert_of_fine: np.ndarray
+    owns: np.ndarray  # (n_experts, m) bool: the fine clusters each expert is routed by
     routing: str = "paper"
     lam: float = 0.2
     logit_scale: float = 100.0
@@ -45,24 +46,20 @@ class MoDESystem:
     def load(cls, run_dir: str | Path, routing: str = "paper", lam: float = 0.2,
              device: str = "auto") -> "MoDESystem":
         run = Path(run_dir)
-        registry_path = run / "train" / "registry.json"
-        if not registry_path.is_file():
-            raise FileNotFoundError(f"{registry_path} not found: train the experts first (moda run ... )")
-        registry = json.loads(registry_path.read_text(encoding="utf-8"))
+        experts = load_experts(run)
         device = pick_device(device)
-        names = [e["model_dir"] for e in registry["experts"]]
+        fine_centroids = np.load(run / "cluster" / "fine_centroids.npy")
         return cls(
-            experts=[load_clip(run / "train" / n, device) for n in names],
-            expert_names=names,
+            experts=[load_clip(e.path, device) for e in experts],
+            expert_names=[e.name for e in experts],
             encoder=load_run_encoder(run / "embed", device),
-            fine_centroids=np.load(run / "cluster" / "fine_centroids.npy"),
-            expert_of_fine=np.load(run / "cluster" / "expert_of_fine.npy"),
+            fine_centroids=fine_centroids,
+            owns=ownership(experts, fine_centroids.shape[0]),
             routing=routing, lam=lam,
         )
 
     def route_texts(self, embeddings: np.ndarray) -> np.ndarray:
-        return route(self.routing, embeddings, self.fine_centroids, self.expert_of_fine,
-                     len(self.experts), self.lam)
+        return route(self.routing, embeddings, self.fine_centroids, self.owns, len(self.experts), self.lam)
 
     def classify(self, images: list[Image.Image], classnames: list[str],
                  templates: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:

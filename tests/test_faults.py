@@ -79,3 +79,22 @@ def test_a_killed_cluster_reruns_to_the_same_outputs(data):
         assert got == expected
         assert not list((run / "cluster").glob("*.tmp*"))  # no partial file left behind
     assert cut_short >= 1
+
+
+@pytest.mark.slow
+def test_a_killed_evaluate_reruns_to_the_same_results(tiny_run, tmp_path):
+    import shutil
+
+    reference = tiny_run["run_dir"] / "evaluate"
+    names = ("results.json", "routing.json", "results.md")
+    expected = {name: file_sha256(reference / name) for name in names}
+    cut_short = 0
+    for point, delay in enumerate([1.5, 6.0]):
+        run = tmp_path / f"evaluate_killed_{point}"
+        shutil.copytree(tiny_run["run_dir"], run, symlinks=True, ignore=shutil.ignore_patterns("evaluate"))
+        start = time.time()
+        cut_short += kill_when(tiny_run["config"], "evaluate", run, lambda: time.time() - start > delay)
+        run_stage("evaluate", load_config(tiny_run["config"]), run)
+        assert {name: file_sha256(run / "evaluate" / name) for name in names} == expected
+        assert not list((run / "evaluate").glob(".*.tmp"))
+    assert cut_short >= 1

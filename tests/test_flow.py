@@ -91,9 +91,9 @@ def test_cli_reports_a_bad_config_and_exits_2(tmp_path, capsys):
 
 
 def test_a_second_full_run_skips_every_stage_and_does_no_heavy_work(tiny_run):
-    # Measured on 2 cores: 6.2 s against 58 s (11%). What is left is Prefect's
-    # fixed cost of about 1.2 s per (sub)flow run, independent of the data; the
-    # issue's 10% holds for runs longer than a minute, not for this tiny one.
+    # The flow checks each stage's fingerprint before it starts a sub-flow, so a
+    # finished stage costs a few file reads, not a Prefect sub-flow run (about
+    # 1.2 s each on 2 cores).
     from prefect.testing.utilities import prefect_test_harness
 
     from pipelines.flows import moda
@@ -105,4 +105,4 @@ def test_a_second_full_run_skips_every_stage_and_does_no_heavy_work(tiny_run):
         seconds = time.perf_counter() - started
     assert table == tiny_run["table"]
     assert {s: (tiny_run["run_dir"] / s / "manifest.json").read_text() for s in STAGES} == before
-    assert seconds < 0.2 * tiny_run["seconds"], (seconds, tiny_run["seconds"])
+    assert seconds < 0.1 * tiny_run["seconds"], (seconds, tiny_run["seconds"])

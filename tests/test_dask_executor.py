@@ -1,0 +1,47 @@
+"""`train.executor: dask`: experts as Prefect tasks on a Dask cluster (here a local one, on CPU).
+
+The same code path serves several GPU hosts: only `train.dask_address`
+changes (README, "Running on several GPU hosts").
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from pipelines.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_experts_train_in_dask_worker_processes_from_the_runs_seed(tiny_run, tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flows import moda
+
+    seed = json.loads((tiny_run["run_dir"] / "train" / "registry.json").read_text())["seed"]["checkpoint"]
+    config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
+                          train={"seed_checkpoint": seed, "baseline": False, "batch_size": 16, "warmup": 2,
+                                 "executor": "dask", "dask_local_workers": 2})
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("embed", "cluster", "split"):
+        os.symlink(tiny_run["run_dir"] / stage, run / stage)
+    with prefect_test_harness():
+        moda(config_path=str(config), run_dir=str(run), stages=["train"])
+    manifest = json.loads((run / "train" / "manifest.json").read_text())
+    ran_on = manifest["counts"]["experts_ran_on"]
+    assert set(ran_on) == {"expert_000", "expert_001"}
+    assert all(int(where.rsplit(":", 1)[1]) != os.getpid() for where in ran_on.values())  # not in this process
+    registry = json.loads((run / "train" / "registry.json").read_text())
+    for expert in registry["experts"]:
+        assert (run / "train" / expert["model_dir"] / "open_clip_model.safetensors").is_file()
+
+
+def test_an_unknown_executor_fails_at_load(tmp_path, tiny_data):
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.executor"):
+        load_config(write_config(tmp_path / "c.yaml", tiny_data, train={"executor": "slurm"}))
