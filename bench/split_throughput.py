@@ -1,6 +1,6 @@
 """Split stage throughput against a raw copy of the same tars, and peak memory at two sizes.
 
-    .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128]
+    .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128] [--repeats 3]
 
 Peers, named: (1) `shutil.copyfile` of the same input tar files (the floor
 any split must pay: read every byte, write every byte); (2) the split itself
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import shutil
 import subprocess
 import sys
@@ -77,28 +79,38 @@ def child(run: Path, shards: list[str]) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "samples": manifest["counts"]["samples_in"]}))
 
 
-def measure(tmp: Path, samples: int, image_size: int) -> dict:
+def measure(tmp: Path, samples: int, image_size: int, repeats: int) -> dict:
+    """Medians of `repeats` interleaved copies and splits; dirty pages are flushed before each
+    (os.sync), so neither pays for the other's write-back."""
     data = tmp / f"in_{samples}"
     shards = make_input(data, samples, image_size)
     megabytes = sum(p.stat().st_size for p in shards) / 1e6
-    run = tmp / f"run_{samples}"
-    fake_cluster(run / "cluster", shards)
-    (run / "embed").mkdir()
-    t0 = time.perf_counter()
-    copy_dir = tmp / f"copy_{samples}"
-    copy_dir.mkdir()
-    for p in shards:
-        shutil.copyfile(p, copy_dir / p.name)
-    copy_seconds = time.perf_counter() - t0
-    out = subprocess.run([sys.executable, __file__, "--child", str(run), *map(str, shards)],
-                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    split = json.loads(out)
+    copies, splits = [], []
+    for r in range(repeats):
+        copy_dir = tmp / f"copy_{samples}_{r}"
+        copy_dir.mkdir()
+        os.sync()
+        t0 = time.perf_counter()
+        for p in shards:
+            shutil.copyfile(p, copy_dir / p.name)
+        copies.append(time.perf_counter() - t0)
+        shutil.rmtree(copy_dir)
+        run = tmp / f"run_{samples}_{r}"
+        fake_cluster(run / "cluster", shards)
+        (run / "embed").mkdir()
+        os.sync()
+        out = subprocess.run([sys.executable, __file__, "--child", str(run), *map(str, shards)],
+                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        splits.append(json.loads(out))
+        shutil.rmtree(run)
+    copy_seconds = statistics.median(copies)
+    split_seconds = statistics.median(s["seconds"] for s in splits)
     return {"samples": samples, "megabytes": round(megabytes, 1),
             "copy_mb_s": round(megabytes / copy_seconds, 1),
-            "split_mb_s": round(megabytes / split["seconds"], 1),
-            "split_samples_s": round(samples / split["seconds"], 1),
-            "ratio_split_vs_copy": round(copy_seconds / split["seconds"], 4),
-            "peak_rss_mb": round(split["peak_rss_mb"], 1)}
+            "split_mb_s": round(megabytes / split_seconds, 1),
+            "split_samples_s": round(samples / split_seconds, 1),
+            "ratio_split_vs_copy": round(copy_seconds / split_seconds, 4),
+            "peak_rss_mb": round(max(s["peak_rss_mb"] for s in splits), 1)}
 
 
 def main() -> None:
@@ -109,9 +121,11 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=4000)
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tmp", default=None, help="where to write (default: the system temp folder)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [measure(Path(tmp), n, args.image_size) for n in (args.small, args.small * args.factor)]
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        rows = [measure(Path(tmp), n, args.image_size, args.repeats) for n in (args.small, args.small * args.factor)]
     for row in rows:
         print(json.dumps(row))
     small, large = rows

@@ -33,6 +33,8 @@ from pipelines.manifest import (
     combine,
     file_sha256,
     hash_outputs,
+    input_stats,
+    source_hashes as file_hashes,
     is_done,
     read_manifest,
     remove_stale_temps,
@@ -265,10 +267,14 @@ def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[Path], so
             future.result()
 
 
-def embed_fingerprint(cfg: EmbedConfig, shards: list[Path],
-                      encoder_path: Path | None = None) -> tuple[str, str, dict[str, str]]:
-    """(fingerprint, config hash, sha256 per input shard): what the embed stage's outputs depend on."""
-    source_hashes = {p.stem: file_sha256(p) for p in shards}
+def embed_fingerprint(cfg: EmbedConfig, shards: list[Path], encoder_path: Path | None = None,
+                      stage_dir: Path | None = None) -> tuple[str, str, dict[str, str]]:
+    """(fingerprint, config hash, sha256 per input shard): what the embed stage's outputs depend on.
+
+    Input hashes recorded by the stage's last manifest are reused while the
+    shards keep their size and modification time.
+    """
+    source_hashes = file_hashes(shards, read_manifest(stage_dir) if stage_dir else None)
     config_hash = section_hash(cfg)
     if encoder_path is not None:
         config_hash = combine(config_hash, hash_outputs(encoder_path, sorted(
@@ -289,7 +295,7 @@ def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path, encoder_pat
     if len(set(stems)) != len(stems):
         raise ValueError("input shards must have distinct file names (their stems name the outputs)")
     started = time.time()
-    fingerprint, config_hash, source_hashes = embed_fingerprint(cfg, shards, encoder_path)
+    fingerprint, config_hash, source_hashes = embed_fingerprint(cfg, shards, encoder_path, stage_dir)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
     remove_stale_temps(stage_dir)
@@ -329,7 +335,8 @@ def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path, encoder_pat
             "captions_per_second": round(done_now / embed_seconds, 1) if todo and embed_seconds else None,
         },
         started=started,
-        extra={"model": cfg.model, "pooling": cfg.pooling, "precision": cfg.precision,
+        extra={"input_stats": input_stats(shards),
+               "model": cfg.model, "pooling": cfg.pooling, "precision": cfg.precision,
                "dim": _dim_of(stage_dir, stems),
                "encoder": str(Path(encoder_path).resolve()) if given_encoder else ("encoder" if encoder_path else None)},
     )

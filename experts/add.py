@@ -307,7 +307,7 @@ def write_subset(cfg: Config, root: Path, split_dir: Path, fine_clusters: np.nda
     if lost:
         raise RuntimeError(f"add-expert: {len(lost)} selected samples are in no expert shard and were not "
                            f"rejected by the split, e.g. {lost[:5]}: rerun the split stage (moda verify)")
-    shard_hashes = {name: file_sha256(out / name) for name in sizes}
+    shard_hashes = dict(writer.hashes)  # hashed while written
     atomic_write_json(out / "manifest.json", {
         "expert": 0, "samples": sum(sizes.values()), "sizes": sizes, "shards_sha256": shard_hashes,
         "source_experts": [expert_dir_name(e) for e in sorted(selected_by_expert)],

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -50,14 +49,16 @@ from pipelines.config import SplitConfig, section_hash
 from pipelines.manifest import (
     atomic_write_json,
     combine,
-    file_sha256,
     hash_outputs,
+    input_stats,
     is_done,
     read_manifest,
     require_manifest,
+    source_hashes,
     write_manifest,
 )
 from pipelines.shards import TRUNCATED, ShardError, count_reasons, iter_samples, jpeg_bytes, write_rejects
+from pipelines.tarstream import TarShardWriter
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = 8192 * 8192
@@ -69,6 +70,46 @@ def expert_dir_name(expert: int) -> str:
 
 
 # ---------------------------------------------------------------- images
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def jpeg_frame(raw: bytes) -> tuple[int, int, int, int] | None:
+    """(components, bits per sample, width, height) from a JPEG's frame header, by a marker scan.
+
+    None when `raw` is not a well-formed JPEG up to its frame header. Reads
+    a few segment headers, not the image: what PIL's header parse tells the
+    split, at a fraction of its cost.
+    """
+    if raw[:2] != b"\xff\xd8":
+        return None
+    pos, end = 2, len(raw)
+    while pos + 4 <= end:
+        if raw[pos] != 0xFF:
+            return None
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        length = (raw[pos + 2] << 8) | raw[pos + 3]
+        if length < 2:
+            return None
+        if marker in _SOF_MARKERS:
+            if pos + 10 > end:
+                return None
+            bits = raw[pos + 4]
+            height = (raw[pos + 5] << 8) | raw[pos + 6]
+            width = (raw[pos + 7] << 8) | raw[pos + 8]
+            return raw[pos + 9], bits, width, height
+        pos += 2 + length
+    return None
+
+
 def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[bytes | None, str | None]:
     """The sample's image as RGB JPEG bytes, or (None, reason) when unusable.
 
@@ -82,6 +123,16 @@ def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[byte
     raw = files[ext]
     if not raw:
         return None, "empty_image"
+    if validate == "header" and ext in ("jpg", "jpeg"):
+        frame = jpeg_frame(raw)
+        if frame is not None and frame[0] == 3 and frame[1] == 8 and frame[2] and frame[3]:
+            # An 8-bit 3-component JPEG (PIL opens it as RGB): checked by its frame
+            # header and end-of-image marker, passed through byte for byte.
+            if frame[2] * frame[3] > MAX_PIXELS:
+                return None, "huge_image"
+            if not raw.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+                return None, "corrupt_image"
+            return raw, None
     try:
         with Image.open(io.BytesIO(raw)) as image:
             width, height = image.size
@@ -182,7 +233,7 @@ class _Outputs:
 
     def __init__(self, stage_dir: Path):
         self.stage_dir = stage_dir
-        self.writers: dict[tuple[int, int], tuple[wds.TarWriter, Path]] = {}
+        self.writers: dict[tuple[int, int], tuple[TarShardWriter, Path]] = {}
         self.counts: Counter = Counter()
         self.final: set[tuple[int, int]] = set()
         for record in (stage_dir / "progress" / "outputs").glob("*.json"):
@@ -203,24 +254,23 @@ class _Outputs:
         if (e, k) not in self.writers:
             tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            self.writers[(e, k)] = (wds.TarWriter(str(tmp), mtime=0), tmp)
+            self.writers[(e, k)] = (TarShardWriter(tmp), tmp)
         writer, _ = self.writers[(e, k)]
-        writer.write({"__key__": key, **files})
+        writer.add_sample(key, files)
         self.counts[(e, k)] += 1
 
     def finalize(self, e: int, k: int) -> None:
         if (e, k) in self.writers:
             writer, tmp = self.writers.pop((e, k))
-            writer.close()
         else:  # every sample of this output shard was rejected: an empty, valid tar
             tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            wds.TarWriter(str(tmp), mtime=0).close()
+            writer = TarShardWriter(tmp)
+        sha256 = writer.close()  # hashed while written: the file is not read again
         final = self.final_path(e, k)
         final.unlink(missing_ok=True)
         tmp.rename(final)
-        atomic_write_json(self.record_path(e, k), {"samples": self.counts.pop((e, k), 0),
-                                                   "sha256": file_sha256(final)})
+        atomic_write_json(self.record_path(e, k), {"samples": self.counts.pop((e, k), 0), "sha256": sha256})
         self.final.add((e, k))
 
 
@@ -285,11 +335,16 @@ def load_embed_rejects(embed_dir: Path) -> dict[str, str]:
     return {k: r for k, r in zip(table.column("key").to_pylist(), table.column("reason").to_pylist()) if k}
 
 
-def split_fingerprint(cfg: SplitConfig, shards: list[Path], cluster_dir: Path) -> tuple[str, dict[str, str]]:
-    """(fingerprint, sha256 per input shard): config, the cluster stage's fingerprint, the input shards."""
+def split_fingerprint(cfg: SplitConfig, shards: list[Path], cluster_dir: Path, embed_dir: Path,
+                      stage_dir: Path | None = None) -> tuple[str, dict[str, str]]:
+    """(fingerprint, sha256 per input shard): config, the cluster stage's fingerprint, the input shards.
+
+    The shards' hashes the embed stage (or this stage's last run) recorded are
+    reused while the files keep their size and modification time.
+    """
     upstream = require_manifest(cluster_dir, "cluster")
-    source_hashes = {p.stem: file_sha256(p) for p in shards}
-    return combine("split", section_hash(cfg), upstream["fingerprint"], source_hashes), source_hashes
+    hashes = source_hashes(shards, read_manifest(embed_dir), read_manifest(stage_dir) if stage_dir else None)
+    return combine("split", section_hash(cfg), upstream["fingerprint"], hashes), hashes
 
 
 def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir: Path,
@@ -297,7 +352,7 @@ def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir
     started = time.time()
     upstream = require_manifest(cluster_dir, "cluster")
     config_hash = section_hash(cfg)
-    fingerprint, source_hashes = split_fingerprint(cfg, shards, cluster_dir)
+    fingerprint, hashes = split_fingerprint(cfg, shards, cluster_dir, embed_dir, stage_dir)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
     num_experts = upstream["num_experts"]
@@ -341,7 +396,7 @@ def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir
         if not outputs.is_final(e, k):
             outputs.finalize(e, k)
     return _finish(cfg, stage_dir, shards, plan, num_experts, fingerprint, config_hash, upstream,
-                   source_hashes, started)
+                   hashes, started)
 
 
 
@@ -374,16 +429,21 @@ def _finish(cfg, stage_dir, shards, plan, num_experts, fingerprint, config_hash,
     if samples_in != own + rejected or sum(expert_counts) != own + ooc:
         raise RuntimeError(f"split does not add up: {samples_in} in, {own} written, {rejected} rejected, "
                            f"{ooc} out-of-cluster copies, {sum(expert_counts)} in expert shards")
-    outputs = [p for e in range(num_experts) for p in sorted((stage_dir / expert_dir_name(e)).iterdir())]
-    outputs.append(stage_dir / "rejects.parquet")
+    # The shards were hashed while written (progress records); only the small files are read here.
+    outputs = {f"{expert_dir_name(e)}/{name}": digest for e in range(num_experts)
+               for name, digest in json.loads((stage_dir / expert_dir_name(e) / MANIFEST_NAME).read_text())
+               ["shards_sha256"].items()}
+    small = [stage_dir / expert_dir_name(e) / f for e in range(num_experts) for f in ("sizes.json", MANIFEST_NAME)]
+    outputs |= hash_outputs(stage_dir, small + [stage_dir / "rejects.parquet"])
     return write_manifest(
         stage_dir, stage="split", fingerprint=fingerprint, config_hash=config_hash,
         inputs={"cluster": upstream["fingerprint"], **source_hashes},
-        outputs=hash_outputs(stage_dir, outputs),
+        outputs=dict(sorted(outputs.items())),
         counts={"samples_in": samples_in, "written": own, "ooc_copies": ooc, "experts": expert_counts,
                 "rejected": by_reason},
         started=started,
-        extra={"num_experts": num_experts, "input_shards": [str(p.resolve()) for p in shards]},
+        extra={"num_experts": num_experts, "input_shards": [str(p.resolve()) for p in shards],
+               "input_stats": input_stats(shards)},
     )
 
 

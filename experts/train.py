@@ -54,6 +54,7 @@ from pipelines.manifest import (
     file_sha256,
     is_done,
     read_manifest,
+    remove_stale_temps,
     require_manifest,
     write_manifest,
 )
@@ -313,6 +314,8 @@ def run_train(cfg: TrainConfig, split_dir: Path, cluster_dir: Path, stage_dir: P
     fingerprint, model_cfg = train_fingerprint(cfg, split_dir)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
+    for folder in [stage_dir, *stage_dir.glob("*/")]:  # what a killed run was writing (registry, models)
+        remove_stale_temps(folder)
     stage_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     gpus = visible_gpus() if device == "cuda" else []

@@ -66,6 +66,33 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def source_hashes(paths: list[Path], *manifests: dict[str, Any] | None) -> dict[str, str]:
+    """sha256 of each input file, by file stem, reusing what earlier manifests recorded.
+
+    A manifest that lists an input's hash under `inputs[stem]` and its
+    [size, mtime_ns] under `input_stats[stem]` vouches for it while the file
+    still has that size and modification time, so a rerun (or the next stage
+    over the same shards) does not read terabytes of input again.
+    """
+    known: dict[str, tuple[str, list[int]]] = {}
+    for manifest in manifests:
+        if manifest:
+            for stem, stat in manifest.get("input_stats", {}).items():
+                if stem in manifest.get("inputs", {}):
+                    known[stem] = (manifest["inputs"][stem], stat)
+    hashes = {}
+    for path in paths:
+        path = Path(path)
+        cached = known.get(path.stem)
+        hashes[path.stem] = cached[0] if cached and cached[1] == file_stat(path) else file_sha256(path)
+    return hashes
+
+
+def input_stats(paths: list[Path]) -> dict[str, list[int]]:
+    """[size, mtime_ns] per input file stem, for a manifest's `input_stats` (see `source_hashes`)."""
+    return {Path(p).stem: file_stat(Path(p)) for p in paths}
+
+
 def combine(*parts: Any) -> str:
     """Hash any JSON-serialisable parts into one short fingerprint."""
     payload = json.dumps(parts, sort_keys=True, default=str)

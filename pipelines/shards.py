@@ -13,7 +13,6 @@ import glob
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,9 @@ from pathlib import Path
 import braceexpand
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from pipelines.manifest import atomic_path, atomic_write_json
+from pipelines.tarstream import TarDamage, TarShardWriter, read_members
 
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 TRUNCATED = "truncated_tar"
@@ -71,46 +70,25 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
     """Yield the samples of one shard in order.
 
     Raises ShardError (after yielding every complete sample before the damage)
-    when the tar is truncated or corrupt, so callers can count the loss.
+    when the tar is truncated or corrupt, so callers can count the loss. The
+    sample being read when the damage shows (a tar cut exactly between two
+    members shows only by its missing end-of-archive blocks) may have lost
+    files, so it is not yielded.
     """
     current: Sample | None = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                handle = tar.extractfile(member)
-                data = handle.read() if handle is not None else b""
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = Sample(key=key)
-                current.files[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as err:
-        # The sample being read when the tar broke may be incomplete: not yielded.
-        raise ShardError(f"{path}: unreadable after sample {current.key if current else None!r}: {err}") from err
-    if not _has_end_marker(path):
-        # Cut exactly between two members, a tar still parses: only the missing
-        # end-of-archive blocks tell. The last sample may have lost files.
-        raise ShardError(f"{path}: no end-of-archive marker after sample "
-                         f"{current.key if current else None!r}: the file is truncated")
+        for name, data in read_members(path):
+            key, ext = split_member_name(name)
+            if current is not None and current.key != key:
+                yield current
+                current = None
+            if current is None:
+                current = Sample(key=key)
+            current.files[ext] = data
+    except TarDamage as err:
+        raise ShardError(f"{err}; unreadable after sample {current.key if current else None!r}") from err
     if current is not None:
         yield current
-
-
-def _has_end_marker(path: str | Path) -> bool:
-    """An uncompressed tar ends with two zero blocks; compressed ones are not checked."""
-    with open(path, "rb") as handle:
-        if handle.read(2) in (b"\x1f\x8b", b"BZ") or handle.read(1) == b"":
-            return True
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        if size < 1024:
-            return False
-        handle.seek(size - 1024)
-        return handle.read(1024) == bytes(1024)
 
 
 def read_caption(sample: Sample) -> tuple[str | None, str | None]:
@@ -133,7 +111,8 @@ class ShardSetWriter:
 
     Each shard is written under a temporary name and renamed when full, and
     `sizes.json` (shard name -> sample count, the file open_clip_train reads
-    instead of `--train-num-samples`) is written on close.
+    instead of `--train-num-samples`) is written on close. `hashes` holds the
+    sha256 of every closed shard, computed while writing.
     """
 
     def __init__(self, out_dir: str | Path, shard_size: int, start_index: int = 0):
@@ -142,21 +121,22 @@ class ShardSetWriter:
         self.shard_size = shard_size
         self.index = start_index
         self.sizes: dict[str, int] = {}
-        self._writer: wds.TarWriter | None = None
+        self.hashes: dict[str, str] = {}
+        self._writer: TarShardWriter | None = None
         self._tmp: Path | None = None
         self._count = 0
 
     def _open(self) -> None:
         name = f"{self.index:05d}.tar"
         self._tmp = self.out_dir / f".{name}.tmp"
-        self._writer = wds.TarWriter(str(self._tmp), mtime=0)  # reproducible bytes
+        self._writer = TarShardWriter(self._tmp)  # mtime 0: reproducible bytes
         self._count = 0
 
     def _close_shard(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()
         name = f"{self.index:05d}.tar"
+        self.hashes[name] = self._writer.close()
         os.replace(self._tmp, self.out_dir / name)
         self.sizes[name] = self._count
         self.index += 1
@@ -165,9 +145,7 @@ class ShardSetWriter:
     def write(self, key: str, files: dict[str, bytes]) -> None:
         if self._writer is None:
             self._open()
-        record = {"__key__": key}
-        record.update(files)
-        self._writer.write(record)
+        self._writer.add_sample(key, files)
         self._count += 1
         if self._count >= self.shard_size:
             self._close_shard()

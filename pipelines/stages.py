@@ -69,7 +69,7 @@ def stage_fingerprint(stage: str, cfg: Config, run_dir: str | Path | None) -> st
     if stage == "embed":
         from clustering.embed import embed_fingerprint
 
-        return embed_fingerprint(cfg.embed, expand_shards(cfg.data.train_shards))[0]
+        return embed_fingerprint(cfg.embed, expand_shards(cfg.data.train_shards), stage_dir=paths["embed"])[0]
     if stage == "cluster":
         from clustering.cluster import cluster_fingerprint
 
@@ -77,7 +77,8 @@ def stage_fingerprint(stage: str, cfg: Config, run_dir: str | Path | None) -> st
     if stage == "split":
         from experts.split import split_fingerprint
 
-        return split_fingerprint(cfg.split, expand_shards(cfg.data.train_shards), paths["cluster"])[0]
+        return split_fingerprint(cfg.split, expand_shards(cfg.data.train_shards), paths["cluster"],
+                                 paths["embed"], paths["split"])[0]
     if stage == "train":
         from experts.train import train_fingerprint
 

@@ -51,6 +51,7 @@ from pipelines.manifest import (
     hash_outputs,
     is_done,
     read_manifest,
+    remove_stale_temps,
     require_manifest,
     write_manifest,
 )
@@ -315,6 +316,7 @@ def run_evaluate(cfg: EvaluateConfig, embed_dir: Path, tasks_dir: Path, cluster_
     fingerprint, task_hash = evaluate_fingerprint(cfg, embed_dir, tasks_dir, cluster_dir, train_dir, ablations)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
+    remove_stale_temps(stage_dir)  # what a killed run was writing
     tasks = load_tasks(tasks_dir)
     registry = read_registry(train_dir)
     fine_centroids = np.load(cluster_dir / "fine_centroids.npy")
