@@ -60,3 +60,37 @@ def test_a_server_killed_mid_run_and_restarted_loses_no_finished_stage(tmp_path,
     for stage, manifest in finished.items():
         assert (run_dir / stage / "manifest.json").read_bytes() == manifest, f"{stage} was redone"
     assert (run_dir / "split" / "manifest.json").is_file()
+
+
+def test_prefect_flow_run_retry_continues_a_failed_run_without_redoing_its_finished_stages(tmp_path, tiny_data):
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = write_config(tmp_path / "c.yaml", tiny_data, cluster={"num_fine": 100000, "num_experts": 2})
+    env = demo_env(tmp_path, free_port())
+    run_dir = tmp_path / "run"
+    server = start_server(env, tmp_path, tmp_path / "server.log")
+    try:
+        failed = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(config), "--run-dir",
+                                 str(run_dir), "--stages", "embed,cluster"], env=env, cwd=root,
+                                capture_output=True, text=True)
+        assert failed.returncode == 2 and "num_fine=100000" in failed.stderr  # embed done, cluster failed
+        embed_manifest = (run_dir / "embed" / "manifest.json").read_bytes()
+        run_id = subprocess.run([sys.executable, "-c", (
+            "from prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateType\n"
+            "with get_client(sync_client=True) as client:\n"
+            "    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(\n"
+            "        state=dict(type=FlowRunFilterStateType(any_=['FAILED']))))\n"
+            "    print([str(r.id) for r in runs if r.parameters.get('stages')][0])")],
+            env=env, cwd=root, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        write_config(config, tiny_data)  # the user fixes the config (same file) ...
+        retried = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", run_id,
+                                  "--entrypoint", "pipelines/flows.py:moda"], env=env, cwd=root,
+                                 capture_output=True, text=True, timeout=600)  # ... and retries the run
+        assert retried.returncode == 0, retried.stdout[-2000:] + retried.stderr[-2000:]
+    finally:
+        stop(server, "server")
+    assert (run_dir / "embed" / "manifest.json").read_bytes() == embed_manifest  # not redone
+    assert json.loads((run_dir / "cluster" / "manifest.json").read_text())["counts"]["samples"] == 240
