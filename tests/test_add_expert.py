@@ -124,3 +124,12 @@ def test_a_config_with_a_bad_coverage_fails_at_load(tmp_path, tiny_data):
 
     with pytest.raises(ConfigError, match="add_expert.coverage"):
         load_config(write_config(tmp_path / "c.yaml", tiny_data, add_expert={"coverage": 0}))
+
+
+def test_moda_predict_loads_the_added_experts_and_routes_over_them(run, added):
+    from routing.predict import MoDESystem
+
+    system = MoDESystem.load(run["run"])
+    assert system.expert_names[-3:] == ["expert_002", "expert_003", "expert_004"]
+    weights = system.route_texts(np.eye(1, system.fine_centroids.shape[1], dtype=np.float32))
+    assert weights.shape == (5,) and weights.sum() == pytest.approx(1.0)
