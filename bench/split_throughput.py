@@ -1,6 +1,7 @@
 """Split stage throughput against a raw copy of the same tars, and peak memory at two sizes.
 
     .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128] [--repeats 3]
+                                               [--processes 1]
 
 Peers, named: (1) `shutil.copyfile` of the same input tar files (the floor
 any split must pay: read every byte, write every byte); (2) the split itself
@@ -66,20 +67,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(run: Path, shards: list[str]) -> None:
-    """Run only the split in this process and report its time and peak RSS."""
+def child(run: Path, processes: int, shards: list[str]) -> None:
+    """Run only the split in this process and report its time and peak RSS (its split workers' too)."""
     from experts.split import run_split
     from pipelines.config import SplitConfig
 
     t0 = time.perf_counter()
-    manifest = run_split(SplitConfig(shard_size=1000), [Path(s) for s in shards], run / "embed",
-                         run / "cluster", run / "split")
+    manifest = run_split(SplitConfig(shard_size=1000, processes=processes), [Path(s) for s in shards],
+                         run / "embed", run / "cluster", run / "split")
     seconds = time.perf_counter() - t0
-    peak_mb = peak_rss_mb()
+    peak_mb = max(peak_rss_mb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "samples": manifest["counts"]["samples_in"]}))
 
 
-def measure(tmp: Path, samples: int, image_size: int, repeats: int) -> dict:
+def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: int) -> dict:
     """Medians of `repeats` interleaved copies and splits; dirty pages are flushed before each
     (os.sync), so neither pays for the other's write-back."""
     data = tmp / f"in_{samples}"
@@ -99,7 +100,7 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int) -> dict:
         fake_cluster(run / "cluster", shards)
         (run / "embed").mkdir()
         os.sync()
-        out = subprocess.run([sys.executable, __file__, "--child", str(run), *map(str, shards)],
+        out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), *map(str, shards)],
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         splits.append(json.loads(out))
         shutil.rmtree(run)
@@ -115,17 +116,19 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), sys.argv[3:])
+        child(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", type=int, default=4000)
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=1, help="split.processes (0: one per CPU core)")
     parser.add_argument("--tmp", default=None, help="where to write (default: the system temp folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        rows = [measure(Path(tmp), n, args.image_size, args.repeats) for n in (args.small, args.small * args.factor)]
+        rows = [measure(Path(tmp), n, args.image_size, args.repeats, args.processes)
+                for n in (args.small, args.small * args.factor)]
     for row in rows:
         print(json.dumps(row))
     small, large = rows

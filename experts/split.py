@@ -229,10 +229,17 @@ def completing_shard(plan: dict, shard_order: list[str]) -> dict[tuple[int, int]
 
 # ---------------------------------------------------------------- streaming
 class _Outputs:
-    """The open temporary output shards; each is renamed into place when complete."""
+    """The open temporary output shards; each is renamed into place when complete.
 
-    def __init__(self, stage_dir: Path):
+    With several split processes, an output shard fed by input shards of more
+    than one process (a `boundary` shard) is written by each of them as a
+    fragment (members only, no end-of-archive), which the parent joins.
+    """
+
+    def __init__(self, stage_dir: Path, boundary: frozenset = frozenset(), worker: int = 0):
         self.stage_dir = stage_dir
+        self.boundary = boundary
+        self.worker = worker
         self.writers: dict[tuple[int, int], tuple[TarShardWriter, Path]] = {}
         self.counts: Counter = Counter()
         self.final: set[tuple[int, int]] = set()
@@ -250,14 +257,43 @@ class _Outputs:
     def is_final(self, e: int, k: int) -> bool:
         return (e, k) in self.final
 
+    def fragment_path(self, e: int, k: int, worker: int) -> Path:
+        return self.final_path(e, k).with_name(f".{k:05d}.tar.part{worker}")
+
     def write(self, e: int, k: int, key: str, files: dict[str, bytes]) -> None:
         if (e, k) not in self.writers:
-            tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
+            if (e, k) in self.boundary:
+                tmp = self.fragment_path(e, k, self.worker)
+            else:
+                tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             self.writers[(e, k)] = (TarShardWriter(tmp), tmp)
         writer, _ = self.writers[(e, k)]
         writer.add_sample(key, files)
         self.counts[(e, k)] += 1
+
+    def close_fragments(self) -> dict[str, int]:
+        """Close this process's fragments of boundary shards; their sample counts by "e_k"."""
+        counts = {}
+        for (e, k) in [ek for ek in self.writers if ek in self.boundary]:
+            writer, _ = self.writers.pop((e, k))
+            writer.close_fragment()
+            counts[f"{e}_{k}"] = self.counts.pop((e, k), 0)
+        return counts
+
+    def join(self, e: int, k: int, workers: int, samples: int) -> None:
+        """Make a boundary shard from its fragments, in process order, and rename it into place."""
+        tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        writer = TarShardWriter(tmp)
+        for worker in range(workers):
+            part = self.fragment_path(e, k, worker)
+            if part.is_file():
+                writer.add_raw(part.read_bytes())
+                part.unlink()
+        self.writers[(e, k)] = (writer, tmp)
+        self.counts[(e, k)] = samples
+        self.finalize(e, k)
 
     def finalize(self, e: int, k: int) -> None:
         if (e, k) in self.writers:
@@ -327,6 +363,64 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
     return {"samples_in": samples_in, "own": own_written, "ooc": ooc_written, "rejects": rejects}
 
 
+def _chunks(shards: list[Path], processes: int) -> list[list[Path]]:
+    """Contiguous runs of input shards, one per split process (0 = one per CPU core)."""
+    import os
+
+    count = max(1, min(processes or os.cpu_count() or 1, len(shards)))
+    bounds = np.linspace(0, len(shards), count + 1).round().astype(int)
+    return [shards[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def boundary_shards(plan: dict, chunks: list[list[str]], num_experts: int) -> frozenset:
+    """Output shards fed by input shards of more than one process: written as fragments, then joined."""
+    writers: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for w, chunk in enumerate(chunks):
+        for s in chunk:
+            for e in range(num_experts):
+                for k in output_shards_of(plan, s, e):
+                    writers[(e, k)].add(w)
+    return frozenset(ek for ek, ws in writers.items() if len(ws) > 1)
+
+
+def _die_with_parent() -> None:
+    """A split process dies with the stage's (Linux PR_SET_PDEATHSIG), so a rerun never races it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
+    except Exception:  # not Linux: the parent's pool still waits for its workers
+        pass
+
+
+def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str], assignments: Path,
+                 caption_rejects: dict[str, str], stage_dir: Path, cfg: SplitConfig, boundary: frozenset,
+                 num_experts: int) -> dict[str, int]:
+    """One process's run of input shards, in order: write, finalize what completes, record progress.
+
+    Returns the sample counts of its fragments of boundary shards ("e_k" -> count).
+    """
+    outputs = _Outputs(stage_dir, boundary, worker)
+    closes_after: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for ek, s in completing_shard(plan, order).items():
+        if ek not in boundary:
+            closes_after[s].append(ek)
+    progress_dir = stage_dir / "progress" / "inputs"
+    for shard_path in tqdm(chunk, desc=f"split {worker}", unit="shard", position=worker):
+        s = shard_path.stem
+        touched = [(e, k) for e in range(num_experts) for k in output_shards_of(plan, s, e)]
+        record = progress_dir / f"{s}.json"
+        if record.is_file() and all(outputs.is_final(e, k) for e, k in touched):
+            continue
+        result = split_input_shard(shard_path, plan, assignments, caption_rejects, outputs, cfg)
+        for e, k in sorted(closes_after.get(s, [])):
+            if not outputs.is_final(e, k):
+                outputs.finalize(e, k)
+        atomic_write_json(record, result)
+    return outputs.close_fragments()
+
+
 def load_embed_rejects(embed_dir: Path) -> dict[str, str]:
     path = embed_dir / "rejects.parquet"
     if not path.is_file():
@@ -344,14 +438,21 @@ def split_fingerprint(cfg: SplitConfig, shards: list[Path], cluster_dir: Path, e
     """
     upstream = require_manifest(cluster_dir, "cluster")
     hashes = source_hashes(shards, read_manifest(embed_dir), read_manifest(stage_dir) if stage_dir else None)
-    return combine("split", section_hash(cfg), upstream["fingerprint"], hashes), hashes
+    return combine("split", split_config_hash(cfg), upstream["fingerprint"], hashes), hashes
+
+
+def split_config_hash(cfg: SplitConfig) -> str:
+    """The config's hash without `processes`: the output does not depend on it."""
+    import dataclasses
+
+    return section_hash(dataclasses.replace(cfg, processes=0))
 
 
 def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir: Path,
               stage_dir: Path) -> dict:
     started = time.time()
     upstream = require_manifest(cluster_dir, "cluster")
-    config_hash = section_hash(cfg)
+    config_hash = split_config_hash(cfg)
     fingerprint, hashes = split_fingerprint(cfg, shards, cluster_dir, embed_dir, stage_dir)
     if is_done(stage_dir, fingerprint):
         return {**read_manifest(stage_dir), "skipped": True}
@@ -370,28 +471,30 @@ def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir
         atomic_write_json(plan_path, {"fingerprint": fingerprint, "num_experts": num_experts, **plan})
     else:
         plan = previous
-    for stale in stage_dir.glob("expert_*/.*.tmp"):
-        stale.unlink()
+    for stale in [*stage_dir.glob("expert_*/.*.tmp"), *stage_dir.glob("expert_*/.*.part*")]:
+        stale.unlink()  # what a killed run was writing (every unfinished shard is written anew)
 
-    outputs = _Outputs(stage_dir)
     completes = completing_shard(plan, order)
-    closes_after: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    for ek, s in completes.items():
-        closes_after[s].append(ek)
-    caption_rejects = load_embed_rejects(embed_dir)
-    progress_dir = stage_dir / "progress" / "inputs"
-    progress_dir.mkdir(parents=True, exist_ok=True)
-    for shard_path in tqdm(shards, desc="split", unit="shard"):
-        s = shard_path.stem
-        touched = [(e, k) for e in range(num_experts) for k in output_shards_of(plan, s, e)]
-        record = progress_dir / f"{s}.json"
-        if record.is_file() and all(outputs.is_final(e, k) for e, k in touched):
-            continue
-        result = split_input_shard(shard_path, plan, assignments, caption_rejects, outputs, cfg)
-        for e, k in sorted(closes_after.get(s, [])):
-            if not outputs.is_final(e, k):
-                outputs.finalize(e, k)
-        atomic_write_json(record, result)
+    (stage_dir / "progress" / "inputs").mkdir(parents=True, exist_ok=True)
+    chunks = _chunks(shards, cfg.processes)
+    boundary = boundary_shards(plan, [[p.stem for p in chunk] for chunk in chunks], num_experts)
+    job = dict(plan=plan, order=order, assignments=assignments, caption_rejects=load_embed_rejects(embed_dir),
+               stage_dir=stage_dir, cfg=cfg, boundary=boundary, num_experts=num_experts)
+    if len(chunks) == 1:
+        fragments = [split_shards(chunks[0], worker=0, **job)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_die_with_parent) as pool:
+            futures = [pool.submit(split_shards, chunk, worker=w, **job) for w, chunk in enumerate(chunks)]
+            fragments = [future.result() for future in futures]
+    outputs = _Outputs(stage_dir)
+    for e, k in sorted(boundary):
+        if not outputs.is_final(e, k):
+            samples = sum(counts.get(f"{e}_{k}", 0) for counts in fragments)
+            outputs.join(e, k, len(chunks), samples)
     for e, k in sorted(completes):  # experts with no samples at all still get their shards listed
         if not outputs.is_final(e, k):
             outputs.finalize(e, k)

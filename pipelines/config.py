@@ -125,12 +125,15 @@ class SplitConfig:
     expert, that share of its own size (MoDE's reference uses 0.02).
     `validate`: `header` checks an RGB JPEG's header and end marker and copies
     its bytes; `decode` decodes every image fully (slower, stricter).
+    `processes`: split processes over contiguous runs of input shards (0 = one
+    per CPU core); the output is byte-identical whatever the number.
     """
 
     shard_size: int = 1000
     min_shards: int = 1
     ooc_ratio: float = 0.0
     validate: str = "header"
+    processes: int = 0
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,8 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.split.ooc_ratio < 1:
         raise ConfigError("split.ooc_ratio must be in [0, 1)")
     _choice(cfg.split.validate, ("header", "decode"), "split.validate")
+    if cfg.split.processes < 0:
+        raise ConfigError("split.processes must be >= 0 (0 = one per CPU core)")
     t = cfg.train
     _positive(t.seed_epochs, "train.seed_epochs")
     _positive(t.expert_epochs, "train.expert_epochs")

@@ -192,6 +192,16 @@ class TarShardWriter:
             self._member(parts, f"{key}.{ext}", data)
         self._put(b"".join(parts))
 
+    def add_raw(self, members: bytes) -> None:
+        """Members written elsewhere (a fragment: whole 512-byte blocks, no end-of-archive)."""
+        if len(members) % BLOCK:
+            raise ValueError("a tar fragment must be whole 512-byte blocks")
+        self._put(members)
+
+    def close_fragment(self) -> None:
+        """Close without the end-of-archive blocks: the file is a fragment for `add_raw`."""
+        self._handle.close()
+
     def close(self) -> str:
         self._put(ZEROS[:2 * BLOCK])
         if self._size % RECORD:

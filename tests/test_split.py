@@ -269,3 +269,33 @@ def test_a_killed_split_resumes_to_the_same_outputs(clustered):
         assert split_outputs(run) == expected
         assert verify_split(run)[0] == []
     assert killed_mid_way >= 2  # the test really interrupted the stage
+
+
+@pytest.mark.parametrize("processes", [2, 5])
+def test_several_split_processes_write_the_same_bytes_as_one(clustered, processes):
+    import dataclasses
+
+    from experts.split import _chunks, boundary_shards
+
+    _, cfg, root = clustered
+    one, many = fresh_run(root, f"one_{processes}"), fresh_run(root, f"many_{processes}")
+    run_stage("split", dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, processes=1)), one)
+    manifest = run_stage("split", dataclasses.replace(cfg, split=dataclasses.replace(cfg.split,
+                                                                                     processes=processes)), many)
+    plan = json.loads((many / "split" / "plan.json").read_text())
+    chunks = [[p.stem for p in chunk] for chunk in _chunks(sorted((root / "data" / "train").glob("*.tar")),
+                                                           processes)]
+    assert len(chunks) == processes and boundary_shards(plan, chunks, 4)  # shards were joined from fragments
+    assert split_outputs(many) == split_outputs(one)
+    assert manifest["counts"]["samples_in"] == 1200 and verify_split(many)[0] == []
+    assert not list((many / "split").glob("expert_*/.*"))  # no fragment or temp file left
+
+
+def test_the_number_of_split_processes_does_not_change_the_fingerprint(clustered):
+    import dataclasses
+
+    _, cfg, root = clustered
+    run = fresh_run(root, "processes_fp")
+    run_stage("split", cfg, run)
+    again = run_stage("split", dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, processes=3)), run)
+    assert again.get("skipped")
