@@ -133,6 +133,22 @@ def _dask_runner(gpus_per_expert: int):
     return run
 
 
+def _on_dask(cfg: Config) -> bool:
+    """`train.executor: dask` and this flow really runs on Dask (the `moda` flow gives it the runner);
+    otherwise experts stay on this host's GPU slots."""
+    if cfg.train.executor != "dask":
+        return False
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    context = FlowRunContext.get()
+    if context is not None and isinstance(context.task_runner, DaskTaskRunner):
+        return True
+    _logger().warning("train.executor is dask, but this train flow was not started with a Dask task "
+                      "runner (run it through the moda flow): training the experts on this host")
+    return False
+
+
 def dask_task_runner(cfg):
     """The Dask task runner for `train.executor: dask`: the cluster at `dask_address`, or a local one."""
     from prefect_dask import DaskTaskRunner
@@ -166,7 +182,7 @@ def train_flow(config_path: str, run_dir: str | None = None) -> dict:
         if match or "ERROR" in line or "Error" in line:
             log.info("[%s] %s", name, line)
 
-    runner = _dask_runner(cfg.train.gpus_per_expert) if cfg.train.executor == "dask" else _prefect_runner
+    runner = _dask_runner(cfg.train.gpus_per_expert) if _on_dask(cfg) else _prefect_runner
     manifest = run_stage("train", cfg, run_dir, on_line=on_line, runner=runner)
     _summarise(cfg, "train", manifest)
     return manifest
