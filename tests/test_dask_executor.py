@@ -45,3 +45,59 @@ def test_an_unknown_executor_fails_at_load(tmp_path, tiny_data):
 
     with pytest.raises(ConfigError, match="train.executor"):
         load_config(write_config(tmp_path / "c.yaml", tiny_data, train={"executor": "slurm"}))
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A scheduler and two workers started as the README says (`dask scheduler`, `dask worker
+    --resources GPU=1`), on loopback; stopped afterwards."""
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.demo import free_port
+
+    dask = str(Path(sys.executable).parent / "dask")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    for i in range(2):
+        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--resources", "GPU=1", "--name", f"gpu{i}", "--no-dashboard"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        time.sleep(0.1)
+
+
+def test_experts_train_on_an_existing_dask_cluster_at_dask_address(tiny_run, tmp_path, dask_cluster):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flows import moda
+
+    seed = json.loads((tiny_run["run_dir"] / "train" / "registry.json").read_text())["seed"]["checkpoint"]
+    config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
+                          train={"seed_checkpoint": seed, "baseline": False, "batch_size": 16, "warmup": 2,
+                                 "executor": "dask", "dask_address": dask_cluster})
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("embed", "cluster", "split"):
+        os.symlink(tiny_run["run_dir"] / stage, run / stage)
+    with prefect_test_harness():
+        moda(config_path=str(config), run_dir=str(run), stages=["train"])
+    ran_on = json.loads((run / "train" / "manifest.json").read_text())["counts"]["experts_ran_on"]
+    assert set(ran_on) == {"expert_000", "expert_001"}
+    assert all(int(where.rsplit(":", 1)[1]) != os.getpid() for where in ran_on.values())
