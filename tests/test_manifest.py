@@ -38,3 +38,13 @@ def test_recorded_input_hashes_are_reused_while_size_and_mtime_hold(tmp_path):
     shard.write_bytes(b"b" * 101)
     assert source_hashes([shard], recorded) == {"00000": file_sha256(shard)}
     assert source_hashes([shard], None) == {"00000": file_sha256(shard)}
+
+
+def test_many_files_hashed_together_give_each_file_its_own_sha256(tmp_path):
+    from pipelines.manifest import hash_files
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * (1000 + i))
+    assert hash_files(paths) == [file_sha256(p) for p in paths]
