@@ -10,6 +10,7 @@ Three ways (MoDE section 5.5 and the retrieval-enhanced variant):
 - `split-widest`: the widest existing expert (largest spread of its fine
   centres around its coarse centre, the paper's training priority) has its
   fine clusters cut in two; the new expert trains on the wider half's samples.
+  Each further call takes the widest expert not split yet.
 - `task`: a task's class names (a task folder's `task.json`, or names given
   directly) pick their `add_expert.fine_per_class` nearest fine clusters; the
   new expert trains on those clusters' samples.
@@ -46,7 +47,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clustering.incremental import covering_fine_clusters, task_fine_clusters, widest_expert, widest_part
-from experts.registry import ADDED_DIR, read_added, read_registry, register_added
+from experts.registry import ADDED_DIR, current_added, read_added, read_registry, register_added
 from experts.split import expert_dir_name, expert_shards
 from pipelines.config import Config, section_hash
 from pipelines.manifest import (
@@ -125,9 +126,13 @@ def run_add_expert(cfg: Config, run_dir: str | Path | None, request: AddRequest,
     train = require_manifest(paths["train"], "train")
     cluster = require_manifest(paths["cluster"], "cluster")
     sources = _request_sources(request)
+    # split-widest takes the widest expert not split yet: each call adds the next one in the
+    # paper's priority order, so what was split already is part of the request.
+    already_split = sorted(e["selection"]["split_from"] for e in current_added(root)[0]
+                           if e["mode"] == "split-widest") if request.mode == "split-widest" else []
     fingerprint = combine("add-expert", asdict(request), sources, section_hash(cfg.add_expert),
                           section_hash(cfg.split), section_hash(cfg.train), cluster["fingerprint"],
-                          train["fingerprint"])
+                          train["fingerprint"], already_split)
     for entry in read_added(root):
         if entry["request_fingerprint"] == fingerprint:
             work = root / ADDED_DIR / entry["name"]
@@ -144,7 +149,7 @@ def run_add_expert(cfg: Config, run_dir: str | Path | None, request: AddRequest,
         selection, split_dir = new_data_expert(cfg, root, work, expand_shards(request.new_data), fine_centroids)
     else:
         if request.mode == "split-widest":
-            selection = select_widest(paths["cluster"], cfg.cluster.seed)
+            selection = select_widest(paths["cluster"], cfg.cluster.seed, exclude=already_split)
         else:
             selection = select_for_task(cfg, root, fine_centroids, request)
         split_dir = write_subset(cfg, root, work / "split", selection.fine_clusters, fingerprint)
@@ -200,12 +205,17 @@ def _next_id(root: Path) -> int:
 
 
 # ---------------------------------------------------------------- selections
-def select_widest(cluster_dir: Path, seed: int) -> Selection:
-    """The wider half of the widest original expert's fine clusters."""
+def select_widest(cluster_dir: Path, seed: int, exclude: list[str] = ()) -> Selection:
+    """The wider half of the widest original expert's fine clusters, skipping experts in `exclude`."""
     report = json.loads((cluster_dir / "report.json").read_text(encoding="utf-8"))
     fine_centroids = np.load(cluster_dir / "fine_centroids.npy")
     expert_of_fine = np.load(cluster_dir / "expert_of_fine.npy")
-    widest = widest_expert(np.array(report["expert_spread"]))
+    spreads = np.array(report["expert_spread"], dtype=np.float64)
+    spreads[[int(name.split("_")[1]) for name in exclude]] = -np.inf
+    if np.isneginf(spreads).all():
+        raise ValueError("add-expert --mode split-widest: every expert has been split once already; "
+                         "add an expert with --mode task or --mode new-data")
+    widest = widest_expert(spreads)
     part = widest_part(fine_centroids, np.flatnonzero(expert_of_fine == widest),
                        np.array(report["fine_sizes"], dtype=np.float64), seed=seed)
     return Selection(part, {"split_from": expert_dir_name(widest),

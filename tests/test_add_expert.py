@@ -90,9 +90,20 @@ def test_a_new_data_expert_trains_on_every_usable_new_sample(run, added):
 
 
 def test_adding_the_same_expert_again_is_skipped(run, added):
-    again = run_add_expert(run["cfg"], run["run"], AddRequest(mode="split-widest"))
-    assert again.get("skipped") and again["expert"]["name"] == "expert_002"
+    request = AddRequest(mode="task", task=str(run["new"].parent / "eval" / "shapes"))
+    again = run_add_expert(run["cfg"], run["run"], request)
+    assert again.get("skipped") and again["expert"]["name"] == "expert_003"
     assert len(read_added(run["run"])) == 3
+
+
+def test_split_widest_again_splits_the_next_widest_expert_then_refuses(run, added, tmp_path):
+    copy = tmp_path / "run"  # its own copy: the other tests here count three added experts
+    shutil.copytree(run["run"], copy, symlinks=True)
+    first = added[0]["expert"]["selection"]["split_from"]
+    second = run_add_expert(run["cfg"], copy, AddRequest(mode="split-widest"))["expert"]
+    assert second["name"] == "expert_005" and second["selection"]["split_from"] not in (first, None)
+    with pytest.raises(ValueError, match="every expert has been split once"):
+        run_add_expert(run["cfg"], copy, AddRequest(mode="split-widest"))  # the tiny run has two
 
 
 def test_routing_and_evaluation_use_the_added_experts(run, added):
