@@ -7,8 +7,9 @@ the demo runs with no network. The same encoder later embeds class names for
 routing, so it is loaded through one function, `load_encoder`.
 
 Output, per input shard: `<stage>/<shard>.parquet` (key, shard, embedding) and
-a `<shard>.done.json` marker, so a killed run resumes at the first unfinished
-shard. Samples without a usable caption are counted by reason and listed in
+a `<shard>.done.json` marker; shards are encoded in fixed groups of
+GROUP_SHARDS, and a killed run redoes only the groups with an unfinished
+shard (so its files equal an uninterrupted run's). Samples without a usable caption are counted by reason and listed in
 `rejects.parquet`; none disappears.
 """
 
@@ -179,12 +180,12 @@ def encode_distinct(encoder, texts: list[str], batch_size: int) -> np.ndarray:
     return encode(encoder, list(distinct), batch_size)[inverse]
 
 
-def embed_table(encoder, shard: str, captions: tuple[list[str], list[str], list[dict]], batch_size: int,
-                storage: str = "float32") -> tuple[pa.Table, list[dict]]:
-    """Embed one shard's (keys, captions, rejects); return the table and the rejects."""
-    keys, texts, rejects = captions
-    vectors = encode_distinct(encoder, texts, batch_size)
-    return embedding_table(keys, shard, texts, vectors, storage), rejects
+# Shards encoded per encode() call: the encoder sorts each call's captions by length, so a
+# call over several shards pads less than one per shard, and a caption repeated across those
+# shards is encoded once. Groups are fixed runs of the stage's shard list, and a group is
+# redone whole if any of its shards is missing, so a resumed run computes every embedding
+# in the same batches as an uninterrupted one (byte-identical files).
+GROUP_SHARDS = 8
 
 
 def shard_is_done(stage_dir: Path, shard_path: Path, config_hash: str, source_hash: str) -> dict | None:
@@ -198,12 +199,13 @@ def shard_is_done(stage_dir: Path, shard_path: Path, config_hash: str, source_ha
     return None
 
 
-def embed_shards(cfg: EmbedConfig, encoder_path: str | None, shards: list[Path], source_hashes: dict[str, str],
-                 config_hash: str, stage_dir: Path, device: str, threads: int = 0, position: int = 0) -> None:
-    """One worker's share: embed each shard, write its file then its completion marker.
+def embed_shards(cfg: EmbedConfig, encoder_path: str | None, groups: list[list[Path]],
+                 source_hashes: dict[str, str], config_hash: str, stage_dir: Path, device: str,
+                 threads: int = 0, position: int = 0) -> None:
+    """One worker's share: embed each group of shards in one call, write each shard's file then its marker.
 
     Runs in the stage's process, or in one spawned process per GPU (each with
-    its own `device`) over a disjoint list of shards.
+    its own `device`) over a disjoint list of groups.
     """
     if threads:
         import torch
@@ -213,19 +215,31 @@ def embed_shards(cfg: EmbedConfig, encoder_path: str | None, shards: list[Path],
         encoder = load_encoder(encoder_path, "model", device, cfg.precision)
     else:
         encoder = load_encoder(cfg.model, cfg.pooling, device, cfg.precision)
-    # Read the next shard's captions in a thread while this one is encoded
+    shards = [p for group in groups for p in group]
+    # Read the next shard's captions in a thread while the current group is encoded
     # (tar parsing holds the GIL only briefly; torch's matmuls release it).
-    with ThreadPoolExecutor(1) as reader:
+    with ThreadPoolExecutor(1) as reader, tqdm(total=len(shards), desc=f"embed {device}", unit="shard",
+                                               position=position) as bar:
         pending = reader.submit(shard_captions, shards[0]) if shards else None
-        for i, shard_path in enumerate(tqdm(shards, desc=f"embed {device}", unit="shard", position=position)):
+        index = 0
+        for group in groups:
+            read = []
+            for path in group:
+                read.append((path, pending.result()))
+                index += 1
+                pending = reader.submit(shard_captions, shards[index]) if index < len(shards) else None
             t0 = time.time()
-            captions = pending.result()
-            pending = reader.submit(shard_captions, shards[i + 1]) if i + 1 < len(shards) else None
-            table, rejects = embed_table(encoder, shard_path.stem, captions, cfg.batch_size, cfg.storage)
-            write_shard_output(stage_dir, shard_path.stem, table, {
-                "config": config_hash, "source_sha256": source_hashes[shard_path.stem], "embedded": table.num_rows,
-                "rejects": rejects, "seconds": round(time.time() - t0, 3), "device": device,
-            })
+            vectors = encode_distinct(encoder, [t for _, (_, texts, _) in read for t in texts], cfg.batch_size)
+            seconds = round((time.time() - t0) / len(read), 3)
+            offset = 0
+            for path, (keys, texts, rejects) in read:  # each shard's file, then its marker
+                table = embedding_table(keys, path.stem, texts, vectors[offset:offset + len(texts)], cfg.storage)
+                offset += len(texts)
+                write_shard_output(stage_dir, path.stem, table, {
+                    "config": config_hash, "source_sha256": source_hashes[path.stem], "embedded": table.num_rows,
+                    "rejects": rejects, "seconds": seconds, "device": device,
+                })
+            bar.update(len(read))
 
 
 def write_shard_output(stage_dir: Path, stem: str, table: pa.Table, marker: dict) -> None:
@@ -247,9 +261,9 @@ def worker_devices(cfg: EmbedConfig) -> list[str]:
     return [device] * max(1, cfg.processes)
 
 
-def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[Path], source_hashes: dict[str, str],
+def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[list[Path]], source_hashes: dict[str, str],
                 config_hash: str, stage_dir: Path) -> None:
-    """Embed `todo` in this process, or in one spawned process per device over disjoint shards."""
+    """Embed the groups `todo` in this process, or in one spawned process per device over disjoint groups."""
     devices = worker_devices(cfg)[:max(1, len(todo))]
     if len(devices) == 1:
         embed_shards(cfg, encoder_path, todo, source_hashes, config_hash, stage_dir, devices[0])
@@ -306,10 +320,13 @@ def run_embed(cfg: EmbedConfig, shards: list[Path], stage_dir: Path, encoder_pat
         from clustering.simcse import adapt_encoder
 
         encoder_path = str(adapt_encoder(cfg, shards, stage_dir / "encoder", config_hash))
-    todo = [p for p in shards if not shard_is_done(stage_dir, p, config_hash, source_hashes[p.stem])]
+    groups = [shards[i:i + GROUP_SHARDS] for i in range(0, len(shards), GROUP_SHARDS)]
+    todo_groups = [g for g in groups
+                   if not all(shard_is_done(stage_dir, p, config_hash, source_hashes[p.stem]) for p in g)]
+    todo = [p for g in todo_groups for p in g]
     t_embed = time.time()
     if todo:
-        run_workers(cfg, encoder_path, todo, source_hashes, config_hash, stage_dir)
+        run_workers(cfg, encoder_path, todo_groups, source_hashes, config_hash, stage_dir)
     embed_seconds = time.time() - t_embed
     markers = []
     for p in shards:

