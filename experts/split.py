@@ -289,7 +289,9 @@ class _Outputs:
         for worker in range(workers):
             part = self.fragment_path(e, k, worker)
             if part.is_file():
-                writer.add_raw(part.read_bytes())
+                with open(part, "rb") as fragment:  # in 1 MiB pieces: a fragment can be most of a shard
+                    while piece := fragment.read(1 << 20):
+                        writer.add_raw(piece)
                 part.unlink()
         self.writers[(e, k)] = (writer, tmp)
         self.counts[(e, k)] = samples

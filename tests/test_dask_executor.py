@@ -16,7 +16,9 @@ from pipelines.config import load_config
 pytestmark = pytest.mark.slow
 
 
-def test_experts_train_in_dask_worker_processes_from_the_runs_seed(tiny_run, tmp_path):
+def train_experts_on_dask(tiny_run, tmp_path, **train) -> Path:
+    """Train the tiny run's experts from its seed through the moda flow with `train.executor: dask`;
+    assert they ran in other processes; return the new run folder."""
     from prefect.testing.utilities import prefect_test_harness
 
     from pipelines.flows import moda
@@ -24,17 +26,21 @@ def test_experts_train_in_dask_worker_processes_from_the_runs_seed(tiny_run, tmp
     seed = json.loads((tiny_run["run_dir"] / "train" / "registry.json").read_text())["seed"]["checkpoint"]
     config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
                           train={"seed_checkpoint": seed, "baseline": False, "batch_size": 16, "warmup": 2,
-                                 "executor": "dask", "dask_local_workers": 2})
+                                 "executor": "dask", **train})
     run = tmp_path / "run"
     run.mkdir()
     for stage in ("embed", "cluster", "split"):
         os.symlink(tiny_run["run_dir"] / stage, run / stage)
     with prefect_test_harness():
         moda(config_path=str(config), run_dir=str(run), stages=["train"])
-    manifest = json.loads((run / "train" / "manifest.json").read_text())
-    ran_on = manifest["counts"]["experts_ran_on"]
+    ran_on = json.loads((run / "train" / "manifest.json").read_text())["counts"]["experts_ran_on"]
     assert set(ran_on) == {"expert_000", "expert_001"}
     assert all(int(where.rsplit(":", 1)[1]) != os.getpid() for where in ran_on.values())  # not in this process
+    return run
+
+
+def test_experts_train_in_dask_worker_processes_from_the_runs_seed(tiny_run, tmp_path):
+    run = train_experts_on_dask(tiny_run, tmp_path, dask_local_workers=2)
     registry = json.loads((run / "train" / "registry.json").read_text())
     for expert in registry["experts"]:
         assert (run / "train" / expert["model_dir"] / "open_clip_model.safetensors").is_file()
@@ -84,20 +90,12 @@ def dask_cluster(tmp_path):
 
 
 def test_experts_train_on_an_existing_dask_cluster_at_dask_address(tiny_run, tmp_path, dask_cluster):
-    from prefect.testing.utilities import prefect_test_harness
+    train_experts_on_dask(tiny_run, tmp_path, dask_address=dask_cluster)
 
-    from pipelines.flows import moda
 
-    seed = json.loads((tiny_run["run_dir"] / "train" / "registry.json").read_text())["seed"]["checkpoint"]
-    config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
-                          train={"seed_checkpoint": seed, "baseline": False, "batch_size": 16, "warmup": 2,
-                                 "executor": "dask", "dask_address": dask_cluster})
-    run = tmp_path / "run"
-    run.mkdir()
-    for stage in ("embed", "cluster", "split"):
-        os.symlink(tiny_run["run_dir"] / stage, run / stage)
-    with prefect_test_harness():
-        moda(config_path=str(config), run_dir=str(run), stages=["train"])
-    ran_on = json.loads((run / "train" / "manifest.json").read_text())["counts"]["experts_ran_on"]
-    assert set(ran_on) == {"expert_000", "expert_001"}
-    assert all(int(where.rsplit(":", 1)[1]) != os.getpid() for where in ran_on.values())
+def test_a_train_flow_without_a_dask_runner_keeps_the_experts_on_local_gpu_slots(tiny_data, tmp_path):
+    from pipelines.flows import _on_dask
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_data, train={"executor": "dask"}))
+    assert _on_dask(cfg) is False  # outside a flow run on Dask: no Dask runner, local slots
+    assert _on_dask(load_config(write_config(tmp_path / "d.yaml", tiny_data))) is False
