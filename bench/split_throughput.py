@@ -1,13 +1,16 @@
 """Split stage throughput against a raw copy of the same tars, and peak memory at two sizes.
 
     .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128] [--repeats 3]
-                                               [--processes 1]
+                                               [--processes 1] [--hash-inputs]
 
 Peers, named: (1) `shutil.copyfile` of the same input tar files (the floor
 any split must pay: read every byte, write every byte); (2) the split itself
 at `small` and `factor * small` samples, each in a fresh process, to show
 that peak RSS does not grow with the data. The cluster stage is replaced by
-a seeded random assignment to 4 experts, so only the split is measured.
+a seeded random assignment to 4 experts, so only the split is measured;
+the embed stage is replaced by its manifest's record of the input shards'
+sha256, which the split reuses in a pipeline run (`--hash-inputs` leaves it
+out, so the split reads and hashes its input once more, as when run alone).
 Prints MB/s of both and their ratio, and both peak RSS figures.
 """
 
@@ -58,6 +61,16 @@ def fake_cluster(folder: Path, shards: list[Path], experts: int = 4) -> None:
                    counts={}, started=time.time(), extra={"num_experts": experts})
 
 
+def fake_embed(folder: Path, shards: list[Path]) -> None:
+    """An embed manifest recording the input shards' sha256 and stats, as the embed stage does: in a
+    pipeline run the split reuses them instead of reading the input twice (`source_hashes`)."""
+    from pipelines.manifest import input_stats, source_hashes, write_manifest
+
+    write_manifest(folder, stage="embed", fingerprint="bench", config_hash="bench",
+                   inputs=source_hashes(shards), outputs={}, counts={}, started=time.time(),
+                   extra={"input_stats": input_stats(shards)})
+
+
 def peak_rss_mb() -> float:
     """This process's own high-water RSS (VmHWM; ru_maxrss would include the parent's peak
     inherited across fork)."""
@@ -80,7 +93,7 @@ def child(run: Path, processes: int, shards: list[str]) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "samples": manifest["counts"]["samples_in"]}))
 
 
-def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: int) -> dict:
+def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: int, hash_inputs: bool) -> dict:
     """Medians of `repeats` interleaved copies and splits; dirty pages are flushed before each
     (os.sync), so neither pays for the other's write-back."""
     data = tmp / f"in_{samples}"
@@ -99,6 +112,8 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
         run = tmp / f"run_{samples}_{r}"
         fake_cluster(run / "cluster", shards)
         (run / "embed").mkdir()
+        if not hash_inputs:
+            fake_embed(run / "embed", shards)
         os.sync()
         out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), *map(str, shards)],
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -124,10 +139,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--processes", type=int, default=1, help="split.processes (0: one per CPU core)")
+    parser.add_argument("--hash-inputs", action="store_true",
+                        help="no embed manifest: the split hashes its input shards itself (a stage run alone)")
     parser.add_argument("--tmp", default=None, help="where to write (default: the system temp folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        rows = [measure(Path(tmp), n, args.image_size, args.repeats, args.processes)
+        rows = [measure(Path(tmp), n, args.image_size, args.repeats, args.processes, args.hash_inputs)
                 for n in (args.small, args.small * args.factor)]
     for row in rows:
         print(json.dumps(row))

@@ -58,9 +58,10 @@ from pipelines.manifest import (
     write_manifest,
 )
 from pipelines.shards import TRUNCATED, ShardError, count_reasons, iter_samples, jpeg_bytes, write_rejects
-from pipelines.tarstream import TarShardWriter
+from pipelines.tarstream import TarShardWriter, background
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+PASS_THROUGH = frozenset({"jpg", "txt", "json"})  # a sample of only these is copied as it lies
 MAX_PIXELS = 8192 * 8192
 MANIFEST_NAME = "manifest.json"
 
@@ -110,8 +111,21 @@ def jpeg_frame(raw: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
+def ends_with_eoi(raw: bytes | memoryview) -> bool:
+    """Whether the JPEG ends with its end-of-image marker (trailing NUL/CR/LF/space allowed):
+    a truncated JPEG does not."""
+    end = len(raw)
+    while end and raw[end - 1] in (0, 10, 13, 32):
+        end -= 1
+    return end >= 2 and raw[end - 2] == 0xFF and raw[end - 1] == 0xD9
+
+
 def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[bytes | None, str | None]:
     """The sample's image as RGB JPEG bytes, or (None, reason) when unusable.
+
+    An image that needs no change is returned as the very object given
+    (bytes or a memoryview), which is how the split knows it may pass the
+    sample through as it lies in the input tar.
 
     `header`: an RGB JPEG is checked by its header and its end-of-image
     marker (catches truncation) and passed through byte for byte; `decode`
@@ -130,7 +144,7 @@ def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[byte
             # header and end-of-image marker, passed through byte for byte.
             if frame[2] * frame[3] > MAX_PIXELS:
                 return None, "huge_image"
-            if not raw.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+            if not ends_with_eoi(raw):
                 return None, "corrupt_image"
             return raw, None
     try:
@@ -141,7 +155,7 @@ def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[byte
             if image.format == "JPEG" and image.mode == "RGB":
                 if validate == "decode":
                     image.load()
-                elif not raw.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+                elif not ends_with_eoi(raw):
                     return None, "corrupt_image"
                 return raw, None
             image.load()
@@ -243,6 +257,7 @@ class _Outputs:
         self.writers: dict[tuple[int, int], tuple[TarShardWriter, Path]] = {}
         self.counts: Counter = Counter()
         self.final: set[tuple[int, int]] = set()
+        self.jobs: list = []
         for record in (stage_dir / "progress" / "outputs").glob("*.json"):
             e, k = (int(part) for part in record.stem.split("_"))
             if self.final_path(e, k).is_file():
@@ -260,7 +275,8 @@ class _Outputs:
     def fragment_path(self, e: int, k: int, worker: int) -> Path:
         return self.final_path(e, k).with_name(f".{k:05d}.tar.part{worker}")
 
-    def write(self, e: int, k: int, key: str, files: dict[str, bytes]) -> None:
+    def write(self, e: int, k: int, key: str, files: dict[str, bytes] | memoryview) -> None:
+        """Append a sample: its files, or its members exactly as they lie in the input tar."""
         if (e, k) not in self.writers:
             if (e, k) in self.boundary:
                 tmp = self.fragment_path(e, k, self.worker)
@@ -269,8 +285,15 @@ class _Outputs:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             self.writers[(e, k)] = (TarShardWriter(tmp), tmp)
         writer, _ = self.writers[(e, k)]
-        writer.add_sample(key, files)
+        if isinstance(files, dict):
+            writer.add_sample(key, files)
+        else:
+            writer.add_raw(files)
         self.counts[(e, k)] += 1
+
+    def hand_over(self) -> None:
+        for writer, _ in self.writers.values():
+            writer.hand_over()
 
     def close_fragments(self) -> dict[str, int]:
         """Close this process's fragments of boundary shards; their sample counts by "e_k"."""
@@ -298,18 +321,33 @@ class _Outputs:
         self.finalize(e, k)
 
     def finalize(self, e: int, k: int) -> None:
+        """End the shard; its last bytes, its rename into place and its record follow in the background."""
         if (e, k) in self.writers:
             writer, tmp = self.writers.pop((e, k))
         else:  # every sample of this output shard was rejected: an empty, valid tar
             tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             writer = TarShardWriter(tmp)
-        sha256 = writer.close()  # hashed while written: the file is not read again
+        writer.finish()
+        self.after(self._publish, e, k, writer, tmp, self.counts.pop((e, k), 0))
+        self.final.add((e, k))
+
+    def _publish(self, e: int, k: int, writer: TarShardWriter, tmp: Path, samples: int) -> None:
+        sha256 = writer.wait()  # hashed while written: the file is not read again
         final = self.final_path(e, k)
         final.unlink(missing_ok=True)
         tmp.rename(final)
-        atomic_write_json(self.record_path(e, k), {"samples": self.counts.pop((e, k), 0), "sha256": sha256})
-        self.final.add((e, k))
+        atomic_write_json(self.record_path(e, k), {"samples": samples, "sha256": sha256})
+
+    def after(self, job, *args) -> None:
+        """Run `job` once everything handed to the background writer so far is written."""
+        self.jobs.append(background().submit(job, *args))
+
+    def wait(self) -> None:
+        """Wait for the background jobs (raising the first error)."""
+        jobs, self.jobs = self.jobs, []
+        for job in jobs:
+            job.result()
 
 
 def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_rejects: dict[str, str],
@@ -331,7 +369,7 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
         rejects.append({"key": key, "shard": shard, "reason": reason})
 
     try:
-        for sample in iter_samples(shard_path):
+        for sample in iter_samples(shard_path, views=True):
             samples_in += 1
             key = sample.key
             if key in seen_here or (key in queue and not queue[key]):
@@ -352,9 +390,12 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
             if reason is not None:
                 reject(key, reason)
                 continue
-            files = {"jpg": image, "txt": sample.files["txt"]}
-            if "json" in sample.files:
-                files["json"] = sample.files["json"]
+            if sample.raw is not None and image is sample.files.get("jpg") and PASS_THROUGH.issuperset(sample.files):
+                files = sample.raw  # jpg, txt (json) unchanged: their tar bytes as they are
+            else:
+                files = {"jpg": image, "txt": sample.files["txt"]}
+                if "json" in sample.files:
+                    files["json"] = sample.files["json"]
             for e, k in slots:
                 if not outputs.is_final(e, k):
                     outputs.write(e, k, key, files)
@@ -416,11 +457,14 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
         if record.is_file() and all(outputs.is_final(e, k) for e, k in touched):
             continue
         result = split_input_shard(shard_path, plan, assignments, caption_rejects, outputs, cfg)
+        outputs.hand_over()  # the queued samples are views of this shard's map: let it go
         for e, k in sorted(closes_after.get(s, [])):
             if not outputs.is_final(e, k):
                 outputs.finalize(e, k)
-        atomic_write_json(record, result)
-    return outputs.close_fragments()
+        outputs.after(atomic_write_json, record, result)  # once the output shards it completed are in place
+    fragments = outputs.close_fragments()
+    outputs.wait()
+    return fragments
 
 
 def load_embed_rejects(embed_dir: Path) -> dict[str, str]:
@@ -500,6 +544,7 @@ def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir
     for e, k in sorted(completes):  # experts with no samples at all still get their shards listed
         if not outputs.is_final(e, k):
             outputs.finalize(e, k)
+    outputs.wait()
     return _finish(cfg, stage_dir, shards, plan, num_experts, fingerprint, config_hash, upstream,
                    hashes, started)
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.manifest import atomic_path, atomic_write_json
-from pipelines.tarstream import TarDamage, TarShardWriter, read_members
+from pipelines.tarstream import TarDamage, TarShardWriter, index_tar, read_members
 
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 TRUNCATED = "truncated_tar"
@@ -38,6 +38,9 @@ class Sample:
 
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
+    raw: memoryview | None = None
+    """With `iter_samples(views=True)`: the sample's members exactly as they lie in the tar
+    (headers, payloads, padding), when every one is a plain ustar member; else None."""
 
 
 def expand_shards(spec: str | Path) -> list[Path]:
@@ -66,7 +69,7 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext if dot else ""
 
 
-def iter_samples(path: str | Path) -> Iterator[Sample]:
+def iter_samples(path: str | Path, *, views: bool = False) -> Iterator[Sample]:
     """Yield the samples of one shard in order.
 
     Raises ShardError (after yielding every complete sample before the damage)
@@ -74,10 +77,46 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
     sample being read when the damage shows (a tar cut exactly between two
     members shows only by its missing end-of-archive blocks) may have lost
     files, so it is not yielded.
+
+    `views=True` gives payloads as memoryviews of the mapped file instead of
+    bytes, and each sample's `raw` bytes, so a caller that passes samples
+    through (the split) copies each byte once. The views are valid until the
+    generator is closed and no longer referenced.
     """
+    index = index_tar(path)
+    if index is None:  # compressed: streamed through tarfile, no views
+        yield from _group(read_members(path))
+        return
+    view = index.view
+    current: Sample | None = None
+    first = plain = end = 0
+    for name, header, start, size, is_plain in index.members:
+        key, ext = split_member_name(name)
+        if current is not None and current.key != key:
+            if views and plain:
+                current.raw = view[first:end]
+            yield current
+            current = None
+        if current is None:
+            current, first, end, plain = Sample(key=key), header, header, True
+        # raw bytes stand for the sample only if its members are plain, adjacent and distinct
+        plain = plain and is_plain and header == end and ext not in current.files
+        payload = view[start:start + size]
+        current.files[ext] = payload if views else payload.tobytes()
+        end = start + size + (-size % 512)
+    if index.damage:
+        raise ShardError(f"{index.damage}; unreadable after sample {current.key if current else None!r}")
+    if current is not None:
+        if views and plain:
+            current.raw = view[first:end]
+        yield current
+
+
+def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[Sample]:
+    """Consecutive members sharing a key, as samples (see `iter_samples` for damage)."""
     current: Sample | None = None
     try:
-        for name, data in read_members(path):
+        for name, data in members:
             key, ext = split_member_name(name)
             if current is not None and current.key != key:
                 yield current

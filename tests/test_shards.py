@@ -86,3 +86,24 @@ def test_tar_cut_exactly_between_samples_is_detected(tmp_path):
         for sample in iter_samples(shard):
             got.append(sample.key)
     assert got == ["k0", "k1"]  # k2 may have lost files after the cut: not yielded
+
+
+def test_sample_views_give_the_raw_bytes_only_for_plain_adjacent_distinct_members(tmp_path):
+    import io
+    import tarfile
+
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [("a.jpg", b"1" * 600), ("a.txt", b"cap"), ("b.txt", b"2"), ("b.txt", b"3"),
+                           ("c" * 120 + ".txt", b"long"), ("d.txt", b"4")]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    raw = path.read_bytes()
+    samples = {s.key: s for s in iter_samples(path, views=True)}
+    assert bytes(samples["a"].raw) == raw[:512 + 1024 + 512 + 512]  # two headers, padded payloads
+    assert bytes(samples["a"].files["txt"]) == b"cap"
+    assert samples["b"].raw is None  # the same file twice: not one sample's bytes
+    assert samples["c" * 120].raw is None  # a GNU long-name record before it
+    assert samples["d"].raw is not None
+    assert [type(f) for f in next(iter_samples(path)).files.values()] == [bytes, bytes]

@@ -299,3 +299,40 @@ def test_the_number_of_split_processes_does_not_change_the_fingerprint(clustered
     run_stage("split", cfg, run)
     again = run_stage("split", dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, processes=3)), run)
     assert again.get("skipped")
+
+
+def test_samples_that_need_no_change_are_copied_as_they_lie_and_the_rest_rebuilt(tmp_path):
+    """Input from another tar writer (GNU format, real mtimes): plain jpg/txt/json samples keep their
+    exact bytes; a converted image or a long-name key gets fresh ustar members; tarfile reads all."""
+    import tarfile
+
+    long_key = "k" * 120
+    samples = [("a", {"jpg": image_bytes(), "txt": b"one", "json": b"{}"}),
+               ("b", {"jpg": image_bytes("L", "PNG"), "txt": b"two"}),
+               (long_key, {"jpg": image_bytes(), "txt": b"three"}),
+               ("c", {"jpg": image_bytes(), "txt": b"four"})]
+    (tmp_path / "in").mkdir()
+    shard = tmp_path / "in" / "00000.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.uname = len(data), 1_700_000_000, "crawler"
+                tar.addfile(info, io.BytesIO(data))
+    raw = {s.key: bytes(s.raw) for s in iter_samples(shard, views=True) if s.raw is not None}
+    assert set(raw) == {"a", "b", "c"}
+    fake_cluster_stage(tmp_path / "cluster", {key: 0 for key, _ in samples}, 1, lambda k: "00000")
+    fake_embed_rejects(tmp_path / "embed", [])
+    run_split(SplitConfig(shard_size=10, min_shards=1), [shard], tmp_path / "embed", tmp_path / "cluster",
+              tmp_path / "split")
+    (out,), _ = expert_shards(tmp_path / "split", 0)
+    written = out.read_bytes()
+    assert raw["a"] in written and raw["c"] in written  # passed through, headers and all
+    assert raw["b"] not in written  # its PNG became a JPEG
+    with tarfile.open(out) as tar:
+        members = {m.name: m for m in tar}
+        assert members["a.jpg"].mtime == 1_700_000_000 and members[f"{long_key}.jpg"].mtime == 0
+        assert tar.extractfile(members[f"{long_key}.txt"]).read() == b"three"
+        with Image.open(io.BytesIO(tar.extractfile(members["b.jpg"]).read())) as im:
+            assert (im.format, im.mode) == ("JPEG", "RGB")
+    assert [s.key for s in iter_samples(out)] == ["a", "b", long_key, "c"]

@@ -117,3 +117,34 @@ def test_the_jpeg_frame_scan_reads_a_progressive_jpeg():
 def test_the_jpeg_frame_scan_rejects_what_is_not_a_jpeg():
     assert jpeg_frame(b"\x89PNG\r\n") is None
     assert jpeg_frame(jpeg("RGB")[:20]) is None
+
+
+def test_octal_header_fields_read_as_tar_writers_write_them():
+    import numpy as np
+
+    from pipelines.tarstream import _octal_fields
+
+    fields = [b"012345\0 ", b"0012345\0", b"  12345\0", b"1234567 ", b"12345670", b"abc\0\0\0\0\0", b"\0" * 8]
+    rows = np.frombuffer(b"".join(fields), np.uint8).reshape(len(fields), 8)
+    assert _octal_fields(rows).tolist() == [0o12345, 0o12345, 0o12345, 0o1234567, 0o12345670, -1, -1]
+
+
+def test_a_write_error_in_the_background_is_raised_by_close():
+    writer = TarShardWriter("/dev/full")  # every write fails with ENOSPC
+    writer.add("000.txt", b"x" * 100)
+    with pytest.raises(OSError):
+        writer.close()
+
+
+def test_the_writer_takes_memoryviews_of_a_mapped_tar_and_copies_them_verbatim(tmp_path):
+    from pipelines.shards import iter_samples
+
+    tarfile_archive(tmp_path / "a.tar", [("000.jpg", b"\xff\xd8" * 700), ("000.txt", b"cap"), ("001.txt", b"x")])
+    samples = list(iter_samples(tmp_path / "a.tar", views=True))
+    writer = TarShardWriter(tmp_path / "b.tar")
+    for sample in samples:
+        writer.add_raw(sample.raw)
+    writer.close()
+    with tarfile.open(tmp_path / "a.tar") as a, tarfile.open(tmp_path / "b.tar") as b:
+        assert [(m.name, m.mtime, a.extractfile(m).read()) for m in a] == \
+               [(m.name, m.mtime, b.extractfile(m).read()) for m in b]
