@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from experts.duplicate_keys import BATCH_ROWS, SPILL_PREFIX, duplicate_rows, duplicates_by_shard
 from pipelines.config import SplitConfig, section_hash
 from pipelines.manifest import (
     atomic_write_json,
@@ -177,48 +178,51 @@ def ooc_targets(key: str, own: int, thresholds: np.ndarray) -> list[int]:
     return [e for e in range(len(thresholds)) if e != own and _hash_unit(key, e) < thresholds[e]]
 
 
-def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: SplitConfig) -> dict:
+def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: SplitConfig,
+              workdir: Path | None = None) -> dict:
     """Slot offsets per (input shard, expert) and output shard sizes, from assignments alone.
 
-    Streams the assignments in record batches; memory grows only with the
-    number of distinct keys (for the duplicate check), not with images.
+    Streams the assignments in record batches; memory does not grow with the
+    data: repeated keys are found by `duplicate_keys` in bounded memory, and
+    only the rows that repeat a key are remembered.
     """
     parquet = pq.ParquetFile(assignments)
     own_counts = np.zeros(num_experts, dtype=np.int64)
-    for batch in parquet.iter_batches(columns=["expert"]):
+    for batch in parquet.iter_batches(BATCH_ROWS, columns=["expert"]):
         own_counts += np.bincount(batch.column("expert").to_numpy(), minlength=num_experts)
     total = own_counts.sum()
     others = total - own_counts
     thresholds = np.where(others > 0, cfg.ooc_ratio * own_counts / np.maximum(others, 1), 0.0)
-    counts = {s: np.zeros(num_experts, dtype=np.int64) for s in shard_order}
-    seen: set[str] = set()
-    duplicates = 0
-    for batch in parquet.iter_batches(columns=["key", "shard", "expert"]):
-        for key, shard, own in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(),
-                                   batch.column("expert").to_pylist()):
-            if shard not in counts:
-                raise ValueError(f"assignments name shard {shard!r}, which is not among the input shards")
-            if key in seen:
-                duplicates += 1
-                continue
-            seen.add(key)
-            counts[shard][own] += 1
-            for e in ooc_targets(key, own, thresholds) if cfg.ooc_ratio > 0 else ():
-                counts[shard][e] += 1
-    totals = sum(counts.values()) if counts else np.zeros(num_experts, dtype=np.int64)
+    repeats = duplicate_rows(assignments, shard_order, workdir)
+    repeated_rows = np.array(sorted(repeats), dtype=np.int64)
+    position = {s: i for i, s in enumerate(shard_order)}
+    counts = np.zeros((len(shard_order), num_experts), dtype=np.int64)
+    row = 0
+    for batch in parquet.iter_batches(BATCH_ROWS, columns=["key", "shard", "expert"]):
+        shards = np.fromiter((position[s] for s in batch.column("shard").to_pylist()), np.int64, batch.num_rows)
+        experts = batch.column("expert").to_numpy()
+        keep = np.ones(batch.num_rows, dtype=bool)
+        lo, hi = np.searchsorted(repeated_rows, [row, row + batch.num_rows])
+        keep[repeated_rows[lo:hi] - row] = False
+        np.add.at(counts, (shards[keep], experts[keep]), 1)
+        if cfg.ooc_ratio > 0:
+            keys = batch.column("key").to_pylist()
+            for i in np.flatnonzero(keep).tolist():
+                for e in ooc_targets(keys[i], int(experts[i]), thresholds):
+                    counts[shards[i], e] += 1
+        row += batch.num_rows
+    totals = counts.sum(0) if len(shard_order) else np.zeros(num_experts, dtype=np.int64)
     sizes = [max(1, min(cfg.shard_size, math.ceil(int(t) / cfg.min_shards))) for t in totals]
-    offsets, running = {}, np.zeros(num_experts, dtype=np.int64)
-    for s in shard_order:
-        offsets[s] = running.tolist()
-        running = running + counts[s]
+    offsets = np.cumsum(counts, axis=0) - counts
     return {
-        "offsets": offsets,
-        "counts": {s: c.tolist() for s, c in counts.items()},
+        "offsets": {s: offsets[i].tolist() for i, s in enumerate(shard_order)},
+        "counts": {s: counts[i].tolist() for i, s in enumerate(shard_order)},
         "totals": [int(t) for t in totals],
         "shard_sizes": sizes,
         "num_output_shards": [math.ceil(int(t) / sz) for t, sz in zip(totals, sizes)],
         "ooc_thresholds": thresholds.tolist(),
-        "planned_duplicates": duplicates,
+        "planned_duplicates": len(repeats),
+        "earlier_shard_keys": duplicates_by_shard(repeats, assignments, shard_order),
     }
 
 
@@ -360,6 +364,7 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
     queue: dict[str, deque] = defaultdict(deque)
     for key, own in zip(rows.column("key").to_pylist(), rows.column("expert").to_pylist()):
         queue[key].append(own)
+    earlier = set(plan.get("earlier_shard_keys", {}).get(shard, ()))  # kept where first seen
     sizes = plan["shard_sizes"]
     samples_in, own_written, ooc_written = 0, 0, 0
     rejects: list[dict] = []
@@ -372,7 +377,7 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
         for sample in iter_samples(shard_path, views=True):
             samples_in += 1
             key = sample.key
-            if key in seen_here or (key in queue and not queue[key]):
+            if key in seen_here or key in earlier or (key in queue and not queue[key]):
                 reject(key, "duplicate_key")
                 continue
             if key not in queue:
@@ -513,12 +518,15 @@ def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir
             shutil.rmtree(stage_dir / expert_dir_name(e), ignore_errors=True)
         shutil.rmtree(stage_dir / "progress", ignore_errors=True)
         (stage_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        plan = make_plan(assignments, order, num_experts, cfg)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        plan = make_plan(assignments, order, num_experts, cfg, workdir=stage_dir)
         atomic_write_json(plan_path, {"fingerprint": fingerprint, "num_experts": num_experts, **plan})
     else:
         plan = previous
     for stale in [*stage_dir.glob("expert_*/.*.tmp"), *stage_dir.glob("expert_*/.*.part*")]:
         stale.unlink()  # what a killed run was writing (every unfinished shard is written anew)
+    for stale in stage_dir.glob(f"{SPILL_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)  # a killed plan's spill files
 
     completes = completing_shard(plan, order)
     (stage_dir / "progress" / "inputs").mkdir(parents=True, exist_ok=True)

@@ -336,3 +336,27 @@ def test_samples_that_need_no_change_are_copied_as_they_lie_and_the_rest_rebuilt
         with Image.open(io.BytesIO(tar.extractfile(members["b.jpg"]).read())) as im:
             assert (im.format, im.mode) == ("JPEG", "RGB")
     assert [s.key for s in iter_samples(out)] == ["a", "b", long_key, "c"]
+
+
+def test_a_key_in_two_input_shards_is_kept_once_and_the_later_copy_counted(tmp_path):
+    w = ShardSetWriter(tmp_path / "in", shard_size=3)
+    order = ["a", "b", "c", "d", "a", "e"]  # "a" again in the second shard
+    for key in order:
+        w.write(key, {"jpg": image_bytes(), "txt": key.encode()})
+    w.close()
+    shards = sorted((tmp_path / "in").glob("*.tar"))
+    (tmp_path / "cluster").mkdir()
+    pq.write_table(pa.table({"key": order, "shard": ["00000"] * 3 + ["00001"] * 3, "fine": [0] * 6,
+                             "expert": [0, 1, 0, 1, 1, 0]}), tmp_path / "cluster" / "assignments.parquet")
+    write_manifest(tmp_path / "cluster", stage="cluster", fingerprint="f" * 16, config_hash="x", inputs={},
+                   outputs={}, counts={}, started=time.time(), extra={"num_experts": 2})
+    fake_embed_rejects(tmp_path / "embed", [])
+    counts = run_split(SplitConfig(shard_size=2, min_shards=1), shards, tmp_path / "embed", tmp_path / "cluster",
+                       tmp_path / "split")["counts"]
+    assert counts["samples_in"] == 6 and counts["rejected"] == {"duplicate_key": 1}
+    written = {e: [s.key for p in expert_shards(tmp_path / "split", e)[0] for s in iter_samples(p)] for e in (0, 1)}
+    assert sorted(written[0] + written[1]) == ["a", "b", "c", "d", "e"]
+    assert "a" in written[0]  # the first one's expert, not the repeat's
+    from experts.verify import verify_split
+
+    assert verify_split(tmp_path)[0] == []

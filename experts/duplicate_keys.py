@@ -1,0 +1,133 @@
+"""Which rows of the cluster stage's assignments repeat a key, in bounded memory.
+
+A key may appear more than once: twice in one shard (the split rejects the
+later sample as it reads the shard) or in two shards (the same data listed
+twice, a crawler's re-run). The first occurrence in the input order (shard
+order, then row order) is kept; every later one is a `duplicate_key` reject.
+
+A set of every key would cost ~100 bytes a sample (40 GB at LAION-400M), so
+the rows are bucketed by a 64-bit hash of their key into partitions of at
+most `PARTITION_ROWS` rows (spilled to files when there is more than one),
+each partition is sorted on its own, and only rows whose hash repeats are
+read back to compare the keys themselves: exact, and memory stays bounded by
+one partition plus the repeated rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+BATCH_ROWS = 1 << 14  # assignments rows in memory at a time
+PARTITION_ROWS = 1 << 22  # 4M rows x 24 bytes = 96 MB per partition at most
+SPILL_PREFIX = ".duplicate-keys-"  # a killed run's spill folder is recognised and removed by the split
+_RECORD = np.dtype([("hash", "<u8"), ("shard", "<i8"), ("row", "<i8")])
+
+
+def key_hashes(keys: list[str]) -> np.ndarray:
+    """A stable 64-bit hash of each key (blake2b: the same in every process and run)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8)
+                                       .digest(), "little") for k in keys), dtype=np.uint64, count=len(keys))
+
+
+def duplicate_rows(assignments: Path, shard_order: list[str], workdir: Path | None = None,
+                   partition_rows: int = PARTITION_ROWS) -> dict[int, int]:
+    """Row number -> position (in `shard_order`) of the shard holding the key's first occurrence,
+    for every row that repeats an earlier key. Rows of shards not in `shard_order` are an error."""
+    position = {s: i for i, s in enumerate(shard_order)}
+    parquet = pq.ParquetFile(assignments)
+    partitions = max(1, math.ceil(parquet.metadata.num_rows / partition_rows))
+    with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX, dir=workdir) as tmp:
+        spill = [Path(tmp) / f"{p}.bin" for p in range(partitions)]
+        handles = [open(path, "wb") for path in spill]
+        try:
+            row = 0
+            for batch in parquet.iter_batches(BATCH_ROWS, columns=["key", "shard"]):
+                keys = batch.column("key").to_pylist()
+                records = np.empty(len(keys), dtype=_RECORD)
+                records["hash"] = key_hashes(keys)
+                records["shard"] = _positions(batch.column("shard").to_pylist(), position)
+                records["row"] = np.arange(row, row + len(keys))
+                row += len(keys)
+                which = records["hash"] % np.uint64(partitions)
+                for p in np.unique(which):
+                    records[which == p].tofile(handles[p])
+        finally:
+            for handle in handles:
+                handle.close()
+        repeated = [_repeated_hashes(np.fromfile(path, dtype=_RECORD)) for path in spill]
+    candidates = np.concatenate(repeated) if repeated else np.empty(0, dtype=_RECORD)
+    return _compare_keys(parquet, candidates)
+
+
+def _positions(shards: list[str], position: dict[str, int]) -> np.ndarray:
+    try:
+        return np.fromiter((position[s] for s in shards), dtype=np.int64, count=len(shards))
+    except KeyError as err:
+        raise ValueError(f"assignments name shard {err.args[0]!r}, which is not among the input shards") from None
+
+
+def _repeated_hashes(records: np.ndarray) -> np.ndarray:
+    """The records whose hash occurs more than once, sorted by (hash, shard, row)."""
+    records = records[np.lexsort((records["row"], records["shard"], records["hash"]))]
+    h = records["hash"]
+    repeat = np.zeros(len(h), dtype=bool)
+    same = h[1:] == h[:-1]
+    repeat[1:] |= same
+    repeat[:-1] |= same
+    return records[repeat]
+
+
+def _compare_keys(parquet: pq.ParquetFile, candidates: np.ndarray) -> dict[int, int]:
+    """Among rows with a repeated hash, the ones whose key really occurred first in an earlier
+    (shard, row): read back only those rows' keys, so a hash collision never drops a sample."""
+    if not len(candidates):
+        return {}
+    wanted = np.sort(candidates["row"])
+    keys: dict[int, str] = {}
+    row = 0
+    for batch in parquet.iter_batches(BATCH_ROWS, columns=["key"]):
+        lo, hi = np.searchsorted(wanted, [row, row + batch.num_rows])
+        if hi > lo:
+            column = batch.column("key")
+            for r in wanted[lo:hi].tolist():
+                keys[r] = column[r - row].as_py()
+        row += batch.num_rows
+    out: dict[int, int] = {}
+    first_shard: dict[str, int] = {}
+    group = None
+    for record in candidates.tolist():  # sorted by (hash, shard, row): earliest occurrence first
+        h, shard, r = record
+        if h != group:
+            group, first_shard = h, {}
+        key = keys[r]
+        if key in first_shard:
+            out[r] = first_shard[key]
+        else:
+            first_shard[key] = shard
+    return out
+
+
+def duplicates_by_shard(rows: dict[int, int], assignments: Path, shard_order: list[str]) -> dict[str, list[str]]:
+    """For the split: per shard, the keys first seen in an earlier shard (every sample of theirs is a
+    duplicate there). Repeats within one shard are left to the split, which sees them in order."""
+    if not rows:
+        return {}
+    position = {s: i for i, s in enumerate(shard_order)}
+    earlier: dict[str, set[str]] = defaultdict(set)
+    wanted = np.array(sorted(rows), dtype=np.int64)
+    row = 0
+    for batch in pq.ParquetFile(assignments).iter_batches(BATCH_ROWS, columns=["key", "shard"]):
+        lo, hi = np.searchsorted(wanted, [row, row + batch.num_rows])
+        for r in wanted[lo:hi].tolist():
+            shard = batch.column("shard")[r - row].as_py()
+            if rows[r] != position[shard]:
+                earlier[shard].add(batch.column("key")[r - row].as_py())
+        row += batch.num_rows
+    return {shard: sorted(keys) for shard, keys in earlier.items()}
