@@ -297,36 +297,50 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
 
-def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], set[str]]:
-    """Write the training shards; return shard sizes and the image hashes."""
-    writer = ShardSetWriter(out_dir, cfg.shard_size)
+def _draw_train(cfg: SynthConfig, i: int) -> Drawn:
+    """Training sample i: its own seeded stream, so it can be drawn again, alone, identically."""
     names = list(DOMAINS)
-    drawn: list[Drawn] = []
-    for i in range(cfg.num_train):
-        rng = _rng(cfg.seed, 0, i)
-        drawn.append(DOMAINS[names[int(rng.integers(len(names)))]](rng, cfg.image_size))
+    rng = _rng(cfg.seed, 0, i)
+    return DOMAINS[names[int(rng.integers(len(names)))]](rng, cfg.image_size)
+
+
+def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], set[str]]:
+    """Write the training shards; return shard sizes and the image hashes.
+
+    One sample is in memory at a time (plus the captions of the few samples
+    whose caption another sample borrows as its wrong caption, drawn first),
+    so the size of the synthetic set is bounded by disk, not memory.
+    """
+    writer = ShardSetWriter(out_dir, cfg.shard_size)
     wrong_rng = _rng(cfg.seed, 1)
     wrong = wrong_rng.random(cfg.num_train) < cfg.wrong_caption_rate
     donors = wrong_rng.integers(cfg.num_train, size=cfg.num_train)
+    borrowed = {d: _draw_train(cfg, d).caption for d in sorted(set(donors[wrong].tolist()))}
     hashes: set[str] = set()
     rows: list[dict] = []
-    for i, sample in enumerate(tqdm(drawn, desc="synth train", unit="img")):
-        caption = drawn[int(donors[i])].caption if wrong[i] else sample.caption
+
+    def write_rows(shard: str) -> None:
+        with atomic_path(out_dir / f"{shard}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        atomic_write_json(out_dir / f"{shard}_stats.json", {"count": len(rows), "successes": len(rows)})
+        rows.clear()
+
+    for i in tqdm(range(cfg.num_train), desc="synth train", unit="img"):
+        sample = _draw_train(cfg, i)
+        caption = borrowed[int(donors[i])] if wrong[i] else sample.caption
         image = jpeg_bytes(sample.image)
         hashes.add(hashlib.sha1(image).hexdigest())
         key = f"{i:09d}"
         meta = {"key": key, "domain": sample.domain, "label": sample.label,
                 "style": sample.style, "wrong_caption": bool(wrong[i]), "caption": caption}
-        shard_index = writer.index
+        shard = f"{writer.index:05d}"
+        if rows and rows[-1]["shard"] != shard:
+            write_rows(rows[-1]["shard"])
         writer.write(key, {"jpg": image, "txt": caption.encode("utf-8"), "json": encode_json(meta)})
-        rows.append({**meta, "shard": f"{shard_index:05d}"})
+        rows.append({**meta, "shard": shard})
     sizes = writer.close()
-    for shard in sizes:
-        stem = shard.removesuffix(".tar")
-        part = [r for r in rows if r["shard"] == stem]
-        with atomic_path(out_dir / f"{stem}.parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(part), tmp)
-        atomic_write_json(out_dir / f"{stem}_stats.json", {"count": len(part), "successes": len(part)})
+    if rows:
+        write_rows(rows[-1]["shard"])
     return sizes, hashes
 
 

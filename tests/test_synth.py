@@ -47,3 +47,19 @@ def test_classification_tasks_have_class_names_and_templates(tiny_data):
     spec = json.loads((tiny_data / "eval" / "digits" / "task.json").read_text())
     assert spec["kind"] == "classification" and len(spec["classnames"]) == 10
     assert all("{}" in t for t in spec["templates"])
+
+
+def test_a_training_sample_redrawn_alone_is_the_one_written_so_generation_needs_no_list_of_images(
+        tiny_data, tmp_path):
+    from conftest import write_config
+    from pipelines.config import load_config
+    from pipelines.synth import _draw_train
+
+    metas = [json.loads(s.files["json"]) for p in expand_shards(tiny_data / "train") for s in iter_samples(p)]
+    cfg = load_config(write_config(tmp_path / "tiny.yaml", tmp_path / "data")).synth  # the fixture's config
+    for i, meta in enumerate(metas[:20]):
+        drawn = _draw_train(cfg, i)
+        assert (drawn.domain, drawn.label, drawn.style) == (meta["domain"], meta["label"], meta["style"])
+        assert meta["wrong_caption"] or drawn.caption == meta["caption"]
+    parquet_rows = sum(json.loads(p.read_text())["count"] for p in (tiny_data / "train").glob("*_stats.json"))
+    assert parquet_rows == len(metas)
