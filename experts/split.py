@@ -13,10 +13,12 @@ How it stays exact and restartable with constant memory:
    small table of slot offsets per (input shard, expert), so which output
    shards an input shard feeds, and which input shard completes each output
    shard, are known up front.
-2. Stream: each input shard is read once; each valid sample is written to its
-   slots; an output shard is closed and renamed into place as soon as the
-   input shard that completes it is done, and a per-input-shard progress file
-   records its counts and rejects.
+2. Stream: each input shard is read once (memory-mapped); each valid sample
+   is written to its slots, as the very bytes it has in the input tar when
+   its files need no change; an output shard is closed and renamed into
+   place as soon as the input shard that completes it is done (writing,
+   hashing and renaming run in background threads), and a per-input-shard
+   progress file records its counts and rejects.
 3. Resume: a rerun after a kill keeps every output shard already renamed into
    place, skips every input shard whose progress file exists and whose output
    shards are all final, and rewrites only the unfinished output shards. The
