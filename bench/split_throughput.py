@@ -1,7 +1,7 @@
 """Split stage throughput against a raw copy of the same tars, and peak memory at two sizes.
 
     .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128] [--repeats 3]
-                                               [--processes 1] [--hash-inputs]
+                                               [--processes 1] [--hash-inputs] [--cold]
 
 Peers, named: (1) `shutil.copyfile` of the same input tar files (the floor
 any split must pay: read every byte, write every byte); (2) the split itself
@@ -11,6 +11,9 @@ a seeded random assignment to 4 experts, so only the split is measured;
 the embed stage is replaced by its manifest's record of the input shards'
 sha256, which the split reuses in a pipeline run (`--hash-inputs` leaves it
 out, so the split reads and hashes its input once more, as when run alone).
+By default both read from the page cache (the input was just written);
+`--cold` empties it before each (root only) and counts each one's
+write-back (os.sync), which is how a dataset larger than memory is split.
 Prints MB/s of both and their ratio, and both peak RSS figures.
 """
 
@@ -80,7 +83,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(run: Path, processes: int, shards: list[str]) -> None:
+def drop_page_cache() -> None:
+    """Write dirty pages back and empty the page cache (root only), so the next read comes from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as err:
+        sys.exit(f"--cold needs root on Linux to drop the page cache ({err})")
+
+
+def child(run: Path, processes: int, cold: bool, shards: list[str]) -> None:
     """Run only the split in this process and report its time and peak RSS (its split workers' too)."""
     from experts.split import run_split
     from pipelines.config import SplitConfig
@@ -88,12 +100,15 @@ def child(run: Path, processes: int, shards: list[str]) -> None:
     t0 = time.perf_counter()
     manifest = run_split(SplitConfig(shard_size=1000, processes=processes), [Path(s) for s in shards],
                          run / "embed", run / "cluster", run / "split")
+    if cold:
+        os.sync()  # the copy's timing includes its write-back too
     seconds = time.perf_counter() - t0
     peak_mb = max(peak_rss_mb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "samples": manifest["counts"]["samples_in"]}))
 
 
-def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: int, hash_inputs: bool) -> dict:
+def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: int, hash_inputs: bool,
+            cold: bool) -> dict:
     """Medians of `repeats` interleaved copies and splits; dirty pages are flushed before each
     (os.sync), so neither pays for the other's write-back."""
     data = tmp / f"in_{samples}"
@@ -103,10 +118,12 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
     for r in range(repeats):
         copy_dir = tmp / f"copy_{samples}_{r}"
         copy_dir.mkdir()
-        os.sync()
+        drop_page_cache() if cold else os.sync()
         t0 = time.perf_counter()
         for p in shards:
             shutil.copyfile(p, copy_dir / p.name)
+        if cold:
+            os.sync()
         copies.append(time.perf_counter() - t0)
         shutil.rmtree(copy_dir)
         run = tmp / f"run_{samples}_{r}"
@@ -114,8 +131,9 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
         (run / "embed").mkdir()
         if not hash_inputs:
             fake_embed(run / "embed", shards)
-        os.sync()
-        out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), *map(str, shards)],
+        drop_page_cache() if cold else os.sync()
+        out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), str(int(cold)),
+                              *map(str, shards)],
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         splits.append(json.loads(out))
         shutil.rmtree(run)
@@ -131,7 +149,7 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+        child(Path(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4])), sys.argv[5:])
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", type=int, default=4000)
@@ -141,10 +159,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="split.processes (0: one per CPU core)")
     parser.add_argument("--hash-inputs", action="store_true",
                         help="no embed manifest: the split hashes its input shards itself (a stage run alone)")
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the page cache before each timed copy and split (root), and count each "
+                             "one's write-back: the input comes from disk, as a dataset larger than memory does")
     parser.add_argument("--tmp", default=None, help="where to write (default: the system temp folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        rows = [measure(Path(tmp), n, args.image_size, args.repeats, args.processes, args.hash_inputs)
+        rows = [measure(Path(tmp), n, args.image_size, args.repeats, args.processes, args.hash_inputs,
+                        args.cold)
                 for n in (args.small, args.small * args.factor)]
     for row in rows:
         print(json.dumps(row))

@@ -413,6 +413,25 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
     return {"samples_in": samples_in, "own": own_written, "ooc": ooc_written, "rejects": rejects}
 
 
+def prefetch(path: Path) -> None:
+    """Ask the kernel to start reading the next input shard now (posix_fadvise WILLNEED), so a
+    dataset that is not in the page cache streams from disk while this shard is being split."""
+    import os
+
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # reported when the shard itself is read
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _chunks(shards: list[Path], processes: int) -> list[list[Path]]:
     """Contiguous runs of input shards, one per split process (0 = one per CPU core)."""
     import os
@@ -457,12 +476,14 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
         if ek not in boundary:
             closes_after[s].append(ek)
     progress_dir = stage_dir / "progress" / "inputs"
-    for shard_path in tqdm(chunk, desc=f"split {worker}", unit="shard", position=worker):
+    for i, shard_path in enumerate(tqdm(chunk, desc=f"split {worker}", unit="shard", position=worker)):
         s = shard_path.stem
         touched = [(e, k) for e in range(num_experts) for k in output_shards_of(plan, s, e)]
         record = progress_dir / f"{s}.json"
         if record.is_file() and all(outputs.is_final(e, k) for e, k in touched):
             continue
+        if i + 1 < len(chunk):
+            prefetch(chunk[i + 1])
         result = split_input_shard(shard_path, plan, assignments, caption_rejects, outputs, cfg)
         outputs.hand_over()  # the queued samples are views of this shard's map: let it go
         for e, k in sorted(closes_after.get(s, [])):
