@@ -7,16 +7,13 @@ order, then row order) is kept; every later one is a `duplicate_key` reject.
 
 A set of every key would cost ~100 bytes a sample (40 GB at LAION-400M), so
 the rows are bucketed by a 64-bit hash of their key into partitions of at
-most `PARTITION_ROWS` rows (spilled to files when there is more than one),
-each partition is sorted on its own, and only rows whose hash repeats are
+most `PARTITION_ROWS` rows (`pipelines.spill`), each partition is sorted on its own, and only rows whose hash repeats are
 read back to compare the keys themselves: exact, and memory stays bounded by
 one partition plus the repeated rows.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -24,16 +21,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipelines.spill import PARTITION_ROWS, HashSpill, key_hashes, partitions_for
+
 BATCH_ROWS = 1 << 14  # assignments rows in memory at a time
-PARTITION_ROWS = 1 << 22  # 4M rows x 24 bytes = 96 MB per partition at most
 SPILL_PREFIX = ".duplicate-keys-"  # a killed run's spill folder is recognised and removed by the split
 _RECORD = np.dtype([("hash", "<u8"), ("shard", "<i8"), ("row", "<i8")])
-
-
-def key_hashes(keys: list[str]) -> np.ndarray:
-    """A stable 64-bit hash of each key (blake2b: the same in every process and run)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8)
-                                       .digest(), "little") for k in keys), dtype=np.uint64, count=len(keys))
 
 
 def duplicate_rows(assignments: Path, shard_order: list[str], workdir: Path | None = None,
@@ -42,11 +34,9 @@ def duplicate_rows(assignments: Path, shard_order: list[str], workdir: Path | No
     for every row that repeats an earlier key. Rows of shards not in `shard_order` are an error."""
     position = {s: i for i, s in enumerate(shard_order)}
     parquet = pq.ParquetFile(assignments)
-    partitions = max(1, math.ceil(parquet.metadata.num_rows / partition_rows))
+    partitions = partitions_for(parquet.metadata.num_rows, partition_rows)
     with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX, dir=workdir) as tmp:
-        spill = [Path(tmp) / f"{p}.bin" for p in range(partitions)]
-        handles = [open(path, "wb") for path in spill]
-        try:
+        with HashSpill(Path(tmp), "rows", _RECORD, partitions) as spill:
             row = 0
             for batch in parquet.iter_batches(BATCH_ROWS, columns=["key", "shard"]):
                 keys = batch.column("key").to_pylist()
@@ -55,13 +45,8 @@ def duplicate_rows(assignments: Path, shard_order: list[str], workdir: Path | No
                 records["shard"] = _positions(batch.column("shard").to_pylist(), position)
                 records["row"] = np.arange(row, row + len(keys))
                 row += len(keys)
-                which = records["hash"] % np.uint64(partitions)
-                for p in np.unique(which):
-                    records[which == p].tofile(handles[p])
-        finally:
-            for handle in handles:
-                handle.close()
-        repeated = [_repeated_hashes(np.fromfile(path, dtype=_RECORD)) for path in spill]
+                spill.add(records)
+        repeated = [_repeated_hashes(spill.read(p)) for p in range(partitions)]
     candidates = np.concatenate(repeated) if repeated else np.empty(0, dtype=_RECORD)
     return _compare_keys(parquet, candidates)
 

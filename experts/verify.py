@@ -8,20 +8,31 @@ shard, and checks:
     stage or one of its deterministic out-of-cluster copies;
   - input keys == own-expert keys + rejected keys, as multisets: no sample
     lost, none duplicated.
+Memory does not grow with the dataset: keys are compared as 128-bit hashes
+in spill partitions (`pipelines.spill`), and only the few keys a message
+names are read again.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from experts.split import expert_dir_name, expert_shards, ooc_targets
+from experts.split import _hash_unit, expert_dir_name, expert_shards
 from pipelines.manifest import file_sha256, require_manifest
 from pipelines.shards import ShardError, iter_samples
+from pipelines.spill import HashSpill, key_hashes, partitions_for
+
+EXAMPLES = 5
+_KEY = [("h1", "<u8"), ("h2", "<u8")]
+_ASSIGNED = np.dtype(_KEY + [("row", "<i8"), ("expert", "<i4")])
+_INPUT = np.dtype(_KEY + [("shard", "<i4")])
+_WRITTEN = np.dtype(_KEY + [("shard", "<i4"), ("expert", "<i4"), ("ooc_ok", "?")])
+_REJECTED = np.dtype(_KEY)
 
 
 def _keys(path: Path) -> tuple[list[str], bool]:
@@ -34,65 +45,163 @@ def _keys(path: Path) -> tuple[list[str], bool]:
     return keys, truncated
 
 
+def _records(dtype: np.dtype, keys: list[str], **fields) -> np.ndarray:
+    records = np.empty(len(keys), dtype=dtype)
+    if keys:
+        hashes = key_hashes(keys, bits=128)
+        records["h1"], records["h2"] = hashes[:, 0], hashes[:, 1]
+    for name, value in fields.items():
+        records[name] = value
+    return records
+
+
 def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
-    """(problems, summary); no problems means the split is exact."""
+    """(problems, summary); no problems means the split is exact.
+
+    Keys are compared as 128-bit hashes bucketed into spill files
+    (`pipelines.spill`), so memory stays bounded at any dataset size; the
+    key names in the messages are looked up again in the shards they came from.
+    """
     run = Path(run_dir)
     split_dir, cluster_dir = run / "split", run / "cluster"
     manifest = require_manifest(split_dir, "split")
     plan = json.loads((split_dir / "plan.json").read_text())
     thresholds = np.array(plan["ooc_thresholds"])
-    table = pq.read_table(cluster_dir / "assignments.parquet", columns=["key", "expert"])
-    own_expert: dict[str, int] = {}
-    for key, expert in zip(table.column("key").to_pylist(), table.column("expert").to_pylist()):
-        own_expert.setdefault(key, expert)
     problems: list[str] = []
-
-    inputs: Counter = Counter()
-    for path in map(Path, manifest["input_shards"]):
-        if not path.is_file():
-            problems.append(f"input shard {path} is missing")
-            continue
-        keys, _ = _keys(path)
-        inputs.update(keys)
-
-    own: Counter = Counter()
-    ooc = 0
-    for e in range(manifest["num_experts"]):
-        paths, sizes = expert_shards(split_dir, e)
-        recorded = json.loads((split_dir / expert_dir_name(e) / "manifest.json").read_text())["shards_sha256"]
-        for path in paths:
-            keys, truncated = _keys(path)
-            if truncated:
-                problems.append(f"{path} is truncated")
-            if len(keys) != sizes[path.name]:
-                problems.append(f"{path}: {len(keys)} samples, sizes.json says {sizes[path.name]}")
-            if file_sha256(path) != recorded.get(path.name):
-                problems.append(f"{path}: sha256 differs from {expert_dir_name(e)}/manifest.json")
-            for key in keys:
-                if key not in own_expert:
-                    problems.append(f"{path}: key {key!r} was never assigned by the cluster stage")
-                elif own_expert[key] == e:
-                    own[key] += 1
-                elif e in ooc_targets(key, own_expert[key], thresholds):
-                    ooc += 1
-                else:
-                    problems.append(f"{path}: key {key!r} belongs to expert {own_expert[key]}, not {e}")
-
-    rejects = pq.read_table(split_dir / "rejects.parquet").to_pylist()
-    rejected = Counter(r["key"] for r in rejects if r["key"])
-    for key, n in own.items():
-        if n > 1:
-            problems.append(f"key {key!r} is written {n} times to its expert")
-    accounted = own + rejected
-    lost = inputs - accounted
-    extra = accounted - inputs
-    if lost:
-        problems.append(f"{sum(lost.values())} input samples are neither in an expert nor rejected, "
-                        f"e.g. {sorted(lost)[:5]}")
-    if extra:
-        problems.append(f"{sum(extra.values())} samples are accounted for more often than they occur in "
-                        f"the input, e.g. {sorted(extra)[:5]}")
-    summary = {"samples_in": sum(inputs.values()), "in_experts": sum(own.values()),
-               "rejected": sum(rejected.values()), "ooc_copies": ooc,
-               "truncated_inputs": sum(1 for r in rejects if not r["key"])}
+    inputs = [Path(p) for p in manifest["input_shards"]]
+    outputs: list[Path] = []
+    parts = partitions_for(2 * manifest["counts"]["samples_in"] + manifest["counts"].get("ooc_copies", 0))
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=split_dir) as tmp:
+        spills = {name: HashSpill(Path(tmp), name, dtype, parts) for name, dtype in
+                  [("assigned", _ASSIGNED), ("input", _INPUT), ("written", _WRITTEN), ("rejected", _REJECTED)]}
+        row = 0
+        for batch in pq.ParquetFile(cluster_dir / "assignments.parquet").iter_batches(1 << 14,
+                                                                                      columns=["key", "expert"]):
+            keys = batch.column("key").to_pylist()
+            spills["assigned"].add(_records(_ASSIGNED, keys, row=np.arange(row, row + len(keys)),
+                                            expert=batch.column("expert").to_numpy()))
+            row += len(keys)
+        for i, path in enumerate(inputs):
+            if not path.is_file():
+                problems.append(f"input shard {path} is missing")
+                continue
+            spills["input"].add(_records(_INPUT, _keys(path)[0], shard=i))
+        for e in range(manifest["num_experts"]):
+            paths, sizes = expert_shards(split_dir, e)
+            recorded = json.loads((split_dir / expert_dir_name(e) / "manifest.json").read_text())["shards_sha256"]
+            for path in paths:
+                keys, truncated = _keys(path)
+                if truncated:
+                    problems.append(f"{path} is truncated")
+                if len(keys) != sizes[path.name]:
+                    problems.append(f"{path}: {len(keys)} samples, sizes.json says {sizes[path.name]}")
+                if file_sha256(path) != recorded.get(path.name):
+                    problems.append(f"{path}: sha256 differs from {expert_dir_name(e)}/manifest.json")
+                ooc_ok = [_hash_unit(k, e) < thresholds[e] for k in keys] if thresholds[e] > 0 else False
+                spills["written"].add(_records(_WRITTEN, keys, shard=len(outputs), expert=e, ooc_ok=ooc_ok))
+                outputs.append(path)
+        for batch in pq.ParquetFile(split_dir / "rejects.parquet").iter_batches(1 << 14, columns=["key"]):
+            spills["rejected"].add(_records(_REJECTED, [k for k in batch.column("key").to_pylist() if k]))
+        for spill in spills.values():
+            spill.close()
+        tally = _Tally()
+        for p in range(parts):
+            tally.partition(*(spills[name].read(p) for name in ("assigned", "input", "written", "rejected")))
+    problems += tally.problems(inputs, outputs)
+    rejects = pq.read_table(split_dir / "rejects.parquet", columns=["key"]).column("key").to_pylist()
+    summary = {"samples_in": tally.samples_in, "in_experts": tally.own, "rejected": tally.rejected,
+               "ooc_copies": tally.ooc, "truncated_inputs": sum(1 for k in rejects if not k)}
     return problems, summary
+
+
+class _Tally:
+    """Counts and example records, partition by partition (each holds every record of its keys)."""
+
+    def __init__(self):
+        self.samples_in = self.own = self.rejected = self.ooc = 0
+        self.counts = dict.fromkeys(_MESSAGES, 0)
+        self.examples: dict[str, list] = {name: [] for name in self.counts}
+
+    def _note(self, kind: str, count: int, examples) -> None:
+        self.counts[kind] += int(count)
+        self.examples[kind] += examples[:EXAMPLES - len(self.examples[kind])]
+
+    def partition(self, assigned, inputs, written, rejected) -> None:
+        pairs = [np.stack([r["h1"], r["h2"]], axis=1) for r in (assigned, inputs, written, rejected)]
+        uniq, ids = np.unique(np.concatenate(pairs), axis=0, return_inverse=True)
+        ids = ids.reshape(-1)
+        a_id, i_id, w_id, r_id = np.split(ids, np.cumsum([len(p) for p in pairs])[:-1])
+        own_of = np.full(len(uniq), -1, dtype=np.int64)
+        order = np.argsort(assigned["row"], kind="stable")
+        keys_assigned, first_row = np.unique(a_id[order], return_index=True)  # a key's first row decides
+        own_of[keys_assigned] = assigned["expert"][order][first_row]
+        own = own_of[w_id]
+        is_own = own == written["expert"]
+        unassigned = own < 0
+        misplaced = ~is_own & ~unassigned & ~written["ooc_ok"]
+        self._note("unassigned", unassigned.sum(), [("written", written[i]) for i in np.flatnonzero(unassigned)])
+        self._note("misplaced", misplaced.sum(), [("written", written[i]) for i in np.flatnonzero(misplaced)])
+        self.ooc += int((~is_own & ~unassigned & written["ooc_ok"]).sum())
+        own_count = np.bincount(w_id[is_own], minlength=len(uniq))
+        repeated = np.flatnonzero(own_count > 1)
+        self._note("repeated", repeated.size, [(*_example(k, i_id, inputs, w_id, written, "written"),
+                                                int(own_count[k])) for k in repeated[:EXAMPLES]])
+        in_count = np.bincount(i_id, minlength=len(uniq))
+        accounted = own_count + np.bincount(r_id, minlength=len(uniq))
+        for kind, diff in (("lost", in_count - accounted), ("extra", accounted - in_count)):
+            where = np.flatnonzero(diff > 0)
+            self._note(kind, diff[where].sum(), [_example(k, i_id, inputs, w_id, written) for k in where[:EXAMPLES]])
+        self.samples_in += len(inputs)
+        self.own += int(is_own.sum())
+        self.rejected += len(rejected)
+
+    def problems(self, inputs: list[Path], outputs: list[Path]) -> list[str]:
+        names = _key_names([ex for kind in self.examples.values() for ex in kind], inputs, outputs)
+
+        def label(example) -> str:
+            source, record = example[0], example[1]
+            if source == "hash":
+                return "(a key found in rejects.parquet only)"
+            key = names.get((int(record["h1"]), int(record["h2"])), "?")
+            return f"{outputs[record['shard']]}: {key!r}" if source == "written" else repr(key)
+
+        def named(example) -> str:
+            return f"{label(example)} ({example[2]} times)" if len(example) > 2 else label(example)
+
+        return [f"{self.counts[kind]} {text}, e.g. {', '.join(named(x) for x in self.examples[kind])}"
+                for kind, text in _MESSAGES.items() if self.counts[kind]]
+
+
+_MESSAGES = {
+    "unassigned": "samples in expert shards were never assigned by the cluster stage",
+    "misplaced": "samples are in an expert that is neither theirs nor one of their out-of-cluster copies",
+    "repeated": "keys are written more than once to their expert",
+    "lost": "input samples are neither in an expert nor rejected",
+    "extra": "samples are accounted for more often than they occur in the input",
+}
+
+
+def _example(key_id: int, i_id, inputs, w_id, written, prefer: str = "input") -> tuple:
+    """A record of key `key_id` to name it by: from the input shards, else from the expert shards."""
+    sources = [("input", i_id, inputs), ("written", w_id, written)]
+    for source, ids, records in sorted(sources, key=lambda s: s[0] != prefer):
+        hits = np.flatnonzero(ids == key_id)
+        if hits.size:
+            return source, records[hits[0]]
+    return "hash", None
+
+
+def _key_names(examples: list, inputs: list[Path], outputs: list[Path]) -> dict[tuple[int, int], str]:
+    """The key behind each example's hash, read again from the one shard each came from."""
+    wanted: dict[Path, set] = {}
+    for source, record, *_ in examples:
+        if source in ("written", "input"):
+            path = (outputs if source == "written" else inputs)[int(record["shard"])]
+            wanted.setdefault(path, set()).add((int(record["h1"]), int(record["h2"])))
+    names = {}
+    for path, hashes in wanted.items():
+        keys = _keys(path)[0]
+        for key, (h1, h2) in zip(keys, key_hashes(keys, bits=128).tolist()):
+            if (h1, h2) in hashes:
+                names[(h1, h2)] = key
+    return names

@@ -360,3 +360,31 @@ def test_a_key_in_two_input_shards_is_kept_once_and_the_later_copy_counted(tmp_p
     from experts.verify import verify_split
 
     assert verify_split(tmp_path)[0] == []
+
+
+@pytest.mark.parametrize("partitions", [None, 3])  # keys in one spill partition, or spread over three
+def test_verify_names_a_stranger_a_repeat_and_a_sample_in_the_wrong_expert(clustered, monkeypatch, partitions):
+    import experts.verify
+    from pipelines.shards import ShardSetWriter
+
+    if partitions:
+        monkeypatch.setattr(experts.verify, "partitions_for", lambda records: partitions)
+    _, cfg, root = clustered
+    run = fresh_run(root, f"tampered_more_{partitions}")
+    run_stage("split", cfg, run)
+    assert verify_split(run)[0] == []
+    shard = run / "split" / "expert_000" / "00000.tar"
+    samples = list(iter_samples(shard))
+    other = next(iter_samples(run / "split" / "expert_001" / "00000.tar"))
+    extra = [samples[0], other, type(samples[0])(key="stranger", files=samples[0].files)]
+    writer = ShardSetWriter(run / "rewrite", shard_size=10**6)
+    for s in samples + extra:
+        writer.write(s.key, s.files)
+    writer.close()
+    os.replace(run / "rewrite" / "00000.tar", shard)
+    problems, _ = verify_split(run)
+    text = "\n".join(problems)
+    assert f"1 keys are written more than once to their expert, e.g. {shard}: {samples[0].key!r} (2 times)" in text
+    assert "were never assigned by the cluster stage, e.g." in text and "'stranger'" in text
+    assert f"neither theirs nor one of their out-of-cluster copies, e.g. {shard}: {other.key!r}" in text
+    assert "1 samples are accounted for more often than they occur in the input" in text
