@@ -170,8 +170,8 @@ def update_centroids(x: np.ndarray, labels: np.ndarray, previous: np.ndarray,
     return normalize_rows(sums)
 
 
-def balanced_kmeans(x: np.ndarray, k: int, niter: int = 20, balance_iters: int = 10,
-                    seed: int = 0, slack: float = 0.05, topk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def balanced_kmeans(x: np.ndarray, k: int, niter: int = 20, balance_iters: int = 8,
+                    seed: int = 0, slack: float = 0.05, topk: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Fine clustering: `niter` spherical Lloyd iterations, the last `balance_iters` balanced.
 
     Returns (centroids (k, d), labels (N,)): every cluster holds at most

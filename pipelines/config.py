@@ -105,9 +105,9 @@ class ClusterConfig:
     num_experts: int = 4
     sample_size: int = 0
     niter: int = 20
-    balance_iters: int = 10
+    balance_iters: int = 8
     balance_slack: float = 0.05
-    balance_topk: int = 16
+    balance_topk: int = 8
     max_expert_ratio: float = 1.05
     terms_sample: int = 100_000
     seed: int = 0
