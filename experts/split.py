@@ -39,7 +39,7 @@ import json
 import math
 import shutil
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -363,9 +363,9 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
     rows = pq.read_table(assignments, columns=["key", "expert"], filters=[("shard", "==", shard)])
     thresholds = np.array(plan["ooc_thresholds"])
     cursor = list(plan["offsets"][shard])
-    queue: dict[str, deque] = defaultdict(deque)
+    own_of: dict[str, int] = {}
     for key, own in zip(rows.column("key").to_pylist(), rows.column("expert").to_pylist()):
-        queue[key].append(own)
+        own_of.setdefault(key, own)  # later rows of a repeated key were never given slots
     earlier = set(plan.get("earlier_shard_keys", {}).get(shard, ()))  # kept where first seen
     sizes = plan["shard_sizes"]
     samples_in, own_written, ooc_written = 0, 0, 0
@@ -379,15 +379,14 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
         for sample in iter_samples(shard_path, views=True):
             samples_in += 1
             key = sample.key
-            if key in seen_here or key in earlier or (key in queue and not queue[key]):
+            if key in seen_here or key in earlier:
                 reject(key, "duplicate_key")
                 continue
-            if key not in queue:
+            own = own_of.get(key)
+            if own is None:
                 reject(key, "caption:" + caption_rejects.get(key, "not_embedded"))
                 continue
             seen_here.add(key)
-            own = queue[key].popleft()
-            queue[key].clear()  # later rows of a duplicated key were never given slots
             targets = [own] + (ooc_targets(key, own, thresholds) if cfg.ooc_ratio > 0 else [])
             slots = []
             for e in targets:
