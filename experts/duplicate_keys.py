@@ -17,6 +17,7 @@ from __future__ import annotations
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,10 +29,19 @@ SPILL_PREFIX = ".duplicate-keys-"  # a killed run's spill folder is recognised a
 _RECORD = np.dtype([("hash", "<u8"), ("shard", "<i8"), ("row", "<i8")])
 
 
+class Repeat(NamedTuple):
+    """A row that repeats an earlier key: the key, its shard and the first occurrence's shard
+    (positions in the input order)."""
+
+    key: str
+    shard: int
+    first_shard: int
+
+
 def duplicate_rows(assignments: Path, shard_order: list[str], workdir: Path | None = None,
-                   partition_rows: int = PARTITION_ROWS) -> dict[int, int]:
-    """Row number -> position (in `shard_order`) of the shard holding the key's first occurrence,
-    for every row that repeats an earlier key. Rows of shards not in `shard_order` are an error."""
+                   partition_rows: int = PARTITION_ROWS) -> dict[int, Repeat]:
+    """Row number -> Repeat, for every row that repeats an earlier key (in input order).
+    Rows of shards not in `shard_order` are an error."""
     position = {s: i for i, s in enumerate(shard_order)}
     parquet = pq.ParquetFile(assignments)
     partitions = partitions_for(parquet.metadata.num_rows, partition_rows)
@@ -69,7 +79,7 @@ def _repeated_hashes(records: np.ndarray) -> np.ndarray:
     return records[repeat]
 
 
-def _compare_keys(parquet: pq.ParquetFile, candidates: np.ndarray) -> dict[int, int]:
+def _compare_keys(parquet: pq.ParquetFile, candidates: np.ndarray) -> dict[int, Repeat]:
     """Among rows with a repeated hash, the ones whose key really occurred first in an earlier
     (shard, row): read back only those rows' keys, so a hash collision never drops a sample."""
     if not len(candidates):
@@ -84,35 +94,25 @@ def _compare_keys(parquet: pq.ParquetFile, candidates: np.ndarray) -> dict[int, 
             for r in wanted[lo:hi].tolist():
                 keys[r] = column[r - row].as_py()
         row += batch.num_rows
-    out: dict[int, int] = {}
+    out: dict[int, Repeat] = {}
     first_shard: dict[str, int] = {}
     group = None
-    for record in candidates.tolist():  # sorted by (hash, shard, row): earliest occurrence first
-        h, shard, r = record
+    for h, shard, r in candidates.tolist():  # sorted by (hash, shard, row): earliest occurrence first
         if h != group:
             group, first_shard = h, {}
         key = keys[r]
         if key in first_shard:
-            out[r] = first_shard[key]
+            out[r] = Repeat(key, shard, first_shard[key])
         else:
             first_shard[key] = shard
     return out
 
 
-def duplicates_by_shard(rows: dict[int, int], assignments: Path, shard_order: list[str]) -> dict[str, list[str]]:
+def earlier_shard_keys(repeats: dict[int, Repeat], shard_order: list[str]) -> dict[str, list[str]]:
     """For the split: per shard, the keys first seen in an earlier shard (every sample of theirs is a
     duplicate there). Repeats within one shard are left to the split, which sees them in order."""
-    if not rows:
-        return {}
-    position = {s: i for i, s in enumerate(shard_order)}
     earlier: dict[str, set[str]] = defaultdict(set)
-    wanted = np.array(sorted(rows), dtype=np.int64)
-    row = 0
-    for batch in pq.ParquetFile(assignments).iter_batches(BATCH_ROWS, columns=["key", "shard"]):
-        lo, hi = np.searchsorted(wanted, [row, row + batch.num_rows])
-        for r in wanted[lo:hi].tolist():
-            shard = batch.column("shard")[r - row].as_py()
-            if rows[r] != position[shard]:
-                earlier[shard].add(batch.column("key")[r - row].as_py())
-        row += batch.num_rows
+    for repeat in repeats.values():
+        if repeat.shard != repeat.first_shard:
+            earlier[shard_order[repeat.shard]].add(repeat.key)
     return {shard: sorted(keys) for shard, keys in earlier.items()}

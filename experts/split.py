@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from experts.duplicate_keys import BATCH_ROWS, SPILL_PREFIX, duplicate_rows, duplicates_by_shard
+from experts.duplicate_keys import BATCH_ROWS, SPILL_PREFIX, duplicate_rows, earlier_shard_keys
 from pipelines.config import SplitConfig, section_hash
 from pipelines.manifest import (
     atomic_write_json,
@@ -213,7 +213,7 @@ def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: 
                 for e in ooc_targets(keys[i], int(experts[i]), thresholds):
                     counts[shards[i], e] += 1
         row += batch.num_rows
-    totals = counts.sum(0) if len(shard_order) else np.zeros(num_experts, dtype=np.int64)
+    totals = counts.sum(0)
     sizes = [max(1, min(cfg.shard_size, math.ceil(int(t) / cfg.min_shards))) for t in totals]
     offsets = np.cumsum(counts, axis=0) - counts
     return {
@@ -224,7 +224,7 @@ def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: 
         "num_output_shards": [math.ceil(int(t) / sz) for t, sz in zip(totals, sizes)],
         "ooc_thresholds": thresholds.tolist(),
         "planned_duplicates": len(repeats),
-        "earlier_shard_keys": duplicates_by_shard(repeats, assignments, shard_order),
+        "earlier_shard_keys": earlier_shard_keys(repeats, shard_order),
     }
 
 

@@ -100,17 +100,19 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
                 ooc_ok = [_hash_unit(k, e) < thresholds[e] for k in keys] if thresholds[e] > 0 else False
                 spills["written"].add(_records(_WRITTEN, keys, shard=len(outputs), expert=e, ooc_ok=ooc_ok))
                 outputs.append(path)
+        truncated_inputs = 0
         for batch in pq.ParquetFile(split_dir / "rejects.parquet").iter_batches(1 << 14, columns=["key"]):
-            spills["rejected"].add(_records(_REJECTED, [k for k in batch.column("key").to_pylist() if k]))
+            keys = batch.column("key").to_pylist()
+            truncated_inputs += sum(1 for k in keys if not k)  # a truncated shard's row has no key
+            spills["rejected"].add(_records(_REJECTED, [k for k in keys if k]))
         for spill in spills.values():
             spill.close()
         tally = _Tally()
         for p in range(parts):
             tally.partition(*(spills[name].read(p) for name in ("assigned", "input", "written", "rejected")))
     problems += tally.problems(inputs, outputs)
-    rejects = pq.read_table(split_dir / "rejects.parquet", columns=["key"]).column("key").to_pylist()
     summary = {"samples_in": tally.samples_in, "in_experts": tally.own, "rejected": tally.rejected,
-               "ooc_copies": tally.ooc, "truncated_inputs": sum(1 for k in rejects if not k)}
+               "ooc_copies": tally.ooc, "truncated_inputs": truncated_inputs}
     return problems, summary
 
 

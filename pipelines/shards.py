@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.manifest import atomic_path, atomic_write_json
-from pipelines.tarstream import TarDamage, TarShardWriter, index_tar, read_members
+from pipelines.tarstream import TarDamage, TarIndex, TarShardWriter, index_tar, read_members
 
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 TRUNCATED = "truncated_tar"
@@ -84,50 +84,43 @@ def iter_samples(path: str | Path, *, views: bool = False) -> Iterator[Sample]:
     generator is closed and no longer referenced.
     """
     index = index_tar(path)
-    if index is None:  # compressed: streamed through tarfile, no views
-        yield from _group(read_members(path))
-        return
-    view = index.view
+    if index is None:  # compressed: streamed through tarfile, no views and no raw bytes
+        view, members = None, ((name, data, -1, -1) for name, data in read_members(path))
+    else:
+        view, members = index.view, _mapped_members(index, views)
     current: Sample | None = None
-    first = plain = end = 0
-    for name, header, start, size, is_plain in index.members:
-        key, ext = split_member_name(name)
-        if current is not None and current.key != key:
-            if views and plain:
-                current.raw = view[first:end]
-            yield current
-            current = None
-        if current is None:
-            current, first, end, plain = Sample(key=key), header, header, True
-        # raw bytes stand for the sample only if its members are plain, adjacent and distinct
-        plain = plain and is_plain and header == end and ext not in current.files
-        payload = view[start:start + size]
-        current.files[ext] = payload if views else payload.tobytes()
-        end = start + size + (-size % 512)
-    if index.damage:
-        raise ShardError(f"{index.damage}; unreadable after sample {current.key if current else None!r}")
+    first = end = 0
+    plain = False
+    try:
+        for name, payload, header, stop in members:
+            key, ext = split_member_name(name)
+            if current is not None and current.key != key:
+                if views and plain:
+                    current.raw = view[first:end]
+                yield current
+                current = None
+            if current is None:
+                current, first, end, plain = Sample(key=key), header, header, True
+            # raw bytes stand for the sample only if its members are plain, adjacent and distinct
+            plain = plain and header >= 0 and header == end and ext not in current.files
+            current.files[ext] = payload
+            end = stop
+    except TarDamage as err:
+        raise ShardError(f"{err}; unreadable after sample {current.key if current else None!r}") from err
     if current is not None:
         if views and plain:
             current.raw = view[first:end]
         yield current
 
 
-def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[Sample]:
-    """Consecutive members sharing a key, as samples (see `iter_samples` for damage)."""
-    current: Sample | None = None
-    try:
-        for name, data in members:
-            key, ext = split_member_name(name)
-            if current is not None and current.key != key:
-                yield current
-                current = None
-            if current is None:
-                current = Sample(key=key)
-            current.files[ext] = data
-    except TarDamage as err:
-        raise ShardError(f"{err}; unreadable after sample {current.key if current else None!r}") from err
-    if current is not None:
-        yield current
+def _mapped_members(index: TarIndex, views: bool) -> Iterator[tuple[str, bytes | memoryview, int, int]]:
+    """(name, payload, header offset or -1 when not a plain member, end offset), then the damage."""
+    view = index.view
+    for name, header, start, size, is_plain in index.members:
+        payload = view[start:start + size]
+        yield name, payload if views else payload.tobytes(), header if is_plain else -1, start + size + (-size % 512)
+    if index.damage:
+        raise TarDamage(index.damage)
 
 
 def read_caption(sample: Sample) -> tuple[str | None, str | None]:

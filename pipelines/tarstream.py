@@ -50,6 +50,16 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _size(header: bytes) -> int:
+    """A member's size: the usual "%011o\\0" field directly, anything else (base-256, spaces) in full."""
+    if header[135] in (0, 32):
+        try:
+            return int(header[124:135], 8)
+        except ValueError:
+            pass
+    return _octal(header[124:136])
+
+
 def _pax_path(data: bytes) -> str | None:
     """The `path` record of a PAX extended header, if any ("%d path=...\\n" records)."""
     path = None
@@ -115,14 +125,10 @@ def index_tar(path: str | Path) -> TarIndex | None:
                 damage = "the end-of-archive marker is incomplete"
             break
         try:
-            # the usual "%011o\0" size field parses directly; anything else (base-256, spaces) in full
-            length = int(header[124:135], 8) if header[135] in (0, 32) else _octal(header[124:136])
-        except ValueError:
-            try:
-                length = _octal(header[124:136])
-            except ValueError as err:
-                damage = f"unreadable member header ({err})"
-                break
+            length = _size(header)
+        except ValueError as err:
+            damage = f"unreadable member header ({err})"
+            break
         heads.append(pos)
         if length < 0:
             damage = "negative member size"

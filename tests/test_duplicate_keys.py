@@ -23,14 +23,14 @@ ROWS = [("a", "s0"), ("b", "s0"), ("a", "s0"),  # a twice in s0: row 2 repeats i
 def test_every_later_occurrence_is_found_with_the_shard_of_the_first(tmp_path, partition_rows):
     path = assignments(tmp_path, ROWS)
     rows = dk.duplicate_rows(path, ["s0", "s1", "s2"], tmp_path, partition_rows=partition_rows)
-    assert rows == {2: 0, 4: 0, 7: 1, 8: 1}
-    assert dk.duplicates_by_shard(rows, path, ["s0", "s1", "s2"]) == {"s1": ["b"], "s2": ["c"]}
+    assert rows == {2: ("a", 0, 0), 4: ("b", 1, 0), 7: ("c", 2, 1), 8: ("c", 2, 1)}
+    assert dk.earlier_shard_keys(rows, ["s0", "s1", "s2"]) == {"s1": ["b"], "s2": ["c"]}
     assert not list(tmp_path.glob(f"{dk.SPILL_PREFIX}*"))  # spill files removed
 
 
 def test_first_means_first_in_the_input_order_not_in_the_file(tmp_path):
     path = assignments(tmp_path, [("x", "late"), ("x", "early")])
-    assert dk.duplicate_rows(path, ["early", "late"], tmp_path) == {0: 0}
+    assert dk.duplicate_rows(path, ["early", "late"], tmp_path) == {0: ("x", 1, 0)}
 
 
 def test_a_hash_collision_never_makes_a_duplicate(tmp_path, monkeypatch):
@@ -38,7 +38,8 @@ def test_a_hash_collision_never_makes_a_duplicate(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dk, "key_hashes", lambda keys: np.zeros(len(keys), dtype=np.uint64))
     path = assignments(tmp_path, ROWS)
-    assert dk.duplicate_rows(path, ["s0", "s1", "s2"], tmp_path) == {2: 0, 4: 0, 7: 1, 8: 1}
+    assert dk.duplicate_rows(path, ["s0", "s1", "s2"], tmp_path) == \
+        {2: ("a", 0, 0), 4: ("b", 1, 0), 7: ("c", 2, 1), 8: ("c", 2, 1)}
 
 
 def test_a_shard_missing_from_the_inputs_is_a_clear_error(tmp_path):

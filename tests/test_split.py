@@ -135,6 +135,8 @@ def test_conservation_and_counts_by_reason(corrupted_input):
     rejects = pq.read_table(root / "split" / "rejects.parquet").to_pylist()
     assert len([r for r in rejects if r["key"]]) == 7  # one row per rejected sample
     assert [r["reason"].split(":")[0] for r in rejects if not r["key"]] == ["truncated_tar"]
+    problems, summary = verify_split(root)  # the same account, from the files alone
+    assert problems == [] and summary["truncated_inputs"] == 1 and summary["rejected"] == 7
 
 
 def test_expert_manifests_hash_their_shards(corrupted_input):
