@@ -15,7 +15,11 @@ How it stays exact and restartable with constant memory:
    shard, are known up front.
 2. Stream: each input shard is read once (memory-mapped); each valid sample
    is written to its slots, as the very bytes it has in the input tar when
-   its files need no change; an output shard is closed and renamed into
+   its files need no change. An intact tar of plain members is decided for
+   all its samples at once with numpy (routing, duplicates, JPEG headers),
+   and runs of neighbouring samples bound for the same output shard are
+   copied as one piece; other tars are read sample by sample, to the same
+   bytes. An output shard is closed and renamed into
    place as soon as the input shard that completes it is done (writing,
    hashing and renaming run in background threads), and a per-input-shard
    progress file records its counts and rejects.
@@ -34,7 +38,6 @@ reason and listed in rejects.parquet:   samples_in = sum(expert sizes) + rejecte
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import shutil
@@ -43,11 +46,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
 from experts.duplicate_keys import BATCH_ROWS, SPILL_PREFIX, duplicate_rows, earlier_shard_keys
+from experts.images import HUGE, PASS, plain_jpeg_verdicts, sample_output
 from pipelines.config import SplitConfig, section_hash
 from pipelines.manifest import (
     atomic_write_json,
@@ -60,113 +64,15 @@ from pipelines.manifest import (
     source_hashes,
     write_manifest,
 )
-from pipelines.shards import TRUNCATED, ShardError, count_reasons, iter_samples, jpeg_bytes, write_rejects
-from pipelines.tarstream import TarShardWriter, background
+from pipelines.shards import TRUNCATED, SampleTable, ShardError, count_reasons, iter_samples, sample_table, write_rejects
+from pipelines.tarstream import PlainTar, TarShardWriter, background, index_plain_tar
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-PASS_THROUGH = frozenset({"jpg", "txt", "json"})  # a sample of only these is copied as it lies
-MAX_PIXELS = 8192 * 8192
 MANIFEST_NAME = "manifest.json"
+PLAIN_FAST_PATH = True  # intact plain tars take the array path; tests turn it off to compare both paths
 
 
 def expert_dir_name(expert: int) -> str:
     return f"expert_{expert:03d}"
-
-
-# ---------------------------------------------------------------- images
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
-
-
-def jpeg_frame(raw: bytes) -> tuple[int, int, int, int] | None:
-    """(components, bits per sample, width, height) from a JPEG's frame header, by a marker scan.
-
-    None when `raw` is not a well-formed JPEG up to its frame header. Reads
-    a few segment headers, not the image: what PIL's header parse tells the
-    split, at a fraction of its cost.
-    """
-    if raw[:2] != b"\xff\xd8":
-        return None
-    pos, end = 2, len(raw)
-    while pos + 4 <= end:
-        if raw[pos] != 0xFF:
-            return None
-        marker = raw[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _STANDALONE:
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return None
-        length = (raw[pos + 2] << 8) | raw[pos + 3]
-        if length < 2:
-            return None
-        if marker in _SOF_MARKERS:
-            if pos + 10 > end:
-                return None
-            bits = raw[pos + 4]
-            height = (raw[pos + 5] << 8) | raw[pos + 6]
-            width = (raw[pos + 7] << 8) | raw[pos + 8]
-            return raw[pos + 9], bits, width, height
-        pos += 2 + length
-    return None
-
-
-def ends_with_eoi(raw: bytes | memoryview) -> bool:
-    """Whether the JPEG ends with its end-of-image marker (trailing NUL/CR/LF/space allowed):
-    a truncated JPEG does not."""
-    end = len(raw)
-    while end and raw[end - 1] in (0, 10, 13, 32):
-        end -= 1
-    return end >= 2 and raw[end - 2] == 0xFF and raw[end - 1] == 0xD9
-
-
-def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[bytes | None, str | None]:
-    """The sample's image as RGB JPEG bytes, or (None, reason) when unusable.
-
-    An image that needs no change is returned as the very object given
-    (bytes or a memoryview), which is how the split knows it may pass the
-    sample through as it lies in the input tar.
-
-    `header`: an RGB JPEG is checked by its header and its end-of-image
-    marker (catches truncation) and passed through byte for byte; `decode`
-    also decodes it fully. Any other format or mode is decoded and converted.
-    """
-    ext = next((e for e in IMAGE_EXTS if e in files), None)
-    if ext is None:
-        return None, "missing_image"
-    raw = files[ext]
-    if not raw:
-        return None, "empty_image"
-    if validate == "header" and ext in ("jpg", "jpeg"):
-        frame = jpeg_frame(raw)
-        if frame is not None and frame[0] == 3 and frame[1] == 8 and frame[2] and frame[3]:
-            # An 8-bit 3-component JPEG (PIL opens it as RGB): checked by its frame
-            # header and end-of-image marker, passed through byte for byte.
-            if frame[2] * frame[3] > MAX_PIXELS:
-                return None, "huge_image"
-            if not ends_with_eoi(raw):
-                return None, "corrupt_image"
-            return raw, None
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                return None, "huge_image"
-            if image.format == "JPEG" and image.mode == "RGB":
-                if validate == "decode":
-                    image.load()
-                elif not ends_with_eoi(raw):
-                    return None, "corrupt_image"
-                return raw, None
-            image.load()
-            if image.mode.startswith("I"):  # 16/32-bit integer greyscale
-                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-            return jpeg_bytes(image.convert("RGB")), None
-    except Exception:  # PIL raises many types for damaged data
-        return None, "corrupt_image"
 
 
 # ---------------------------------------------------------------- plan
@@ -199,9 +105,15 @@ def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: 
     repeated_rows = np.array(sorted(repeats), dtype=np.int64)
     position = {s: i for i, s in enumerate(shard_order)}
     counts = np.zeros((len(shard_order), num_experts), dtype=np.int64)
+    rows_per_shard = np.zeros(len(shard_order), dtype=np.int64)
+    in_order, last = True, 0
     row = 0
     for batch in parquet.iter_batches(BATCH_ROWS, columns=["key", "shard", "expert"]):
         shards = np.fromiter((position[s] for s in batch.column("shard").to_pylist()), np.int64, batch.num_rows)
+        if shards.size:
+            in_order = in_order and shards[0] >= last and bool((np.diff(shards) >= 0).all())
+            last = shards[-1]
+        rows_per_shard += np.bincount(shards, minlength=len(shard_order))
         experts = batch.column("expert").to_numpy()
         keep = np.ones(batch.num_rows, dtype=bool)
         lo, hi = np.searchsorted(repeated_rows, [row, row + batch.num_rows])
@@ -216,7 +128,10 @@ def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: 
     totals = counts.sum(0)
     sizes = [max(1, min(cfg.shard_size, math.ceil(int(t) / cfg.min_shards))) for t in totals]
     offsets = np.cumsum(counts, axis=0) - counts
+    row_ends = np.cumsum(rows_per_shard)
     return {
+        "assignment_rows": ({s: [int(row_ends[i] - rows_per_shard[i]), int(row_ends[i])]
+                             for i, s in enumerate(shard_order)} if in_order else None),
         "offsets": {s: offsets[i].tolist() for i, s in enumerate(shard_order)},
         "counts": {s: counts[i].tolist() for i, s in enumerate(shard_order)},
         "totals": [int(t) for t in totals],
@@ -281,8 +196,7 @@ class _Outputs:
     def fragment_path(self, e: int, k: int, worker: int) -> Path:
         return self.final_path(e, k).with_name(f".{k:05d}.tar.part{worker}")
 
-    def write(self, e: int, k: int, key: str, files: dict[str, bytes] | memoryview) -> None:
-        """Append a sample: its files, or its members exactly as they lie in the input tar."""
+    def _writer(self, e: int, k: int) -> TarShardWriter:
         if (e, k) not in self.writers:
             if (e, k) in self.boundary:
                 tmp = self.fragment_path(e, k, self.worker)
@@ -290,12 +204,20 @@ class _Outputs:
                 tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             self.writers[(e, k)] = (TarShardWriter(tmp), tmp)
-        writer, _ = self.writers[(e, k)]
+        return self.writers[(e, k)][0]
+
+    def write(self, e: int, k: int, key: str, files: dict[str, bytes] | memoryview) -> None:
+        """Append a sample: its files, or its members exactly as they lie in the input tar."""
+        writer = self._writer(e, k)
         if isinstance(files, dict):
             writer.add_sample(key, files)
         else:
             writer.add_raw(files)
         self.counts[(e, k)] += 1
+
+    def write_pieces(self, e: int, k: int, pieces: list[memoryview]) -> None:
+        """Append pieces of an input tar as they lie (whole samples; the caller counts them)."""
+        self._writer(e, k).add_raw(*pieces)
 
     def hand_over(self) -> None:
         for writer, _ in self.writers.values():
@@ -356,17 +278,78 @@ class _Outputs:
             job.result()
 
 
-def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_rejects: dict[str, str],
+class AssignmentRows:
+    """The (key, expert) assignment rows of one input shard after another, from one pass over the file.
+
+    The cluster stage writes the rows in input-shard order, so the plan knows
+    each shard's row range (`assignment_rows`) and this reader streams them
+    in batches, keeping only the current shard's rows: constant memory, and
+    each row read once. Without ranges (rows not in shard order), each shard's
+    rows are found by a filtered read of the whole file.
+    """
+
+    def __init__(self, path: Path, ranges: dict[str, list[int]] | None):
+        self.path, self.ranges = path, ranges
+        self._file = pq.ParquetFile(path)
+        self._batches = None
+        self._held: list = []  # batches not yet consumed, the first starting at row self._start
+        self._start = self._end = 0
+
+    def of(self, shard: str):
+        if self.ranges is None:
+            return pq.read_table(self.path, columns=["key", "expert"], filters=[("shard", "==", shard)])
+        lo, hi = self.ranges[shard]
+        if self._batches is None or lo < self._start:
+            self._seek(lo)
+        while self._end < hi:
+            batch = next(self._batches)
+            self._held.append(batch)
+            self._end += batch.num_rows
+        schema = pa.schema([self._file.schema_arrow.field(c) for c in ("key", "expert")])
+        table = pa.Table.from_batches(self._held, schema=schema).slice(lo - self._start, hi - lo)
+        while self._held and self._start + self._held[0].num_rows <= hi:  # what later shards no longer need
+            self._start += self._held.pop(0).num_rows
+        return table
+
+    def _seek(self, row: int) -> None:
+        """Start reading at the row group that holds `row`."""
+        meta = self._file.metadata
+        first, start = 0, 0
+        while first < meta.num_row_groups - 1 and start + meta.row_group(first).num_rows <= row:
+            start += meta.row_group(first).num_rows
+            first += 1
+        self._batches = self._file.iter_batches(BATCH_ROWS, row_groups=range(first, meta.num_row_groups),
+                                                columns=["key", "expert"])
+        self._held, self._start, self._end = [], start, start
+
+
+def split_input_shard(shard_path: Path, plan: dict, assignments: AssignmentRows, caption_rejects: dict[str, str],
                       outputs: _Outputs, cfg: SplitConfig) -> dict:
-    """Write one input shard's samples to their (not yet final) output shards."""
+    """Write one input shard's samples to their (not yet final) output shards.
+
+    An intact tar of plain members (what img2dataset and webdataset write)
+    takes `_split_plain`, which decides for all samples at once; any other tar
+    (damaged, compressed, long names) is read sample by sample. Both give the
+    same output, byte for byte (tested).
+    """
     shard = shard_path.stem
-    rows = pq.read_table(assignments, columns=["key", "expert"], filters=[("shard", "==", shard)])
+    rows = assignments.of(shard)
+    earlier = plan.get("earlier_shard_keys", {}).get(shard, [])  # kept where first seen
+    tar = index_plain_tar(shard_path) if PLAIN_FAST_PATH else None
+    if tar is not None:
+        return _split_plain(tar, shard, rows, earlier, plan, caption_rejects, outputs, cfg)
+    return _split_streamed(shard_path, shard, rows, earlier, plan, caption_rejects, outputs, cfg)
+
+
+def _split_streamed(shard_path: Path, shard: str, rows, earlier: list[str], plan: dict,
+                    caption_rejects: dict[str, str], outputs: _Outputs, cfg: SplitConfig) -> dict:
+    """Sample by sample, for any tar `iter_samples` reads."""
     thresholds = np.array(plan["ooc_thresholds"])
     cursor = list(plan["offsets"][shard])
     own_of: dict[str, int] = {}
     for key, own in zip(rows.column("key").to_pylist(), rows.column("expert").to_pylist()):
         own_of.setdefault(key, own)  # later rows of a repeated key were never given slots
-    earlier = set(plan.get("earlier_shard_keys", {}).get(shard, ()))  # kept where first seen
+    earlier = set(earlier)
     sizes = plan["shard_sizes"]
     samples_in, own_written, ooc_written = 0, 0, 0
     rejects: list[dict] = []
@@ -392,16 +375,10 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
             for e in targets:
                 slots.append((e, cursor[e] // sizes[e]))
                 cursor[e] += 1
-            image, reason = clean_image(sample.files, cfg.validate)
+            files, reason = sample_output(sample, cfg.validate)
             if reason is not None:
                 reject(key, reason)
                 continue
-            if sample.raw is not None and image is sample.files.get("jpg") and PASS_THROUGH.issuperset(sample.files):
-                files = sample.raw  # jpg, txt (json) unchanged: their tar bytes as they are
-            else:
-                files = {"jpg": image, "txt": sample.files["txt"]}
-                if "json" in sample.files:
-                    files["json"] = sample.files["json"]
             for e, k in slots:
                 if not outputs.is_final(e, k):
                     outputs.write(e, k, key, files)
@@ -410,6 +387,106 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: Path, caption_r
     except ShardError as err:
         reject("", f"{TRUNCATED}: {err}")
     return {"samples_in": samples_in, "own": own_written, "ooc": ooc_written, "rejects": rejects}
+
+
+def _split_plain(tar: PlainTar, shard: str, rows, earlier: list[str], plan: dict,
+                 caption_rejects: dict[str, str], outputs: _Outputs, cfg: SplitConfig) -> dict:
+    """`_split_streamed`'s decisions for all samples of an intact plain tar at once (numpy).
+
+    Only the samples the arrays cannot settle (an image that is not a plain
+    RGB JPEG, files other than jpg/txt/json) take the per-sample path; the
+    rest are written as runs of their tar bytes, several samples a piece where
+    they lie next to each other in the input.
+    """
+    table = sample_table(tar)
+    keys, count = table.keys, len(table.keys)
+    own = _own_experts(keys, rows)
+    found = own >= 0
+    _, first_seen, which = np.unique(keys, return_index=True, return_inverse=True)
+    repeat = first_seen[which] != np.arange(count)
+    duplicate = (repeat & found) | (np.isin(keys, _as_bytes(earlier)) if earlier else False)
+    placed = found & ~duplicate  # given slots, whatever becomes of the image
+    num_experts = len(plan["shard_sizes"])
+    targets = np.zeros((count, num_experts), bool)
+    targets[np.flatnonzero(placed), own[placed]] = True
+    if cfg.ooc_ratio > 0:
+        thresholds = np.array(plan["ooc_thresholds"])
+        for i in np.flatnonzero(placed).tolist():
+            targets[i, ooc_targets(table.key(i), int(own[i]), thresholds)] = True
+    slot = np.asarray(plan["offsets"][shard]) + np.cumsum(targets, 0) - 1
+    out_shard = slot // np.asarray(plan["shard_sizes"])
+
+    reasons: dict[int, str] = {i: "duplicate_key" for i in np.flatnonzero(duplicate).tolist()}
+    for i in np.flatnonzero(~found & ~duplicate).tolist():
+        reasons[i] = "caption:" + caption_rejects.get(table.key(i), "not_embedded")
+    verdict = np.full(count, -1, np.int8)
+    if cfg.validate == "header":
+        settle = np.flatnonzero(placed & table.plain)
+        jpg = table.jpg[settle]
+        verdict[settle] = plain_jpeg_verdicts(tar.data, tar.heads[jpg] + 512, tar.sizes[jpg])
+    for i in np.flatnonzero(verdict == HUGE).tolist():
+        reasons[i] = "huge_image"
+    rebuilt: dict[int, dict] = {}
+    passed = verdict == PASS
+    for i in np.flatnonzero(placed & (verdict != PASS) & (verdict != HUGE)).tolist():
+        files, reason = sample_output(table.sample(tar, i), cfg.validate)
+        if reason is not None:
+            reasons[i] = reason
+        elif isinstance(files, dict):
+            rebuilt[i] = files
+        else:
+            passed[i] = True  # its tar bytes, as for PASS
+    written = passed.copy()
+    written[list(rebuilt)] = True
+
+    for e in range(num_experts):
+        chosen = np.flatnonzero(targets[:, e] & written)
+        shards_of = out_shard[chosen, e]
+        for run in np.split(chosen, np.flatnonzero(np.diff(shards_of)) + 1):
+            if run.size and not outputs.is_final(e, int(out_shard[run[0], e])):
+                _write_run(outputs, e, int(out_shard[run[0], e]), run, table, tar, passed, rebuilt)
+    rejects = [{"key": table.key(i), "shard": shard, "reason": reasons[i]} for i in sorted(reasons)]
+    own_written = int(written.sum())
+    return {"samples_in": count, "own": own_written, "ooc": int(targets[written].sum()) - own_written,
+            "rejects": rejects}
+
+
+def _write_run(outputs: _Outputs, e: int, k: int, chosen: np.ndarray, table: SampleTable, tar: PlainTar,
+               passed: np.ndarray, rebuilt: dict[int, dict]) -> None:
+    """Write samples `chosen` (in order) to output shard (e, k): passed-through samples that lie
+    next to each other in the input go as one piece of its bytes, all pieces in one call."""
+    joined = passed[chosen[:-1]] & passed[chosen[1:]] & (table.end[chosen[:-1]] == table.begin[chosen[1:]])
+    starts = np.flatnonzero(np.concatenate([[True], ~joined]))
+    firsts = chosen[starts].tolist()
+    lasts = chosen[np.append(starts[1:], len(chosen)) - 1].tolist()
+    begins, ends, view = table.begin.tolist(), table.end.tolist(), tar.view
+    pieces: list = []
+    for first, last in zip(firsts, lasts):
+        if passed[first]:
+            pieces.append(view[begins[first]:ends[last]])
+        else:
+            if pieces:
+                outputs.write_pieces(e, k, pieces)
+                pieces = []
+            outputs.write(e, k, table.key(first), rebuilt[first])
+    if pieces:
+        outputs.write_pieces(e, k, pieces)
+    outputs.counts[(e, k)] += int(passed[chosen].sum())
+
+
+def _as_bytes(keys: list[str]) -> np.ndarray:
+    return np.array([k.encode("utf-8", "surrogateescape") for k in keys], dtype=bytes)
+
+
+def _own_experts(keys: np.ndarray, rows) -> np.ndarray:
+    """Each sample's expert by its key (the first assignment row of a key wins), or -1 if unassigned."""
+    assigned = _as_bytes(rows.column("key").to_pylist())
+    if not assigned.size:
+        return np.full(len(keys), -1, np.int64)
+    unique, first_row = np.unique(assigned, return_index=True)
+    at = np.minimum(np.searchsorted(unique, keys), len(unique) - 1)
+    experts = rows.column("expert").to_numpy()[first_row[at]]
+    return np.where(unique[at] == keys, experts, -1).astype(np.int64)
 
 
 def prefetch(path: Path) -> None:
@@ -475,6 +552,7 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
         if ek not in boundary:
             closes_after[s].append(ek)
     progress_dir = stage_dir / "progress" / "inputs"
+    rows = AssignmentRows(assignments, plan.get("assignment_rows"))
     for i, shard_path in enumerate(tqdm(chunk, desc=f"split {worker}", unit="shard", position=worker)):
         s = shard_path.stem
         touched = [(e, k) for e in range(num_experts) for k in output_shards_of(plan, s, e)]
@@ -483,7 +561,7 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
             continue
         if i + 1 < len(chunk):
             prefetch(chunk[i + 1])
-        result = split_input_shard(shard_path, plan, assignments, caption_rejects, outputs, cfg)
+        result = split_input_shard(shard_path, plan, rows, caption_rejects, outputs, cfg)
         outputs.hand_over()  # the queued samples are views of this shard's map: let it go
         for e, k in sorted(closes_after.get(s, [])):
             if not outputs.is_final(e, k):

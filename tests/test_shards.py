@@ -107,3 +107,30 @@ def test_sample_views_give_the_raw_bytes_only_for_plain_adjacent_distinct_member
     assert samples["c" * 120].raw is None  # a GNU long-name record before it
     assert samples["d"].raw is not None
     assert [type(f) for f in next(iter_samples(path)).files.values()] == [bytes, bytes]
+
+
+def test_the_sample_table_groups_members_as_iter_samples_does(tmp_path):
+    import io
+    import tarfile
+
+    from pipelines.shards import sample_table
+    from pipelines.tarstream import index_plain_tar
+
+    members = [("a.jpg", b"j"), ("a.txt", b"t"), ("a.json", b"{}"), ("b.txt", b"only text"),
+               ("d/c.x.jpg", b"j2"), ("d/c.x.txt", b"t2"), ("e.jpg", b"1"), ("e.jpg", b"2"), ("e.txt", b"t3"),
+               ("f.png", b"p"), ("f.txt", b"t4"), ("g.jpg", b"j5"), ("g.cls", b"3"), ("noext", b"?"),
+               ("a.jpg", b"again")]
+    with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tar = index_plain_tar(tmp_path / "s.tar")
+    table = sample_table(tar)
+    expected = list(iter_samples(tmp_path / "s.tar", views=True))
+    got = [table.sample(tar, i) for i in range(len(table.keys))]
+    as_plain = lambda s: (s.key, {e: bytes(v) for e, v in s.files.items()}, s.raw and bytes(s.raw))  # noqa: E731
+    assert [as_plain(s) for s in got] == [as_plain(s) for s in expected]
+    assert [table.key(i) for i in range(len(got))] == ["a", "b", "d/c", "e", "f", "g", "noext", "a"]
+    assert table.plain.tolist() == [True, False, False, False, False, False, False, True]
+    assert table.distinct.tolist() == [True, True, True, False, True, True, True, True]

@@ -1,5 +1,6 @@
 """Stage 3: per-expert shards that lose nothing and that open_clip_train reads."""
 
+import dataclasses
 import io
 import json
 import time
@@ -10,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from experts.split import clean_image, expert_shards, run_split
+from experts.images import clean_image
+from experts.split import expert_shards, run_split
 from pipelines.config import SplitConfig
 from pipelines.manifest import atomic_path, hash_outputs, write_manifest
 from pipelines.shards import ShardSetWriter, iter_samples, write_rejects
@@ -275,7 +277,6 @@ def test_a_killed_split_resumes_to_the_same_outputs(clustered):
 
 @pytest.mark.parametrize("processes", [2, 5])
 def test_several_split_processes_write_the_same_bytes_as_one(clustered, processes):
-    import dataclasses
 
     from experts.split import _chunks, boundary_shards
 
@@ -294,7 +295,6 @@ def test_several_split_processes_write_the_same_bytes_as_one(clustered, processe
 
 
 def test_the_number_of_split_processes_does_not_change_the_fingerprint(clustered):
-    import dataclasses
 
     _, cfg, root = clustered
     run = fresh_run(root, "processes_fp")
@@ -390,3 +390,76 @@ def test_verify_names_a_stranger_a_repeat_and_a_sample_in_the_wrong_expert(clust
     assert "were never assigned by the cluster stage, e.g." in text and "'stranger'" in text
     assert f"neither theirs nor one of their out-of-cluster copies, e.g. {shard}: {other.key!r}" in text
     assert "1 samples are accounted for more often than they occur in the input" in text
+
+
+def published(split_dir):
+    """What a split publishes: every expert file's bytes, and the rejects."""
+    return {str(p.relative_to(split_dir)): p.read_bytes() for p in sorted(split_dir.glob("expert_*/*"))} | \
+        {"rejects": pq.read_table(split_dir / "rejects.parquet").to_pylist()}
+
+
+def split_both_ways(monkeypatch, split):
+    """Run `split(dest)` with the array path for plain tars, then sample by sample; how many
+    shards took the array path."""
+    import experts.split as module
+
+    taken = []
+    array_path = module._split_plain
+    monkeypatch.setattr(module, "_split_plain", lambda tar, shard, *a: taken.append(shard) or array_path(tar, shard, *a))
+    fast = split("split_arrays")
+    monkeypatch.setattr(module, "PLAIN_FAST_PATH", False)
+    slow = split("split_samples")
+    return fast, slow, taken
+
+
+def test_the_array_path_writes_what_the_sample_by_sample_path_writes(corrupted_input, monkeypatch):
+    root, shards, _ = corrupted_input
+    fast, slow, taken = split_both_ways(monkeypatch, lambda name: run_split(
+        SplitConfig(shard_size=2, ooc_ratio=0.5, processes=1), shards, root / "embed", root / "cluster", root / name))
+    assert taken == ["00000"]  # the intact shard; the truncated one is read sample by sample
+    assert published(root / "split_arrays") == published(root / "split_samples")
+    assert fast["counts"] == slow["counts"] and fast["outputs"] == slow["outputs"]
+
+
+def test_the_array_path_agrees_on_a_clustered_run_with_out_of_cluster_copies(clustered, monkeypatch):
+    _, cfg, root = clustered
+    cfg = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, processes=1))  # patches reach one process
+    runs = {}
+
+    def split(name):
+        runs[name] = fresh_run(root, name)
+        return run_stage("split", cfg, runs[name])
+
+    fast, slow, taken = split_both_ways(monkeypatch, split)
+    assert len(taken) == 12 and fast["counts"]["ooc_copies"] > 0
+    assert published(runs["split_arrays"] / "split") == published(runs["split_samples"] / "split")
+    assert fast["counts"] == slow["counts"]
+
+
+def test_assignment_rows_stream_each_shards_rows_in_one_pass(tmp_path, monkeypatch):
+    """Rows in shard order are read once, in batches smaller than a shard's rows, across row groups;
+    rows out of order make the plan give no ranges, and each shard's rows are found by a filter."""
+    import experts.split as module
+    from experts.split import AssignmentRows, make_plan
+
+    monkeypatch.setattr(module, "BATCH_ROWS", 3)
+    shards = ["a", "b", "c", "d"]
+    rows_of = {"a": 5, "b": 0, "c": 7, "d": 2}  # "b" has none
+    keys = [f"{s}{i}" for s in shards for i in range(rows_of[s])]
+    table = pa.table({"key": keys, "shard": [k[0] for k in keys], "fine": [0] * len(keys),
+                      "expert": [i % 2 for i in range(len(keys))]})
+    path = tmp_path / "assignments.parquet"
+    pq.write_table(table, path, row_group_size=4)
+    plan = make_plan(path, shards, 2, SplitConfig(), workdir=tmp_path)
+    assert plan["assignment_rows"] == {"a": [0, 5], "b": [5, 5], "c": [5, 12], "d": [12, 14]}
+    reader = AssignmentRows(path, plan["assignment_rows"])
+    for shard in ["a", "b", "c", "d"]:
+        assert reader.of(shard).column("key").to_pylist() == [k for k in keys if k[0] == shard]
+    assert reader.of("d").column("expert").to_pylist() == [0, 1]  # asked again: read again
+
+    shuffled = table.take([13, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+    pq.write_table(shuffled, path)
+    plan = make_plan(path, shards, 2, SplitConfig(), workdir=tmp_path)
+    assert plan["assignment_rows"] is None
+    reader = AssignmentRows(path, None)
+    assert reader.of("d").column("key").to_pylist() == ["d1", "d0"]
