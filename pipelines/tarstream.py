@@ -369,7 +369,8 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _thread(name: str) -> ThreadPoolExecutor:
+def named_thread(name: str) -> ThreadPoolExecutor:
+    """This process's one worker thread of that name (made on first use, forgotten in a forked child)."""
     if name not in _threads:
         _threads[name] = ThreadPoolExecutor(1, thread_name_prefix=f"tar-{name}")
     return _threads[name]
@@ -384,7 +385,7 @@ def background() -> ThreadPoolExecutor:
     parsing instead of after it. Jobs that must follow a shard's last bytes
     (renaming it into place, recording it) are submitted here, after them.
     """
-    return _thread("write")
+    return named_thread("write")
 
 
 def _write_all(fd: int, pieces: list) -> None:
@@ -451,7 +452,7 @@ class TarShardWriter:
             raise
         finally:
             _slots["write"].release()
-        self._hashes.append(_thread("hash").submit(self._hash, offset, length))
+        self._hashes.append(named_thread("hash").submit(self._hash, offset, length))
 
     def _hash(self, offset: int, length: int) -> None:
         """Hash bytes the write thread has written, read back in large blocks.
