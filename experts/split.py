@@ -457,13 +457,12 @@ def _write_run(outputs: _Outputs, e: int, k: int, chosen: np.ndarray, table: Sam
     next to each other in the input go as one piece of its bytes, all pieces in one call."""
     joined = passed[chosen[:-1]] & passed[chosen[1:]] & (table.end[chosen[:-1]] == table.begin[chosen[1:]])
     starts = np.flatnonzero(np.concatenate([[True], ~joined]))
-    firsts = chosen[starts].tolist()
-    lasts = chosen[np.append(starts[1:], len(chosen)) - 1].tolist()
-    begins, ends, view = table.begin.tolist(), table.end.tolist(), tar.view
+    firsts, lasts = chosen[starts], chosen[np.append(starts[1:], len(chosen)) - 1]
+    view = tar.view
     pieces: list = []
-    for first, last in zip(firsts, lasts):
+    for first, begin, end in zip(firsts.tolist(), table.begin[firsts].tolist(), table.end[lasts].tolist()):
         if passed[first]:
-            pieces.append(view[begins[first]:ends[last]])
+            pieces.append(view[begin:end])
         else:
             if pieces:
                 outputs.write_pieces(e, k, pieces)
