@@ -412,10 +412,12 @@ def split_both_ways(monkeypatch, split):
     return fast, slow, taken
 
 
-def test_the_array_path_writes_what_the_sample_by_sample_path_writes(corrupted_input, monkeypatch):
+@pytest.mark.parametrize("validate", ["header", "decode"])
+def test_the_array_path_writes_what_the_sample_by_sample_path_writes(corrupted_input, monkeypatch, validate):
     root, shards, _ = corrupted_input
     fast, slow, taken = split_both_ways(monkeypatch, lambda name: run_split(
-        SplitConfig(shard_size=2, ooc_ratio=0.5, processes=1), shards, root / "embed", root / "cluster", root / name))
+        SplitConfig(shard_size=2, ooc_ratio=0.5, processes=1, validate=validate), shards, root / "embed",
+        root / "cluster", root / name))
     assert taken == ["00000"]  # the intact shard; the truncated one is read sample by sample
     assert published(root / "split_arrays") == published(root / "split_samples")
     assert fast["counts"] == slow["counts"] and fast["outputs"] == slow["outputs"]
