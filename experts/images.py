@@ -16,10 +16,9 @@ import numpy as np
 from PIL import Image
 
 from pipelines.jpeg import ends_with_eoi, jpeg_frame, jpeg_frames
-from pipelines.shards import Sample, jpeg_bytes
+from pipelines.shards import PASS_THROUGH, Sample, jpeg_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-PASS_THROUGH = frozenset({"jpg", "txt", "json"})  # a sample of only these is copied as it lies
 MAX_PIXELS = 8192 * 8192
 PASS, HUGE, UNSETTLED = 0, 1, 2
 
@@ -70,15 +69,13 @@ def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[byte
         return None, "corrupt_image"
 
 
-
-
 def sample_output(sample: Sample, validate: str) -> tuple[memoryview | dict | None, str | None]:
     """What the split writes for a sample: its tar bytes as they lie (a memoryview) when its jpg,
     txt and json need no change, else its files rebuilt around the cleaned image; or (None, reason)."""
     image, reason = clean_image(sample.files, validate)
     if reason is not None:
         return None, reason
-    if sample.raw is not None and image is sample.files.get("jpg") and PASS_THROUGH.issuperset(sample.files):
+    if sample.raw is not None and image is sample.files.get("jpg") and all(e in PASS_THROUGH for e in sample.files):
         return sample.raw, None
     files = {"jpg": image, "txt": sample.files["txt"]}
     if "json" in sample.files:

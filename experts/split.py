@@ -68,7 +68,6 @@ from pipelines.shards import TRUNCATED, SampleTable, ShardError, count_reasons, 
 from pipelines.tarstream import PlainTar, TarShardWriter, background, index_plain_tar, named_thread
 
 MANIFEST_NAME = "manifest.json"
-PLAIN_FAST_PATH = True  # intact plain tars take the array path; tests turn it off to compare both paths
 
 
 def expert_dir_name(expert: int) -> str:
@@ -261,7 +260,7 @@ class _Outputs:
         self.final.add((e, k))
 
     def _publish(self, e: int, k: int, writer: TarShardWriter, tmp: Path, samples: int) -> None:
-        sha256 = writer.wait()  # hashed while written: the file is not read again
+        sha256 = writer.wait()  # hashed chunk by chunk as written: the file is not read again here
         final = self.final_path(e, k)
         final.unlink(missing_ok=True)
         tmp.rename(final)
@@ -291,11 +290,13 @@ class AssignmentRows:
     def __init__(self, path: Path, ranges: dict[str, list[int]] | None):
         self.path, self.ranges = path, ranges
         self._file = pq.ParquetFile(path)
+        self._schema = pa.schema([self._file.schema_arrow.field(c) for c in ("key", "expert")])
         self._batches = None
         self._held: list = []  # batches not yet consumed, the first starting at row self._start
         self._start = self._end = 0
 
-    def of(self, shard: str):
+    def of(self, shard: str) -> pa.Table:
+        """The shard's rows, in file order (shards asked in plan order are read once)."""
         if self.ranges is None:
             return pq.read_table(self.path, columns=["key", "expert"], filters=[("shard", "==", shard)])
         lo, hi = self.ranges[shard]
@@ -305,8 +306,7 @@ class AssignmentRows:
             batch = next(self._batches)
             self._held.append(batch)
             self._end += batch.num_rows
-        schema = pa.schema([self._file.schema_arrow.field(c) for c in ("key", "expert")])
-        table = pa.Table.from_batches(self._held, schema=schema).slice(lo - self._start, hi - lo)
+        table = pa.Table.from_batches(self._held, schema=self._schema).slice(lo - self._start, hi - lo)
         while self._held and self._start + self._held[0].num_rows <= hi:  # what later shards no longer need
             self._start += self._held.pop(0).num_rows
         return table
@@ -319,7 +319,7 @@ class AssignmentRows:
             start += meta.row_group(first).num_rows
             first += 1
         self._batches = self._file.iter_batches(BATCH_ROWS, row_groups=range(first, meta.num_row_groups),
-                                                columns=["key", "expert"])
+                                                columns=self._schema.names)
         self._held, self._start, self._end = [], start, start
 
 
@@ -335,7 +335,7 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: AssignmentRows,
     shard = shard_path.stem
     rows = assignments.of(shard)
     earlier = plan.get("earlier_shard_keys", {}).get(shard, [])  # kept where first seen
-    tar = index_plain_tar(shard_path) if PLAIN_FAST_PATH else None
+    tar = index_plain_tar(shard_path)
     if tar is not None:
         return _split_plain(tar, shard, rows, earlier, plan, caption_rejects, outputs, cfg)
     return _split_streamed(shard_path, shard, rows, earlier, plan, caption_rejects, outputs, cfg)

@@ -15,8 +15,8 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import braceexpand
 import numpy as np
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.manifest import atomic_path, atomic_write_json
-from pipelines.tarstream import PlainTar, TarDamage, TarIndex, TarShardWriter, index_tar, read_members
+from pipelines.tarstream import BLOCK, PlainTar, TarDamage, TarIndex, TarShardWriter, index_tar, read_members
 
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 TRUNCATED = "truncated_tar"
@@ -115,8 +115,10 @@ def iter_samples(path: str | Path, *, views: bool = False) -> Iterator[Sample]:
         yield current
 
 
-_EXT_CODES = ((b"jpg", 1), (b"txt", 2), (b"json", 4))  # any other extension: 8
-_OTHER = 8
+PASS_THROUGH = ("jpg", "txt", "json")
+"""The files of a sample the split may copy as they lie in the input tar (a jpg, and text beside it)."""
+_EXT_CODES = tuple((ext.encode(), 1 << i) for i, ext in enumerate(PASS_THROUGH))  # jpg: 1
+_OTHER = 1 << len(PASS_THROUGH)
 
 
 class SampleTable(NamedTuple):
@@ -146,7 +148,7 @@ class SampleTable(NamedTuple):
         files = {}
         for m in range(int(self.first[i]), int(self.first[i] + self.count[i])):
             ext = split_member_name(tar.names[m].decode("utf-8", "surrogateescape"))[1]
-            start = int(tar.heads[m]) + 512
+            start = int(tar.heads[m]) + BLOCK
             files[ext] = tar.view[start:start + int(tar.sizes[m])]
         raw = tar.view[int(self.begin[i]):int(self.end[i])] if self.distinct[i] else None
         return Sample(key=self.key(i), files=files, raw=raw)
@@ -186,7 +188,7 @@ def _mapped_members(index: TarIndex, views: bool) -> Iterator[tuple[str, bytes |
     view = index.view
     for name, header, start, size, is_plain in index.members:
         payload = view[start:start + size]
-        yield name, payload if views else payload.tobytes(), header if is_plain else -1, start + size + (-size % 512)
+        yield name, payload if views else payload.tobytes(), header if is_plain else -1, start + size + (-size % BLOCK)
     if index.damage:
         raise TarDamage(index.damage)
 

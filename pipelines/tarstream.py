@@ -16,7 +16,8 @@ through `tarfile` instead (`read_members` falls back by itself).
 Writing produces POSIX ustar archives (mtime 0, uid/gid 0, mode 0644,
 padded to 10240-byte records as `tarfile` does), readable by `tarfile`,
 webdataset and open_clip_train, and byte-reproducible; each writer also
-returns the sha256 of what it wrote, so nobody reads the file again to hash it.
+returns the sha256 of what it wrote, hashed chunk by chunk while the file is
+written (read back from the page cache), so nobody reads the file again later.
 """
 
 from __future__ import annotations
@@ -173,33 +174,34 @@ def index_tar(path: str | Path) -> TarIndex | None:
     return TarIndex(memoryview(mapped), members, f"{path}: {damage}" if damage else None)
 
 
-def _first_bad_checksum(mapped: mmap.mmap, heads: list[int]) -> int | None:
-    """Offset of the first header whose checksum field is not the sum of its bytes (field as spaces).
+def _header_rows(mapped: mmap.mmap, heads: list[int]) -> np.ndarray:
+    """The 512-byte headers at these offsets, as rows of a uint8 array (a copy: the map stays free)."""
+    blocks = np.frombuffer(mapped, np.uint8, count=len(mapped) // BLOCK * BLOCK).reshape(-1, BLOCK)
+    return blocks[np.asarray(heads, dtype=np.int64) // BLOCK]
+
+
+def _checksums_ok(rows: np.ndarray) -> np.ndarray:
+    """Per header row: whether its checksum field holds the sum of its bytes (the field counted as spaces).
 
     All headers at once: a Python sum over 512 bytes would cost a couple of
-    microseconds a member, a fair share of the split's time.
-    """
-    if not heads:
-        return None
-    blocks = np.frombuffer(mapped, np.uint8, count=len(mapped) // BLOCK * BLOCK).reshape(-1, BLOCK)
-    rows = blocks[np.asarray(heads) // BLOCK]
-    del blocks  # release the map's buffer export
-    actual = rows.sum(1, dtype=np.int64) - rows[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
-    bad = np.flatnonzero(actual != _octal_fields(rows[:, 148:156]))
-    return heads[int(bad[0])] if bad.size else None
-
-
-def _checksums_match(rows: np.ndarray) -> bool:
-    """Whether every header row's checksum field holds the sum of its bytes (the field counted as spaces).
-
-    The "%06o\\0 " form that tar, Python's tarfile and webdataset write is
-    compared digit by digit; any other form is read by `_octal_fields`.
+    microseconds a member, a fair share of the split's time. The "%06o\\0 "
+    form that tar, Python's tarfile and webdataset write is compared digit by
+    digit; only rows in another form are read by `_octal_fields`.
     """
     actual = rows.sum(1, dtype=np.int64) - rows[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
     digits = (actual[:, None] >> np.arange(15, -1, -3)) & 7
-    if (rows[:, 148:154] == digits + 48).all() and not rows[:, 154].any() and (rows[:, 155] == 32).all():
-        return True
-    return bool((actual == _octal_fields(rows[:, 148:156])).all())
+    ok = (rows[:, 148:154] == digits + 48).all(1) & (rows[:, 154] == 0) & (rows[:, 155] == 32)
+    other = np.flatnonzero(~ok)
+    ok[other] = actual[other] == _octal_fields(rows[other, 148:156])
+    return ok
+
+
+def _first_bad_checksum(mapped: mmap.mmap, heads: list[int]) -> int | None:
+    """Offset of the first header whose checksum does not match, or None."""
+    if not heads:
+        return None
+    bad = np.flatnonzero(~_checksums_ok(_header_rows(mapped, heads)))
+    return heads[int(bad[0])] if bad.size else None
 
 
 def _octal_fields(fields: np.ndarray) -> np.ndarray:
@@ -265,20 +267,18 @@ def index_plain_tar(path: str | Path) -> PlainTar | None:
         pass
     if not heads or pos > last or mapped[pos:pos + 2 * BLOCK] != ZEROS[:2 * BLOCK]:
         return None  # the chain did not end at an end-of-archive marker
-    data = np.frombuffer(mapped, np.uint8)
-    starts = np.asarray(heads, dtype=np.int64)
-    sizes = np.asarray(lengths, dtype=np.int64)
-    rows = data[:len(mapped) // BLOCK * BLOCK].reshape(-1, BLOCK)[starts // BLOCK]
+    rows = _header_rows(mapped, heads)
     names = np.ascontiguousarray(rows[:, :100]).view("S100").ravel()
     size_fields = rows[:, 124:136]
     intact = (np.isin(rows[:, 156], (0x30, 0, 0x37)).all() and not rows[:, 345].any()
               and ((size_fields[:, :11] >= 48) & (size_fields[:, :11] <= 55)).all()  # "%011o", then
               and np.isin(size_fields[:, 11], (0, 32)).all()                          # NUL or space
-              and _checksums_match(rows)
+              and _checksums_ok(rows).all()
               and (np.strings.str_len(names) == np.count_nonzero(rows[:, :100], 1)).all())  # no NUL in a name
     if not intact:
         return None
-    return PlainTar(memoryview(mapped), data, names, starts, sizes)
+    return PlainTar(memoryview(mapped), np.frombuffer(mapped, np.uint8), names,
+                    np.asarray(heads, dtype=np.int64), np.asarray(lengths, dtype=np.int64))
 
 
 def read_members(path: str | Path) -> Iterator[tuple[str, bytes]]:

@@ -72,6 +72,19 @@ def test_rgb_jpeg_passes_through_unchanged():
     assert clean_image({"jpg": raw}) == (raw, None)
 
 
+def test_the_shard_wide_jpeg_verdict_agrees_with_clean_image_or_leaves_it_the_image():
+    from experts.images import HUGE, PASS, UNSETTLED, plain_jpeg_verdicts
+
+    good = image_bytes()
+    images = [good, huge_jpeg(), good[: len(good) // 2], image_bytes("CMYK"), good + b"\n", b"", b"\x89PNG"]
+    data = np.frombuffer(b"".join(images) + bytes(8), np.uint8)
+    sizes = np.array([len(i) for i in images])
+    verdicts = plain_jpeg_verdicts(data, np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes).tolist()
+    assert verdicts == [PASS, HUGE] + [UNSETTLED] * 5
+    assert clean_image({"jpg": images[0]}) == (images[0], None)
+    assert clean_image({"jpg": images[1]}) == (None, "huge_image")
+
+
 @pytest.fixture
 def corrupted_input(tmp_path):
     """Two input shards with every bad case, and the upstream stages' files."""
@@ -82,6 +95,9 @@ def corrupted_input(tmp_path):
         "ok2": {"jpg": good, "txt": b"c"}, "corrupt": {"jpg": b"\xff\xd8\xff garbage", "txt": b"d"},
         "truncjpg": {"jpg": good[: len(good) // 2], "txt": b"e"}, "zero": {"jpg": b"", "txt": b"f"},
         "noimage": {"txt": b"g"}, "nocaption": {"jpg": good}, "emptycap": {"jpg": good, "txt": b" "},
+        "huge": {"jpg": huge_jpeg(), "txt": b"h"}, "nonutf8": {"jpg": good, "txt": b"\xff\xfe caption"},
+        "cmyk": {"jpg": image_bytes("CMYK"), "txt": b"i"}, "rgba": {"png": image_bytes("RGBA", "PNG"), "txt": b"j"},
+        "grey16": {"png": image_bytes("I;16", "PNG"), "txt": b"k"},
     }
     for key, files in cases.items():
         w.write(key, files)
@@ -96,13 +112,22 @@ def corrupted_input(tmp_path):
     data = (tmp_path / "in2" / "00000.tar").read_bytes()
     second.write_bytes(data[: len(data) // 2])
     surviving = [s.key for s in _readable(second)]
-    expert_of_key = {k: i % 2 for i, k in enumerate(["ok0", "ok1", "ok2", "corrupt", "truncjpg", "zero", "noimage"]
-                                                     + surviving)}
+    expert_of_key = {k: i % 2 for i, k in enumerate(["ok0", "ok1", "ok2", "corrupt", "truncjpg", "zero", "noimage",
+                                                      "huge", "cmyk", "rgba", "grey16"] + surviving)}
     fake_cluster_stage(tmp_path / "cluster", expert_of_key, 2,
                        lambda k: "00001" if k[1:].isdigit() else "00000")
     fake_embed_rejects(tmp_path / "embed", [{"key": "nocaption", "shard": "00000", "reason": "missing_caption"},
-                                            {"key": "emptycap", "shard": "00000", "reason": "empty_caption"}])
+                                            {"key": "emptycap", "shard": "00000", "reason": "empty_caption"},
+                                            {"key": "nonutf8", "shard": "00000", "reason": "non_utf8_caption"}])
     return tmp_path, [tmp_path / "in" / "00000.tar", second], len(surviving)
+
+
+def huge_jpeg():
+    """A small RGB JPEG whose frame header says 9000 x 9000 pixels (over MAX_PIXELS)."""
+    raw = bytearray(image_bytes())
+    sof = raw.find(b"\xff\xc0")
+    raw[sof + 5:sof + 9] = (9000).to_bytes(2, "big") * 2
+    return bytes(raw)
 
 
 def _readable(path):
@@ -121,11 +146,12 @@ def test_conservation_and_counts_by_reason(corrupted_input):
     counts = manifest["counts"]
     assert counts["rejected"] == {
         "corrupt_image": 2, "empty_image": 1, "missing_image": 1, "caption:missing_caption": 1,
-        "caption:empty_caption": 1, "duplicate_key": 1, "truncated_tar": 1,
+        "caption:empty_caption": 1, "caption:non_utf8_caption": 1, "huge_image": 1, "duplicate_key": 1,
+        "truncated_tar": 1,
     }
-    samples_in = 10 + surviving
+    samples_in = 15 + surviving
     assert counts["samples_in"] == samples_in
-    assert sum(counts["experts"]) + 7 == samples_in
+    assert sum(counts["experts"]) + 9 == samples_in
     keys = []
     for e in range(2):
         paths, sizes = expert_shards(root / "split", e)
@@ -133,12 +159,16 @@ def test_conservation_and_counts_by_reason(corrupted_input):
         assert len(got) == sum(sizes.values())
         keys += got
     assert len(keys) == len(set(keys))  # no duplicates
-    assert set(keys) == {"ok0", "ok1", "ok2"} | {f"t{i:02d}" for i in range(surviving)}
+    assert set(keys) == {"ok0", "ok1", "ok2", "cmyk", "rgba", "grey16"} | {f"t{i:02d}" for i in range(surviving)}
     rejects = pq.read_table(root / "split" / "rejects.parquet").to_pylist()
-    assert len([r for r in rejects if r["key"]]) == 7  # one row per rejected sample
+    assert len([r for r in rejects if r["key"]]) == 9  # one row per rejected sample
     assert [r["reason"].split(":")[0] for r in rejects if not r["key"]] == ["truncated_tar"]
     problems, summary = verify_split(root)  # the same account, from the files alone
-    assert problems == [] and summary["truncated_inputs"] == 1 and summary["rejected"] == 7
+    assert problems == [] and summary["truncated_inputs"] == 1 and summary["rejected"] == 9
+    for path in expert_shards(root / "split", 0)[0] + expert_shards(root / "split", 1)[0]:
+        for sample in iter_samples(path):  # odd but valid images were converted, not dropped
+            with Image.open(io.BytesIO(sample.files["jpg"])) as image:
+                assert (image.format, image.mode) == ("JPEG", "RGB")
 
 
 def test_expert_manifests_hash_their_shards(corrupted_input):
@@ -407,7 +437,7 @@ def split_both_ways(monkeypatch, split):
     array_path = module._split_plain
     monkeypatch.setattr(module, "_split_plain", lambda tar, shard, *a: taken.append(shard) or array_path(tar, shard, *a))
     fast = split("split_arrays")
-    monkeypatch.setattr(module, "PLAIN_FAST_PATH", False)
+    monkeypatch.setattr(module, "index_plain_tar", lambda path: None)  # every tar read sample by sample
     slow = split("split_samples")
     return fast, slow, taken
 

@@ -107,6 +107,18 @@ def test_octal_header_fields_read_as_tar_writers_write_them():
     assert _octal_fields(rows).tolist() == [0o12345, 0o12345, 0o12345, 0o1234567, 0o12345670, -1, -1]
 
 
+def test_the_sha256_covers_chunks_larger_than_one_read_back_block(tmp_path):
+    import hashlib
+    import os
+
+    writer = TarShardWriter(tmp_path / "big.tar")
+    writer.add("000.txt", b"small")
+    writer.add("001.jpg", os.urandom(9 << 20))  # one member over two 4 MiB read-back blocks
+    writer.add("001.txt", b"x" * 700)
+    digest = writer.close()
+    assert digest == hashlib.sha256((tmp_path / "big.tar").read_bytes()).hexdigest()
+
+
 def test_a_write_error_in_the_background_is_raised_by_close():
     writer = TarShardWriter("/dev/full")  # every write fails with ENOSPC
     writer.add("000.txt", b"x" * 100)
