@@ -180,6 +180,36 @@ def test_the_plain_index_declines_every_tar_that_is_not_plain_and_intact(tmp_pat
     assert index_plain_tar(path) is None
 
 
+def test_a_tar_inside_a_member_does_not_fool_the_plain_index(tmp_path):
+    """A payload holding tar headers of its own (a .tar member) gives the magic scan false headers:
+    the chain they make does not land, and the index is found by walking the real one."""
+    from pipelines.tarstream import _chain_by_magic, _map
+
+    tarfile_archive(tmp_path / "inner.tar", [("x.txt", b"inner" * 300), ("y.txt", b"y")])
+    members = [("000.tar", (tmp_path / "inner.tar").read_bytes()), ("000.txt", b"cap"), ("001.jpg", b"j" * 900)]
+    tarfile_archive(tmp_path / "a.tar", members, tarfile.USTAR_FORMAT)
+    assert _chain_by_magic(_map(tmp_path / "a.tar")) is None
+    assert plain_members(index_plain_tar(tmp_path / "a.tar")) == full_members(index_tar(tmp_path / "a.tar"))
+
+
+def test_a_header_without_the_ustar_magic_is_found_by_walking_the_chain(tmp_path):
+    """Old (v7) tar writers leave the magic out: the scan misses such a header, the walk does not."""
+    from pipelines.tarstream import _chain_by_magic, _map
+
+    tarfile_archive(tmp_path / "a.tar", [("000.jpg", b"j" * 700), ("000.txt", b"cap"), ("001.txt", b"c")],
+                    tarfile.USTAR_FORMAT)
+    data = bytearray((tmp_path / "a.tar").read_bytes())
+    second = 512 + 1024  # the header of 000.txt
+    data[second + 257:second + 265] = bytes(8)
+    data[second + 148:second + 156] = b" " * 8
+    data[second + 148:second + 156] = b"%06o\0 " % sum(data[second:second + 512])
+    (tmp_path / "a.tar").write_bytes(data)
+    assert _chain_by_magic(_map(tmp_path / "a.tar")) is None
+    plain = index_plain_tar(tmp_path / "a.tar")
+    assert plain is not None and plain_members(plain) == full_members(index_tar(tmp_path / "a.tar"))
+    assert [n for n, _, _ in plain_members(plain)] == ["000.jpg", "000.txt", "001.txt"]
+
+
 def test_the_plain_index_never_disagrees_with_the_full_reader_on_a_damaged_tar(tmp_path):
     """Flip one byte of a header (or the end marker) at a time: the plain index either
     declines the tar or lists exactly what the full reader lists, undamaged."""
