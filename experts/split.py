@@ -255,12 +255,12 @@ class _Outputs:
             tmp = self.final_path(e, k).with_name(f".{k:05d}.tar.tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             writer = TarShardWriter(tmp)
-        writer.finish()
-        self.after(self._publish, e, k, writer, tmp, self.counts.pop((e, k), 0))
+        self.jobs.append(writer.close_then(self._publish, e, k, tmp, self.counts.pop((e, k), 0)))
         self.final.add((e, k))
 
-    def _publish(self, e: int, k: int, writer: TarShardWriter, tmp: Path, samples: int) -> None:
-        sha256 = writer.wait()  # hashed chunk by chunk as written: the file is not read again here
+    def _publish(self, sha256: str, e: int, k: int, tmp: Path, samples: int) -> None:
+        """Rename a written shard into place and record it (hashed chunk by chunk as written: the
+        file is not read again here)."""
         final = self.final_path(e, k)
         final.unlink(missing_ok=True)
         tmp.rename(final)
@@ -569,7 +569,9 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
         for e, k in sorted(closes_after.get(s, [])):
             if not outputs.is_final(e, k):
                 outputs.finalize(e, k)
-        outputs.after(atomic_write_json, record, result)  # once the output shards it completed are in place
+        # Once its samples are written. A rerun skips the shard only if every output shard it feeds
+        # is also recorded as in place, so this record may land before the ones it completed.
+        outputs.after(atomic_write_json, record, result)
     fragments = outputs.close_fragments()
     outputs.wait()
     return fragments

@@ -23,6 +23,7 @@ written (read back from the page cache), so nobody reads the file again later.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import mmap
 import os
 import tarfile
@@ -395,20 +396,21 @@ _IN_FLIGHT = 8  # chunks handed over and not yet written, per process: bounds wh
 _IOV_MAX = 1024
 _threads: dict[str, ThreadPoolExecutor] = {}
 _HASH_BLOCK = 4 << 20
-_hash_buffers: list[memoryview] = []
+HASH_THREADS = 2  # sha256 runs at ~2 GB/s a core: one thread would pace the whole split
+_writers_made = itertools.count()
+_local = threading.local()
 _slots = {"write": threading.BoundedSemaphore(_IN_FLIGHT), "hash": threading.BoundedSemaphore(_IN_FLIGHT)}
 
 
 def _hash_buffer() -> memoryview:
-    """The hash thread's read-back buffer (one per process, made on first use)."""
-    if not _hash_buffers:
-        _hash_buffers.append(memoryview(bytearray(_HASH_BLOCK)))
-    return _hash_buffers[0]
+    """This hash thread's read-back buffer (made on first use)."""
+    if not hasattr(_local, "buffer"):
+        _local.buffer = memoryview(bytearray(_HASH_BLOCK))
+    return _local.buffer
 
 
 def _reset_after_fork() -> None:
     _threads.clear()
-    _hash_buffers.clear()
     for name in _slots:
         _slots[name] = threading.BoundedSemaphore(_IN_FLIGHT)
 
@@ -456,9 +458,11 @@ class TarShardWriter:
     Nothing is copied on the caller's side: members are queued as the
     objects given (bytes, or memoryviews of a mapped input tar, which must
     not change until written) and written with writev by the `background`
-    thread, in 2 MiB chunks, each then read back and hashed by another thread.
+    thread, in 2 MiB chunks, each then read back and hashed by one of
+    `HASH_THREADS` hash threads (the same one for all of a file's chunks).
     `close()` waits for them and raises any write error; `finish()` and
-    `wait()` are its two halves, for a caller that has other work between.
+    `wait()` are its two halves, for a caller that has other work between;
+    `close_then()` waits for nobody.
     """
 
     def __init__(self, path: str | Path):
@@ -471,6 +475,7 @@ class TarShardWriter:
         self._queued = 0
         self._pending: list[Future] = []
         self._hashes: list[Future] = []
+        self._hasher = f"hash{next(_writers_made) % HASH_THREADS}"  # all of a file's chunks, in order
 
     def _put(self, piece: bytes | memoryview) -> None:
         self._pieces.append(piece)
@@ -499,7 +504,7 @@ class TarShardWriter:
             raise
         finally:
             _slots["write"].release()
-        self._hashes.append(named_thread("hash").submit(self._hash, offset, length))
+        self._hashes.append(named_thread(self._hasher).submit(self._hash, offset, length))
 
     def _hash(self, offset: int, length: int) -> None:
         """Hash bytes the write thread has written, read back in large blocks.
@@ -560,6 +565,31 @@ class TarShardWriter:
         finally:
             self._handle.close()
         return self._sha.hexdigest()
+
+    def close_then(self, job, *args) -> Future:
+        """End the archive; once it is all written and hashed, call `job(sha256, *args)` on the hash
+        thread. The returned future holds what `job` returns, or the write error.
+
+        Why not wait on the write thread: it would stand idle until the hash
+        thread caught up, while chunks of every other open shard queue behind it.
+        """
+        self.finish()
+        done: Future = Future()
+
+        def last() -> None:  # on the hash thread, after this file's last chunk
+            try:
+                done.set_result(job(self.wait(), *args))
+            except BaseException as err:
+                done.set_exception(err)
+
+        def queue_last() -> None:  # on the write thread, after this file's last write
+            try:
+                named_thread(self._hasher).submit(last)
+            except BaseException as err:
+                done.set_exception(err)
+
+        background().submit(queue_last)
+        return done
 
     def close_fragment(self) -> None:
         """Close without the end-of-archive blocks: the file is a fragment for `add_raw`."""

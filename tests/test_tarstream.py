@@ -126,6 +126,26 @@ def test_a_write_error_in_the_background_is_raised_by_close():
         writer.close()
 
 
+def test_close_then_hands_the_finished_files_sha256_to_the_job_and_write_errors_to_the_future(tmp_path):
+    import hashlib
+
+    writers = [TarShardWriter(tmp_path / f"{i}.tar") for i in range(5)]  # spread over the hash threads
+    for i, writer in enumerate(writers):
+        writer.add("000.txt", bytes([i]) * (3 << 20))
+    done = [w.close_then(lambda sha, path: (sha, path.read_bytes()), w.path) for w in writers]
+    for future in done:
+        sha, data = future.result()
+        assert sha == hashlib.sha256(data).hexdigest()
+
+    called = []
+    failing = TarShardWriter("/dev/full")
+    failing.add("000.txt", b"x" * 100)
+    future = failing.close_then(lambda sha: called.append(sha))
+    with pytest.raises(OSError):
+        future.result()
+    assert called == []
+
+
 def test_the_writer_takes_memoryviews_of_a_mapped_tar_and_copies_them_verbatim(tmp_path):
     from pipelines.shards import iter_samples
 
