@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--processes", type=int, default=1, help="split.processes (0: one per CPU core)")
+    parser.add_argument("--processes", type=int, default=1, help="split.processes (0: one per two CPU cores)")
     parser.add_argument("--hash-inputs", action="store_true",
                         help="no embed manifest: the split hashes its input shards itself (a stage run alone)")
     parser.add_argument("--cold", action="store_true",

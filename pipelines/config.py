@@ -126,7 +126,8 @@ class SplitConfig:
     `validate`: `header` checks an RGB JPEG's header and end marker and copies
     its bytes; `decode` decodes every image fully (slower, stricter).
     `processes`: split processes over contiguous runs of input shards (0 = one
-    per CPU core); the output is byte-identical whatever the number.
+    per two CPU cores: a split process keeps about one and a half busy, with
+    its writer and hash threads); the output is byte-identical whatever the number.
     """
 
     shard_size: int = 1000
@@ -296,7 +297,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("split.ooc_ratio must be in [0, 1)")
     _choice(cfg.split.validate, ("header", "decode"), "split.validate")
     if cfg.split.processes < 0:
-        raise ConfigError("split.processes must be >= 0 (0 = one per CPU core)")
+        raise ConfigError("split.processes must be >= 0 (0 = one per two CPU cores)")
     t = cfg.train
     _positive(t.seed_epochs, "train.seed_epochs")
     _positive(t.expert_epochs, "train.expert_epochs")

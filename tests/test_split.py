@@ -324,6 +324,21 @@ def test_several_split_processes_write_the_same_bytes_as_one(clustered, processe
     assert not list((many / "split").glob("expert_*/.*"))  # no fragment or temp file left
 
 
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 1), (3, 1), (8, 4), (64, 10)])
+def test_by_default_a_split_process_is_started_per_two_cores_and_never_more_than_shards(monkeypatch, cores,
+                                                                                       expected):
+    import os
+    from pathlib import Path
+
+    from experts.split import _chunks
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    shards = [Path(f"{i:05d}.tar") for i in range(10)]
+    chunks = _chunks(shards, 0)
+    assert len(chunks) == expected and sum(chunks, []) == shards
+    assert len(_chunks(shards, 3)) == 3  # a number given is taken as it is
+
+
 def test_the_number_of_split_processes_does_not_change_the_fingerprint(clustered):
 
     _, cfg, root = clustered
