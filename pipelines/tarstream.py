@@ -391,8 +391,10 @@ def ustar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
-CHUNK = 2 << 20
-_IN_FLIGHT = 8  # chunks handed over and not yet written, per process: bounds what a slow disk pins
+# 1 MiB chunks, 16 in flight (16 MiB per process: bounds what a slow disk pins). Measured against
+# 2 MiB x 8 on the split: 8% faster, as a chunk read back to be hashed is still in the CPU cache.
+CHUNK = 1 << 20
+_IN_FLIGHT = 16
 _IOV_MAX = 1024
 _threads: dict[str, ThreadPoolExecutor] = {}
 _HASH_BLOCK = 4 << 20
@@ -458,7 +460,7 @@ class TarShardWriter:
     Nothing is copied on the caller's side: members are queued as the
     objects given (bytes, or memoryviews of a mapped input tar, which must
     not change until written) and written with writev by the `background`
-    thread, in 2 MiB chunks, each then read back and hashed by one of
+    thread, in 1 MiB chunks, each then read back and hashed by one of
     `HASH_THREADS` hash threads (the same one for all of a file's chunks).
     `close()` waits for them and raises any write error; `finish()` and
     `wait()` are its two halves, for a caller that has other work between;
