@@ -37,7 +37,6 @@ reason and listed in rejects.parquet:   samples_in = sum(expert sizes) + rejecte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -50,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from experts import ooc
 from experts.duplicate_keys import BATCH_ROWS, SPILL_PREFIX, duplicate_rows, earlier_shard_keys
 from experts.images import HUGE, PASS, plain_jpeg_verdicts, sample_output
 from pipelines.config import SplitConfig, section_hash
@@ -64,7 +64,16 @@ from pipelines.manifest import (
     source_hashes,
     write_manifest,
 )
-from pipelines.shards import TRUNCATED, SampleTable, ShardError, count_reasons, iter_samples, sample_table, write_rejects
+from pipelines.shards import (
+    TRUNCATED,
+    SampleTable,
+    ShardError,
+    count_reasons,
+    iter_samples,
+    key_bytes,
+    sample_table,
+    write_rejects,
+)
 from pipelines.tarstream import PlainTar, TarShardWriter, background, index_plain_tar, named_thread
 
 MANIFEST_NAME = "manifest.json"
@@ -75,16 +84,6 @@ def expert_dir_name(expert: int) -> str:
 
 
 # ---------------------------------------------------------------- plan
-def _hash_unit(key: str, expert: int) -> float:
-    digest = hashlib.blake2b(f"{key}\x00{expert}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
-
-
-def ooc_targets(key: str, own: int, thresholds: np.ndarray) -> list[int]:
-    """Other experts that receive a copy of this sample (deterministic in the key)."""
-    return [e for e in range(len(thresholds)) if e != own and _hash_unit(key, e) < thresholds[e]]
-
-
 def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: SplitConfig,
               workdir: Path | None = None) -> dict:
     """Slot offsets per (input shard, expert) and output shard sizes, from assignments alone.
@@ -97,9 +96,7 @@ def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: 
     own_counts = np.zeros(num_experts, dtype=np.int64)
     for batch in parquet.iter_batches(BATCH_ROWS, columns=["expert"]):
         own_counts += np.bincount(batch.column("expert").to_numpy(), minlength=num_experts)
-    total = own_counts.sum()
-    others = total - own_counts
-    thresholds = np.where(others > 0, cfg.ooc_ratio * own_counts / np.maximum(others, 1), 0.0)
+    limits = ooc.thresholds(own_counts, cfg.ooc_ratio)
     repeats = duplicate_rows(assignments, shard_order, workdir)
     repeated_rows = np.array(sorted(repeats), dtype=np.int64)
     position = {s: i for i, s in enumerate(shard_order)}
@@ -119,10 +116,9 @@ def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: 
         keep[repeated_rows[lo:hi] - row] = False
         np.add.at(counts, (shards[keep], experts[keep]), 1)
         if cfg.ooc_ratio > 0:
-            keys = batch.column("key").to_pylist()
-            for i in np.flatnonzero(keep).tolist():
-                for e in ooc_targets(keys[i], int(experts[i]), thresholds):
-                    counts[shards[i], e] += 1
+            keys = key_bytes(batch.column("key").to_pylist())[keep]
+            copied, copied_to = np.nonzero(ooc.copies(keys, experts[keep], limits))
+            np.add.at(counts, (shards[keep][copied], copied_to), 1)
         row += batch.num_rows
     totals = counts.sum(0)
     sizes = [max(1, min(cfg.shard_size, math.ceil(int(t) / cfg.min_shards))) for t in totals]
@@ -136,7 +132,7 @@ def make_plan(assignments: Path, shard_order: list[str], num_experts: int, cfg: 
         "totals": [int(t) for t in totals],
         "shard_sizes": sizes,
         "num_output_shards": [math.ceil(int(t) / sz) for t, sz in zip(totals, sizes)],
-        "ooc_thresholds": thresholds.tolist(),
+        "ooc_thresholds": limits.tolist(),
         "planned_duplicates": len(repeats),
         "earlier_shard_keys": earlier_shard_keys(repeats, shard_order),
     }
@@ -344,11 +340,14 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: AssignmentRows,
 def _split_streamed(shard_path: Path, shard: str, rows, earlier: list[str], plan: dict,
                     caption_rejects: dict[str, str], outputs: _Outputs, cfg: SplitConfig) -> dict:
     """Sample by sample, for any tar `iter_samples` reads."""
-    thresholds = np.array(plan["ooc_thresholds"])
     cursor = list(plan["offsets"][shard])
     own_of: dict[str, int] = {}
     for key, own in zip(rows.column("key").to_pylist(), rows.column("expert").to_pylist()):
         own_of.setdefault(key, own)  # later rows of a repeated key were never given slots
+    copied_to: dict[str, list[int]] = {}
+    if cfg.ooc_ratio > 0 and own_of:
+        chosen = ooc.copies(key_bytes(own_of), np.array(list(own_of.values())), np.array(plan["ooc_thresholds"]))
+        copied_to = {key: np.flatnonzero(row).tolist() for key, row in zip(own_of, chosen)}
     earlier = set(earlier)
     sizes = plan["shard_sizes"]
     samples_in, own_written, ooc_written = 0, 0, 0
@@ -370,7 +369,7 @@ def _split_streamed(shard_path: Path, shard: str, rows, earlier: list[str], plan
                 reject(key, "caption:" + caption_rejects.get(key, "not_embedded"))
                 continue
             seen_here.add(key)
-            targets = [own] + (ooc_targets(key, own, thresholds) if cfg.ooc_ratio > 0 else [])
+            targets = [own] + copied_to.get(key, [])
             slots = []
             for e in targets:
                 slots.append((e, cursor[e] // sizes[e]))
@@ -404,15 +403,13 @@ def _split_plain(tar: PlainTar, shard: str, rows, earlier: list[str], plan: dict
     found = own >= 0
     _, first_seen, which = np.unique(keys, return_index=True, return_inverse=True)
     repeat = first_seen[which] != np.arange(count)
-    duplicate = (repeat & found) | (np.isin(keys, _as_bytes(earlier)) if earlier else False)
+    duplicate = (repeat & found) | (np.isin(keys, key_bytes(earlier)) if earlier else False)
     placed = found & ~duplicate  # given slots, whatever becomes of the image
     num_experts = len(plan["shard_sizes"])
     targets = np.zeros((count, num_experts), bool)
     targets[np.flatnonzero(placed), own[placed]] = True
     if cfg.ooc_ratio > 0:
-        thresholds = np.array(plan["ooc_thresholds"])
-        for i in np.flatnonzero(placed).tolist():
-            targets[i, ooc_targets(table.key(i), int(own[i]), thresholds)] = True
+        targets[placed] |= ooc.copies(keys[placed], own[placed], np.array(plan["ooc_thresholds"]))
     slot = np.asarray(plan["offsets"][shard]) + np.cumsum(targets, 0) - 1
     out_shard = slot // np.asarray(plan["shard_sizes"])
 
@@ -473,13 +470,9 @@ def _write_run(outputs: _Outputs, e: int, k: int, chosen: np.ndarray, table: Sam
     outputs.counts[(e, k)] += int(passed[chosen].sum())
 
 
-def _as_bytes(keys: list[str]) -> np.ndarray:
-    return np.array([k.encode("utf-8", "surrogateescape") for k in keys], dtype=bytes)
-
-
 def _own_experts(keys: np.ndarray, rows) -> np.ndarray:
     """Each sample's expert by its key (the first assignment row of a key wins), or -1 if unassigned."""
-    assigned = _as_bytes(rows.column("key").to_pylist())
+    assigned = key_bytes(rows.column("key").to_pylist())
     if not assigned.size:
         return np.full(len(keys), -1, np.int64)
     unique, first_row = np.unique(assigned, return_index=True)
@@ -608,10 +601,12 @@ def split_fingerprint(cfg: SplitConfig, shards: list[Path], cluster_dir: Path, e
 
 
 def split_config_hash(cfg: SplitConfig) -> str:
-    """The config's hash without `processes`: the output does not depend on it."""
+    """The config's hash without `processes` (the output does not depend on it), and with the
+    out-of-cluster hash's name when copies are made (a plan made with another would not fit)."""
     import dataclasses
 
-    return section_hash(dataclasses.replace(cfg, processes=0))
+    config = section_hash(dataclasses.replace(cfg, processes=0))
+    return combine(config, ooc.HASH) if cfg.ooc_ratio > 0 else config
 
 
 def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir: Path,

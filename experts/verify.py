@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from experts.split import _hash_unit, expert_dir_name, expert_shards
+from experts import ooc
+from experts.split import expert_dir_name, expert_shards
 from pipelines.manifest import file_sha256, require_manifest
-from pipelines.shards import ShardError, iter_samples
+from pipelines.shards import ShardError, iter_samples, key_bytes
 from pipelines.spill import HashSpill, key_hashes, partitions_for
 
 EXAMPLES = 5
@@ -97,7 +98,7 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
                     problems.append(f"{path}: {len(keys)} samples, sizes.json says {sizes[path.name]}")
                 if file_sha256(path) != recorded.get(path.name):
                     problems.append(f"{path}: sha256 differs from {expert_dir_name(e)}/manifest.json")
-                ooc_ok = [_hash_unit(k, e) < thresholds[e] for k in keys] if thresholds[e] > 0 else False
+                ooc_ok = (ooc.units(ooc.fnv1a(key_bytes(keys)), e) < thresholds[e]) if thresholds[e] > 0 else False
                 spills["written"].add(_records(_WRITTEN, keys, shard=len(outputs), expert=e, ooc_ok=ooc_ok))
                 outputs.append(path)
         truncated_inputs = 0

@@ -154,6 +154,11 @@ class SampleTable(NamedTuple):
         return Sample(key=self.key(i), files=files, raw=raw)
 
 
+def key_bytes(keys) -> np.ndarray:
+    """Sample keys (str) as a numpy bytes array, encoded as tar member names are (UTF-8, odd bytes kept)."""
+    return np.array([k.encode("utf-8", "surrogateescape") for k in keys], dtype=bytes)
+
+
 def sample_table(tar: PlainTar) -> SampleTable:
     """Group a plain tar's members into samples without a Python loop over them."""
     names = tar.names

@@ -510,3 +510,15 @@ def test_assignment_rows_stream_each_shards_rows_in_one_pass(tmp_path, monkeypat
     assert plan["assignment_rows"] is None
     reader = AssignmentRows(path, None)
     assert reader.of("d").column("key").to_pylist() == ["d1", "d0"]
+
+
+def test_the_out_of_cluster_hash_is_part_of_the_fingerprint_only_when_copies_are_made(monkeypatch):
+    """A plan made with another OOC hash would give slots to other samples: such a split is redone."""
+    from experts import ooc
+    from experts.split import split_config_hash
+
+    with_copies, without = SplitConfig(ooc_ratio=0.02), SplitConfig()
+    before = split_config_hash(with_copies), split_config_hash(without)
+    monkeypatch.setattr(ooc, "HASH", "another hash")
+    assert split_config_hash(with_copies) != before[0]
+    assert split_config_hash(without) == before[1]
