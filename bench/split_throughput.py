@@ -1,7 +1,7 @@
 """Split stage throughput against a raw copy of the same tars, and peak memory at two sizes.
 
     .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128] [--repeats 3]
-                                               [--processes 1] [--hash-inputs] [--cold]
+                                               [--processes 1] [--hash-inputs] [--cold] [--ooc-ratio 0]
 
 Peers, named: (1) `shutil.copyfile` of the same input tar files (the floor
 any split must pay: read every byte, write every byte); (2) the split itself
@@ -94,7 +94,7 @@ def drop_page_cache() -> None:
         sys.exit(f"--cold needs root on Linux to drop the page cache ({err})")
 
 
-def child(run: Path, processes: int, cold: bool, shards: list[str]) -> None:
+def child(run: Path, processes: int, cold: bool, ooc_ratio: float, shards: list[str]) -> None:
     """Run only the split in this process and report its time and peak RSS (its split workers' too)."""
     import pyarrow as pa
 
@@ -103,7 +103,7 @@ def child(run: Path, processes: int, cold: bool, shards: list[str]) -> None:
 
     pa.array([0])  # pyarrow imports pandas on its first conversion (0.25 s, once a process): not timed
     t0 = time.perf_counter()
-    manifest = run_split(SplitConfig(shard_size=1000, processes=processes), [Path(s) for s in shards],
+    manifest = run_split(SplitConfig(shard_size=1000, processes=processes, ooc_ratio=ooc_ratio), [Path(s) for s in shards],
                          run / "embed", run / "cluster", run / "split")
     if cold:
         os.sync()  # the copy's timing includes its write-back too
@@ -113,7 +113,7 @@ def child(run: Path, processes: int, cold: bool, shards: list[str]) -> None:
 
 
 def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: int, hash_inputs: bool,
-            cold: bool) -> dict:
+            cold: bool, ooc_ratio: float) -> dict:
     """Medians of `repeats` interleaved copies and splits; dirty pages are flushed before each
     (os.sync), so neither pays for the other's write-back."""
     data = tmp / f"in_{samples}"
@@ -137,7 +137,7 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
         if not hash_inputs:
             fake_embed(run / "embed", shards)
         drop_page_cache() if cold else os.sync()
-        out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), str(int(cold)),
+        out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), str(int(cold)), str(ooc_ratio),
                               *map(str, shards)],
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         splits.append(json.loads(out))
@@ -154,7 +154,7 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4])), sys.argv[5:])
+        child(Path(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4])), float(sys.argv[5]), sys.argv[6:])
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", type=int, default=4000)
@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--processes", type=int, default=1, help="split.processes (0: one per two CPU cores)")
+    parser.add_argument("--ooc-ratio", type=float, default=0.0, help="split.ooc_ratio (MoDE's reference: 0.02)")
     parser.add_argument("--hash-inputs", action="store_true",
                         help="no embed manifest: the split hashes its input shards itself (a stage run alone)")
     parser.add_argument("--cold", action="store_true",
@@ -171,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         rows = [measure(Path(tmp), n, args.image_size, args.repeats, args.processes, args.hash_inputs,
-                        args.cold)
+                        args.cold, args.ooc_ratio)
                 for n in (args.small, args.small * args.factor)]
     for row in rows:
         print(json.dumps(row))
