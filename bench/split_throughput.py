@@ -103,8 +103,8 @@ def child(run: Path, processes: int, cold: bool, ooc_ratio: float, shards: list[
 
     pa.array([0])  # pyarrow imports pandas on its first conversion (0.25 s, once a process): not timed
     t0 = time.perf_counter()
-    manifest = run_split(SplitConfig(shard_size=1000, processes=processes, ooc_ratio=ooc_ratio), [Path(s) for s in shards],
-                         run / "embed", run / "cluster", run / "split")
+    cfg = SplitConfig(shard_size=1000, processes=processes, ooc_ratio=ooc_ratio)
+    manifest = run_split(cfg, [Path(s) for s in shards], run / "embed", run / "cluster", run / "split")
     if cold:
         os.sync()  # the copy's timing includes its write-back too
     seconds = time.perf_counter() - t0
@@ -137,8 +137,8 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
         if not hash_inputs:
             fake_embed(run / "embed", shards)
         drop_page_cache() if cold else os.sync()
-        out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), str(int(cold)), str(ooc_ratio),
-                              *map(str, shards)],
+        out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), str(int(cold)),
+                              str(ooc_ratio), *map(str, shards)],
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         splits.append(json.loads(out))
         shutil.rmtree(run)

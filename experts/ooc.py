@@ -54,6 +54,11 @@ def units(hashes: np.ndarray, experts: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def copied_to(keys: np.ndarray, expert: int, limits: np.ndarray) -> np.ndarray:
+    """Per key: whether a sample with that key (of another expert) has a copy in `expert`."""
+    return units(fnv1a(keys), expert) < limits[expert]
+
+
 def copies(keys: np.ndarray, own: np.ndarray, limits: np.ndarray) -> np.ndarray:
     """(samples, experts) bool: the other experts that get a copy of each sample (never its own)."""
     chosen = units(fnv1a(keys)[:, None], np.arange(len(limits))[None, :]) < np.asarray(limits)[None, :]

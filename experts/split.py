@@ -510,7 +510,7 @@ def _chunks(shards: list[Path], processes: int) -> list[list[Path]]:
     """Contiguous runs of input shards, one per split process (0 = one per two usable CPU cores).
 
     Why two cores a process: besides its parsing thread, a split process
-    writes and hashes on three more threads and keeps about 1.5 cores busy
+    writes and hashes on three more threads and keeps about 1.6 cores busy
     (measured); one process per core on 2 cores ran 1.6x slower than one.
     """
     import os

@@ -98,7 +98,7 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
                     problems.append(f"{path}: {len(keys)} samples, sizes.json says {sizes[path.name]}")
                 if file_sha256(path) != recorded.get(path.name):
                     problems.append(f"{path}: sha256 differs from {expert_dir_name(e)}/manifest.json")
-                ooc_ok = (ooc.units(ooc.fnv1a(key_bytes(keys)), e) < thresholds[e]) if thresholds[e] > 0 else False
+                ooc_ok = ooc.copied_to(key_bytes(keys), e, thresholds) if thresholds[e] > 0 else False
                 spills["written"].add(_records(_WRITTEN, keys, shard=len(outputs), expert=e, ooc_ok=ooc_ok))
                 outputs.append(path)
         truncated_inputs = 0

@@ -126,7 +126,7 @@ class SplitConfig:
     `validate`: `header` checks an RGB JPEG's header and end marker and copies
     its bytes; `decode` decodes every image fully (slower, stricter).
     `processes`: split processes over contiguous runs of input shards (0 = one
-    per two CPU cores: a split process keeps about one and a half busy, with
+    per two CPU cores: a split process keeps about 1.6 busy, with
     its writer and hash threads); the output is byte-identical whatever the number.
     """
 

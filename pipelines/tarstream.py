@@ -175,10 +175,14 @@ def index_tar(path: str | Path) -> TarIndex | None:
     return TarIndex(memoryview(mapped), members, f"{path}: {damage}" if damage else None)
 
 
+def _blocks(mapped: mmap.mmap) -> np.ndarray:
+    """The file's whole 512-byte blocks as rows of a uint8 array (a view of the map)."""
+    return np.frombuffer(mapped, np.uint8, count=len(mapped) // BLOCK * BLOCK).reshape(-1, BLOCK)
+
+
 def _header_rows(mapped: mmap.mmap, heads: list[int]) -> np.ndarray:
     """The 512-byte headers at these offsets, as rows of a uint8 array (a copy: the map stays free)."""
-    blocks = np.frombuffer(mapped, np.uint8, count=len(mapped) // BLOCK * BLOCK).reshape(-1, BLOCK)
-    return blocks[np.asarray(heads, dtype=np.int64) // BLOCK]
+    return _blocks(mapped)[np.asarray(heads, dtype=np.int64) // BLOCK]
 
 
 def _checksums_ok(rows: np.ndarray) -> np.ndarray:
@@ -239,7 +243,7 @@ class PlainTar(NamedTuple):
 
     @property
     def ends(self) -> np.ndarray:
-        return self.heads + BLOCK + (self.sizes + BLOCK - 1) // BLOCK * BLOCK
+        return _padded_end(self.heads, self.sizes)
 
 
 def index_plain_tar(path: str | Path) -> PlainTar | None:
@@ -281,7 +285,8 @@ def _ends_archive(mapped: mmap.mmap, pos: int) -> bool:
     return pos <= len(mapped) - 2 * BLOCK and mapped[pos:pos + 2 * BLOCK] == ZEROS[:2 * BLOCK]
 
 
-def _padded_end(heads: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+def _padded_end(heads, sizes):
+    """Where members end: header, payload, padding to a whole block (numbers or arrays)."""
     return heads + BLOCK + (sizes + BLOCK - 1) // BLOCK * BLOCK
 
 
@@ -296,7 +301,7 @@ def _chain_by_magic(mapped: mmap.mmap) -> Chain | None:
     write) breaks the exact landing, and None sends the caller to the walk:
     a wrong guess can cost time, never a wrong member.
     """
-    blocks = np.frombuffer(mapped, np.uint8, count=len(mapped) // BLOCK * BLOCK).reshape(-1, BLOCK)
+    blocks = _blocks(mapped)
     heads = np.flatnonzero(blocks[:, 257] == ord("u"))
     magic = blocks[heads, 257:262]
     heads = heads[(magic == np.frombuffer(b"ustar", np.uint8)).all(1)]
@@ -321,7 +326,7 @@ def _chain_by_walk(mapped: mmap.mmap) -> Chain | None:
             size = int(mapped[pos + 124:pos + 135], 8)  # ValueError at the end marker (NULs)
             heads.append(pos)
             lengths.append(size)
-            pos += BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+            pos = _padded_end(pos, size)
     except ValueError:
         pass
     if not heads or not _ends_archive(mapped, pos):

@@ -50,6 +50,16 @@ def test_each_expert_gets_about_ratio_of_its_own_size_and_never_its_own_samples(
     assert np.allclose(received, ratio * sizes, rtol=0.1)
 
 
+def test_verifys_question_for_one_expert_gets_the_answer_the_split_acted_on():
+    own = np.arange(30_000) % 3
+    keys = key_bytes([f"k{i}" for i in range(len(own))])
+    limits = np.array([0.1, 0.3, 0.05])
+    chosen = ooc.copies(keys, own, limits)
+    for e in range(3):
+        others = own != e
+        assert np.array_equal(ooc.copied_to(keys, e, limits)[others], chosen[others, e])
+
+
 def test_no_copies_at_ratio_zero_and_none_for_an_expert_alone():
     assert (ooc.thresholds(np.array([10, 20]), 0.0) == 0).all()
     assert (ooc.thresholds(np.array([30, 0]), 0.5) == [0.0, 0.0]).all()  # no other expert has samples

@@ -174,6 +174,11 @@ def test_the_plain_index_lists_the_same_members_as_the_full_reader(tmp_path, fmt
     tarfile_archive(tmp_path / "a.tar", members, fmt)
     plain = index_plain_tar(tmp_path / "a.tar")
     assert plain_members(plain) == full_members(index_tar(tmp_path / "a.tar"))
+    from pipelines.tarstream import _chain_by_magic, _chain_by_walk, _map
+
+    by_magic, by_walk = _chain_by_magic(_map(tmp_path / "a.tar")), _chain_by_walk(_map(tmp_path / "a.tar"))
+    assert by_magic is not None  # the array scan, not the walk, indexes what tar writers write
+    assert [a.tolist() for a in by_magic] == [a.tolist() for a in by_walk]
     assert [bytes(plain.view[h + 512:h + 512 + s]) for _, h, s in plain_members(plain)] == [d for _, d in members]
     assert plain.ends[:-1].tolist() == plain.heads[1:].tolist()
 
