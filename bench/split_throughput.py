@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128] [--repeats 3]
                                                [--processes 1] [--hash-inputs] [--cold] [--ooc-ratio 0]
+                                               [--validate header]
 
 Peers, named: (1) `shutil.copyfile` of the same input tar files (the floor
 any split must pay: read every byte, write every byte); (2) the split itself
@@ -94,7 +95,7 @@ def drop_page_cache() -> None:
         sys.exit(f"--cold needs root on Linux to drop the page cache ({err})")
 
 
-def child(run: Path, processes: int, cold: bool, ooc_ratio: float, shards: list[str]) -> None:
+def child(run: Path, processes: int, cold: bool, ooc_ratio: float, validate: str, shards: list[str]) -> None:
     """Run only the split in this process and report its time and peak RSS (its split workers' too)."""
     import pyarrow as pa
 
@@ -103,7 +104,7 @@ def child(run: Path, processes: int, cold: bool, ooc_ratio: float, shards: list[
 
     pa.array([0])  # pyarrow imports pandas on its first conversion (0.25 s, once a process): not timed
     t0 = time.perf_counter()
-    cfg = SplitConfig(shard_size=1000, processes=processes, ooc_ratio=ooc_ratio)
+    cfg = SplitConfig(shard_size=1000, processes=processes, ooc_ratio=ooc_ratio, validate=validate)
     manifest = run_split(cfg, [Path(s) for s in shards], run / "embed", run / "cluster", run / "split")
     if cold:
         os.sync()  # the copy's timing includes its write-back too
@@ -113,7 +114,7 @@ def child(run: Path, processes: int, cold: bool, ooc_ratio: float, shards: list[
 
 
 def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: int, hash_inputs: bool,
-            cold: bool, ooc_ratio: float) -> dict:
+            cold: bool, ooc_ratio: float, validate: str = "header") -> dict:
     """Medians of `repeats` interleaved copies and splits; dirty pages are flushed before each
     (os.sync), so neither pays for the other's write-back."""
     data = tmp / f"in_{samples}"
@@ -138,7 +139,7 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
             fake_embed(run / "embed", shards)
         drop_page_cache() if cold else os.sync()
         out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), str(int(cold)),
-                              str(ooc_ratio), *map(str, shards)],
+                              str(ooc_ratio), validate, *map(str, shards)],
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         splits.append(json.loads(out))
         shutil.rmtree(run)
@@ -154,7 +155,8 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4])), float(sys.argv[5]), sys.argv[6:])
+        child(Path(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4])), float(sys.argv[5]), sys.argv[6],
+              sys.argv[7:])
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", type=int, default=4000)
@@ -168,11 +170,13 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="empty the page cache before each timed copy and split (root), and count each "
                              "one's write-back: the input comes from disk, as a dataset larger than memory does")
+    parser.add_argument("--validate", choices=("header", "decode"), default="header",
+                        help="split.validate: `decode` decodes every image (on the process's share of the cores)")
     parser.add_argument("--tmp", default=None, help="where to write (default: the system temp folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         rows = [measure(Path(tmp), n, args.image_size, args.repeats, args.processes, args.hash_inputs,
-                        args.cold, args.ooc_ratio)
+                        args.cold, args.ooc_ratio, args.validate)
                 for n in (args.small, args.small * args.factor)]
     for row in rows:
         print(json.dumps(row))

@@ -11,6 +11,8 @@ only the images it cannot settle from headers.
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 
 import numpy as np
 from PIL import Image
@@ -81,6 +83,20 @@ def sample_output(sample: Sample, validate: str) -> tuple[memoryview | dict | No
     if "json" in sample.files:
         files["json"] = sample.files["json"]
     return files, None
+
+
+def sample_outputs(samples: list[Sample], validate: str, threads: int = 1) -> list[tuple]:
+    """`sample_output` of each sample, in order, on up to `threads` threads.
+
+    Pillow releases the GIL while it decodes and encodes, so the samples the
+    headers cannot settle (every one under `validate: decode`; PNGs, CMYK and
+    the like under `header`) are decoded on all the cores a split process has
+    instead of one.
+    """
+    if threads <= 1 or len(samples) < 2:
+        return [sample_output(sample, validate) for sample in samples]
+    with ThreadPoolExecutor(min(threads, len(samples)), thread_name_prefix="decode") as pool:
+        return list(pool.map(sample_output, samples, repeat(validate)))
 
 
 def plain_jpeg_verdicts(data: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from experts import ooc
 from experts.duplicate_keys import BATCH_ROWS, SPILL_PREFIX, duplicate_rows, earlier_shard_keys
-from experts.images import HUGE, PASS, plain_jpeg_verdicts, sample_output
+from experts.images import HUGE, PASS, plain_jpeg_verdicts, sample_output, sample_outputs
 from pipelines.config import SplitConfig, section_hash
 from pipelines.manifest import (
     atomic_write_json,
@@ -320,20 +320,21 @@ class AssignmentRows:
 
 
 def split_input_shard(shard_path: Path, plan: dict, assignments: AssignmentRows, caption_rejects: dict[str, str],
-                      outputs: _Outputs, cfg: SplitConfig) -> dict:
+                      outputs: _Outputs, cfg: SplitConfig, threads: int = 1) -> dict:
     """Write one input shard's samples to their (not yet final) output shards.
 
     An intact tar of plain members (what img2dataset and webdataset write)
     takes `_split_plain`, which decides for all samples at once; any other tar
     (damaged, compressed, long names) is read sample by sample. Both give the
-    same output, byte for byte (tested).
+    same output, byte for byte (tested). `threads`: how many images the array
+    path may decode at once.
     """
     shard = shard_path.stem
     rows = assignments.of(shard)
     earlier = plan.get("earlier_shard_keys", {}).get(shard, [])  # kept where first seen
     tar = index_plain_tar(shard_path)
     if tar is not None:
-        return _split_plain(tar, shard, rows, earlier, plan, caption_rejects, outputs, cfg)
+        return _split_plain(tar, shard, rows, earlier, plan, caption_rejects, outputs, cfg, threads)
     return _split_streamed(shard_path, shard, rows, earlier, plan, caption_rejects, outputs, cfg)
 
 
@@ -389,12 +390,12 @@ def _split_streamed(shard_path: Path, shard: str, rows, earlier: list[str], plan
 
 
 def _split_plain(tar: PlainTar, shard: str, rows, earlier: list[str], plan: dict,
-                 caption_rejects: dict[str, str], outputs: _Outputs, cfg: SplitConfig) -> dict:
+                 caption_rejects: dict[str, str], outputs: _Outputs, cfg: SplitConfig, threads: int = 1) -> dict:
     """`_split_streamed`'s decisions for all samples of an intact plain tar at once (numpy).
 
     Only the samples the arrays cannot settle (an image that is not a plain
-    RGB JPEG, files other than jpg/txt/json) take the per-sample path; the
-    rest are written as runs of their tar bytes, several samples a piece where
+    RGB JPEG, files other than jpg/txt/json) take the per-sample decision, on
+    `threads` threads; the rest are written as runs of their tar bytes, several samples a piece where
     they lie next to each other in the input.
     """
     table = sample_table(tar)
@@ -425,8 +426,9 @@ def _split_plain(tar: PlainTar, shard: str, rows, earlier: list[str], plan: dict
         reasons[i] = "huge_image"
     rebuilt: dict[int, dict] = {}
     passed = verdict == PASS
-    for i in np.flatnonzero(placed & (verdict != PASS) & (verdict != HUGE)).tolist():
-        files, reason = sample_output(table.sample(tar, i), cfg.validate)
+    unsettled = np.flatnonzero(placed & (verdict != PASS) & (verdict != HUGE)).tolist()
+    decided = sample_outputs([table.sample(tar, i) for i in unsettled], cfg.validate, threads)
+    for i, (files, reason) in zip(unsettled, decided):
         if reason is not None:
             reasons[i] = reason
         elif isinstance(files, dict):
@@ -506,6 +508,12 @@ def _read_through(path: Path) -> None:
         pass  # only a hint: a shard that cannot be read is reported when it is split
 
 
+def usable_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _chunks(shards: list[Path], processes: int) -> list[list[Path]]:
     """Contiguous runs of input shards, one per split process (0 = one per two usable CPU cores).
 
@@ -513,10 +521,7 @@ def _chunks(shards: list[Path], processes: int) -> list[list[Path]]:
     writes and hashes on three more threads and keeps about 1.6 cores busy
     (measured); one process per core on 2 cores ran 1.6x slower than one.
     """
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    count = max(1, min(processes or cores // 2, len(shards)))
+    count = max(1, min(processes or usable_cores() // 2, len(shards)))
     bounds = np.linspace(0, len(shards), count + 1).round().astype(int)
     return [shards[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
@@ -545,8 +550,10 @@ def _die_with_parent() -> None:
 
 def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str], assignments: Path,
                  caption_rejects: dict[str, str], stage_dir: Path, cfg: SplitConfig, boundary: frozenset,
-                 num_experts: int) -> dict[str, int]:
+                 num_experts: int, threads: int = 1) -> dict[str, int]:
     """One process's run of input shards, in order: write, finalize what completes, record progress.
+
+    `threads`: its share of the cores for decoding the images that must be decoded.
 
     Returns the sample counts of its fragments of boundary shards ("e_k" -> count).
     """
@@ -567,7 +574,7 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
         for ahead in chunk[max(requested, i):i + 1 + PREFETCH_SHARDS]:
             prefetch(ahead)
         requested = max(requested, i + 1 + PREFETCH_SHARDS)
-        result = split_input_shard(shard_path, plan, rows, caption_rejects, outputs, cfg)
+        result = split_input_shard(shard_path, plan, rows, caption_rejects, outputs, cfg, threads)
         outputs.hand_over()  # the queued samples are views of this shard's map: let it go
         for e, k in sorted(closes_after.get(s, [])):
             if not outputs.is_final(e, k):
@@ -643,7 +650,8 @@ def run_split(cfg: SplitConfig, shards: list[Path], embed_dir: Path, cluster_dir
     chunks = _chunks(shards, cfg.processes)
     boundary = boundary_shards(plan, [[p.stem for p in chunk] for chunk in chunks], num_experts)
     job = dict(plan=plan, order=order, assignments=assignments, caption_rejects=load_embed_rejects(embed_dir),
-               stage_dir=stage_dir, cfg=cfg, boundary=boundary, num_experts=num_experts)
+               stage_dir=stage_dir, cfg=cfg, boundary=boundary, num_experts=num_experts,
+               threads=max(1, usable_cores() // len(chunks)))
     if len(chunks) == 1:
         fragments = [split_shards(chunks[0], worker=0, **job)]
     else:

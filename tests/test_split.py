@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from experts.images import clean_image
+from experts.images import clean_image, sample_output, sample_outputs
 from experts.split import expert_shards, run_split
 from pipelines.config import SplitConfig
 from pipelines.manifest import atomic_path, hash_outputs, write_manifest
-from pipelines.shards import ShardSetWriter, iter_samples, write_rejects
+from pipelines.shards import Sample, ShardSetWriter, iter_samples, write_rejects
 
 
 def image_bytes(mode="RGB", fmt="JPEG", size=(16, 16)):
@@ -70,6 +70,18 @@ def test_decode_mode_rejects_damage_that_the_header_check_lets_through():
 def test_rgb_jpeg_passes_through_unchanged():
     raw = image_bytes()
     assert clean_image({"jpg": raw}) == (raw, None)
+
+
+@pytest.mark.parametrize("validate", ["header", "decode"])
+def test_images_decoded_on_several_threads_come_back_in_order_with_the_serial_answers(validate):
+    good, png = image_bytes(size=(64, 48)), image_bytes("RGBA", "PNG", size=(40, 40))
+    kinds = [{"jpg": good}, {"png": png}, {"jpg": b"\xff\xd8\xff garbage"}, {"jpg": image_bytes("CMYK")},
+             {"jpg": good[: len(good) // 2]}, {}, {"png": image_bytes("I;16", "PNG")}]
+    samples = [Sample(f"k{i}", {**kinds[i % len(kinds)], "txt": b"c%d" % i}) for i in range(60)]
+    serial = [sample_output(sample, validate) for sample in samples]
+    assert sample_outputs(samples, validate, threads=4) == serial
+    assert sample_outputs(samples, validate, threads=1) == serial
+    assert {reason for _, reason in serial} == {None, "corrupt_image", "missing_image"}
 
 
 def test_the_shard_wide_jpeg_verdict_agrees_with_clean_image_or_leaves_it_the_image():
@@ -459,6 +471,9 @@ def split_both_ways(monkeypatch, split):
 
 @pytest.mark.parametrize("validate", ["header", "decode"])
 def test_the_array_path_writes_what_the_sample_by_sample_path_writes(corrupted_input, monkeypatch, validate):
+    import experts.split as module
+
+    monkeypatch.setattr(module, "usable_cores", lambda: 4)  # the array path decodes on 4 threads
     root, shards, _ = corrupted_input
     fast, slow, taken = split_both_ways(monkeypatch, lambda name: run_split(
         SplitConfig(shard_size=2, ooc_ratio=0.5, processes=1, validate=validate), shards, root / "embed",
