@@ -114,7 +114,7 @@ def child(run: Path, processes: int, cold: bool, ooc_ratio: float, validate: str
 
 
 def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: int, hash_inputs: bool,
-            cold: bool, ooc_ratio: float, validate: str = "header") -> dict:
+            cold: bool, ooc_ratio: float, validate: str) -> dict:
     """Medians of `repeats` interleaved copies and splits; dirty pages are flushed before each
     (os.sync), so neither pays for the other's write-back."""
     data = tmp / f"in_{samples}"

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.devices import pick_device
+from pipelines.devices import pick_device, usable_cores
 from pipelines.config import EmbedConfig, section_hash
 from pipelines.manifest import (
     atomic_path,
@@ -269,10 +269,9 @@ def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[list[Path
         embed_shards(cfg, encoder_path, todo, source_hashes, config_hash, stage_dir, devices[0])
         return
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = 0 if devices[0].startswith("cuda") else max(1, (os.cpu_count() or 1) // len(devices))
+    threads = 0 if devices[0].startswith("cuda") else max(1, usable_cores() // len(devices))
     with ProcessPoolExecutor(len(devices), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(embed_shards, cfg, encoder_path, todo[w::len(devices)], source_hashes,
                                config_hash, stage_dir, device, threads, w)

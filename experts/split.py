@@ -53,6 +53,7 @@ from experts import ooc
 from experts.duplicate_keys import BATCH_ROWS, SPILL_PREFIX, duplicate_rows, earlier_shard_keys
 from experts.images import HUGE, PASS, plain_jpeg_verdicts, sample_output, sample_outputs
 from pipelines.config import SplitConfig, section_hash
+from pipelines.devices import usable_cores
 from pipelines.manifest import (
     atomic_write_json,
     combine,
@@ -395,8 +396,8 @@ def _split_plain(tar: PlainTar, shard: str, rows, earlier: list[str], plan: dict
 
     Only the samples the arrays cannot settle (an image that is not a plain
     RGB JPEG, files other than jpg/txt/json) take the per-sample decision, on
-    `threads` threads; the rest are written as runs of their tar bytes, several samples a piece where
-    they lie next to each other in the input.
+    `threads` threads; the rest are written as runs of their tar bytes,
+    several samples a piece where they lie next to each other in the input.
     """
     table = sample_table(tar)
     keys, count = table.keys, len(table.keys)
@@ -506,12 +507,6 @@ def _read_through(path: Path) -> None:
                 done += sent
     except OSError:
         pass  # only a hint: a shard that cannot be read is reported when it is split
-
-
-def usable_cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _chunks(shards: list[Path], processes: int) -> list[list[Path]]:

@@ -124,11 +124,11 @@ class SplitConfig:
     `ooc_ratio` adds a deterministic sample of other experts' pairs to each
     expert, that share of its own size (MoDE's reference uses 0.02).
     `validate`: `header` checks an RGB JPEG's header and end marker and copies
-    its bytes; `decode` decodes every image fully (stricter, ~40x slower; the
-    images of a shard are decoded on the split process's share of the cores).
+    its bytes; `decode` decodes every image fully (stricter, ~8x slower than
+    `header`; a shard's images are decoded on the split process's share of the cores).
     `processes`: split processes over contiguous runs of input shards (0 = one
-    per two CPU cores: a split process keeps about 1.6 busy, with
-    its writer and hash threads); the output is byte-identical whatever the number.
+    per two CPU cores: a split process keeps about 1.6 busy, with its writer
+    and hash threads); the output is byte-identical whatever the number.
     """
 
     shard_size: int = 1000

@@ -1,6 +1,14 @@
-"""Device choice shared by every stage that runs a model."""
+"""Device choice shared by every stage that runs a model, and the CPU cores a stage may use."""
 
 from __future__ import annotations
+
+import os
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container or `taskset` may
+    allow fewer than the machine has, and `os.cpu_count()` counts them all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pick_device(device: str) -> str:

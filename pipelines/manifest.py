@@ -99,9 +99,11 @@ def hash_files(paths: list[Path]) -> list[str]:
     threads use every core (and keep several disk reads in flight)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from pipelines.devices import usable_cores
+
     if len(paths) < 2:
         return [file_sha256(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(paths))) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, usable_cores(), len(paths))) as pool:
         return list(pool.map(file_sha256, paths))
 
 

@@ -24,7 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.manifest import atomic_path, atomic_write_json
-from pipelines.tarstream import BLOCK, PlainTar, TarDamage, TarIndex, TarShardWriter, index_tar, read_members
+from pipelines.tarstream import (
+    BLOCK,
+    PlainTar,
+    TarDamage,
+    TarIndex,
+    TarShardWriter,
+    index_tar,
+    padded_end,
+    read_members,
+)
 
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 TRUNCATED = "truncated_tar"
@@ -193,7 +202,8 @@ def _mapped_members(index: TarIndex, views: bool) -> Iterator[tuple[str, bytes |
     view = index.view
     for name, header, start, size, is_plain in index.members:
         payload = view[start:start + size]
-        yield name, payload if views else payload.tobytes(), header if is_plain else -1, start + size + (-size % BLOCK)
+        end = padded_end(start - BLOCK, size)  # the payload starts one block after its (last) header
+        yield name, payload if views else payload.tobytes(), header if is_plain else -1, end
     if index.damage:
         raise TarDamage(index.damage)
 

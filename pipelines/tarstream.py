@@ -146,7 +146,7 @@ def index_tar(path: str | Path) -> TarIndex | None:
             damage = "negative member size"
             break
         start = pos + BLOCK
-        following = start + length + (-length % BLOCK)
+        following = padded_end(pos, length)
         if following > size:
             damage = "a member is cut short (truncated tar)"
             break
@@ -243,7 +243,7 @@ class PlainTar(NamedTuple):
 
     @property
     def ends(self) -> np.ndarray:
-        return _padded_end(self.heads, self.sizes)
+        return padded_end(self.heads, self.sizes)
 
 
 def index_plain_tar(path: str | Path) -> PlainTar | None:
@@ -285,7 +285,7 @@ def _ends_archive(mapped: mmap.mmap, pos: int) -> bool:
     return pos <= len(mapped) - 2 * BLOCK and mapped[pos:pos + 2 * BLOCK] == ZEROS[:2 * BLOCK]
 
 
-def _padded_end(heads, sizes):
+def padded_end(heads, sizes):
     """Where members end: header, payload, padding to a whole block (numbers or arrays)."""
     return heads + BLOCK + (sizes + BLOCK - 1) // BLOCK * BLOCK
 
@@ -309,7 +309,7 @@ def _chain_by_magic(mapped: mmap.mmap) -> Chain | None:
         return None
     sizes = _octal_fields(blocks[heads, 124:136])
     heads = heads * BLOCK
-    ends = _padded_end(heads, sizes)
+    ends = padded_end(heads, sizes)
     if (sizes < 0).any() or (ends[:-1] != heads[1:]).any() or not _ends_archive(mapped, int(ends[-1])):
         return None
     return heads, sizes
@@ -326,7 +326,7 @@ def _chain_by_walk(mapped: mmap.mmap) -> Chain | None:
             size = int(mapped[pos + 124:pos + 135], 8)  # ValueError at the end marker (NULs)
             heads.append(pos)
             lengths.append(size)
-            pos = _padded_end(pos, size)
+            pos = padded_end(pos, size)
     except ValueError:
         pass
     if not heads or not _ends_archive(mapped, pos):

@@ -462,7 +462,12 @@ def split_both_ways(monkeypatch, split):
 
     taken = []
     array_path = module._split_plain
-    monkeypatch.setattr(module, "_split_plain", lambda tar, shard, *a: taken.append(shard) or array_path(tar, shard, *a))
+
+    def recorded(tar, shard, *rest):
+        taken.append(shard)
+        return array_path(tar, shard, *rest)
+
+    monkeypatch.setattr(module, "_split_plain", recorded)
     fast = split("split_arrays")
     monkeypatch.setattr(module, "index_plain_tar", lambda path: None)  # every tar read sample by sample
     slow = split("split_samples")
