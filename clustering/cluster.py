@@ -229,7 +229,6 @@ def run_cluster(cfg: ClusterConfig, embed_dir: Path, stage_dir: Path) -> dict:
     report = {
         "samples": n,
         "fit_sample": int(sample.size),
-        "fit_seconds": round(fit_seconds, 2),
         "fine_sizes": mass.tolist(),
         "fine_imbalance_on_sample": imbalance_factor(sample_labels, cfg.num_fine),
         "fine_imbalance_all": imbalance_factor(fine, cfg.num_fine),
@@ -252,6 +251,7 @@ def run_cluster(cfg: ClusterConfig, embed_dir: Path, stage_dir: Path) -> dict:
     return write_manifest(
         stage_dir, stage="cluster", fingerprint=fingerprint, config_hash=config_hash,
         inputs={"embed": upstream["fingerprint"]}, outputs=hash_outputs(stage_dir, outputs),
-        counts={"samples": n, "experts": expert_sizes.tolist()}, started=started,
+        counts={"samples": n, "experts": expert_sizes.tolist(), "fit_seconds": round(fit_seconds, 2)},
+        started=started,
         extra={"num_fine": cfg.num_fine, "num_experts": cfg.num_experts},
     )

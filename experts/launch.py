@@ -3,7 +3,10 @@
 moda does not train; it builds the command a person would type for
 `python -m open_clip_train.main` (or `torchrun --nproc_per_node N -m
 open_clip_train.main` for several GPUs per model), pins each run to its own
-GPUs through CUDA_VISIBLE_DEVICES, and streams the trainer's output.
+GPUs through CUDA_VISIBLE_DEVICES, and streams the trainer's output. The
+module it runs is `experts.trainer_main`: open_clip_train's own `main` with
+its one unseeded random source (webdataset's sample shuffle) seeded, so the
+same config gives the same model.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.config import TrainConfig
+
+TRAINER = "experts.trainer_main"  # open_clip_train.main with its sample shuffle seeded
 
 
 def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) -> list[str]:
@@ -56,9 +61,9 @@ def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_s
     """The open_clip_train command line for one run (seed, expert or baseline)."""
     if nproc > 1:
         launcher = [shutil.which("torchrun") or "torchrun", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "open_clip_train.main"]
+                    "-m", TRAINER]
     else:
-        launcher = [sys.executable, "-m", "open_clip_train.main"]
+        launcher = [sys.executable, "-m", TRAINER]
     cmd = launcher + [
         "--model", model_spec,
         "--train-data", train_data,
