@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo test test-gpu clean
+.PHONY: venv demo test test-gpu lint clean
 
 # The venv is (re)built when the dependency pins change. constraints.txt pins
 # every transitive package of a set known to install offline (pip freeze).
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -ra -m gpu

@@ -99,8 +99,10 @@ def main() -> None:
     i_plain = inertia(x, c_plain, l_plain)
     i_ours = inertia(x, c_ours, l_ours)
     rows = [
-        ("plain faiss.Kmeans + assign", t_plain, imbalance_factor(args.k, l_plain), i_plain, np.bincount(l_plain, minlength=args.k)),
-        ("moda balanced_kmeans", t_ours, imbalance_factor(args.k, l_ours), i_ours, np.bincount(l_ours, minlength=args.k)),
+        ("plain faiss.Kmeans + assign", t_plain, imbalance_factor(args.k, l_plain), i_plain,
+         np.bincount(l_plain, minlength=args.k)),
+        ("moda balanced_kmeans", t_ours, imbalance_factor(args.k, l_ours), i_ours,
+         np.bincount(l_ours, minlength=args.k)),
     ]
     print("| method | seconds | imbalance factor | inertia | min..max cluster size |")
     print("|---|---:|---:|---:|---:|")

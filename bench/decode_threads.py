@@ -23,10 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from experts.images import sample_outputs
-    from pipelines.devices import usable_cores
-    from pipelines.shards import iter_samples
     from split_throughput import make_input
+
+    from experts.images import sample_outputs
+    from pipelines.core.devices import usable_cores
+    from pipelines.shardio.shards import iter_samples
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=5000)

@@ -6,14 +6,14 @@ Peer, named: `SentenceTransformer(model).encode(captions, normalize_embeddings=T
 with the library's defaults (batch 32), the captions already in memory: what a
 user would write by hand. Both sides are timed from the model on disk (the
 peer's `SentenceTransformer(...)` load is inside its timing, as the stage's
-encoder load is inside the stage's). Ours: `clustering.embed.run_embed` over the same
+encoder load is inside the stage's). Ours: the embed stage (`clustering/embed.py`) over the same
 captions in WebDataset shards, which also reads the tars, validates the
 captions and writes the parquet files and markers. Both on the same device
 (`--device`, default auto). Repeats are interleaved; medians are printed with
 their ratio.
 
 Captions, two sets: the synthetic generator's training captions
-(`pipelines.synth`, templated alt-text, many repeated: the stage encodes each
+(`pipelines/synth`, templated alt-text, many repeated: the stage encodes each
 distinct caption of a shard once) and the same captions made all distinct
 (a sample number appended), where only the pipeline itself is compared.
 """
@@ -34,10 +34,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from clustering.embed import resolve_model, run_embed, shard_captions
-    from pipelines.config import EmbedConfig, SynthConfig
-    from pipelines.devices import pick_device
-    from pipelines.synth import generate_train
+    from clustering.captions import shard_captions
+    from clustering.encoder import resolve_model
+    from pipelines.core.config import DataConfig, EmbedConfig, SynthConfig
+    from pipelines.core.devices import pick_device
+    from pipelines.run.stages import run_section
+    from pipelines.synth.generate import generate_train
+
+    def run_embed(cfg, spec, root):
+        return run_section("embed", cfg, root, DataConfig(train_shards=str(spec)))
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=6000)
@@ -68,7 +73,7 @@ def main() -> None:
         for name, shards in sets.items():
             captions = [c for s in shards for c in shard_captions(s)[1]]
             peer.encode(captions[:64])  # warm-up, as for ours below
-            run_embed(cfg, shards[:1], work / f"warm-{len(name)}")
+            run_embed(cfg, shards[0], work / f"warm-{len(name)}")
             rates = {"peer": [], "moda": []}
             for r in range(args.repeats):  # interleaved so machine noise hits both
                 # Both sides start from the model on disk: the stage loads its encoder on
@@ -78,7 +83,7 @@ def main() -> None:
                 peer.encode(captions, normalize_embeddings=True)
                 rates["peer"].append(len(captions) / (time.perf_counter() - t0))
                 t0 = time.perf_counter()
-                manifest = run_embed(cfg, shards, work / f"run-{len(name)}-{r}")
+                manifest = run_embed(cfg, shards[0].parent, work / f"run-{len(name)}-{r}")
                 rates["moda"].append(manifest["counts"]["embedded"] / (time.perf_counter() - t0))
             peer_rate, ours = float(np.median(rates["peer"])), float(np.median(rates["moda"]))
             print(f"| {name} ({len(captions)}) | {len(set(captions)) / len(captions):.0%} | {peer_rate:.1f} "
@@ -90,7 +95,7 @@ def main() -> None:
 
 def make_distinct(shards: list[Path], folder: Path) -> list[Path]:
     """The same samples with every caption made unique (its sample number appended)."""
-    from pipelines.shards import ShardSetWriter, iter_samples
+    from pipelines.shardio.shards import ShardSetWriter, iter_samples
 
     writer = ShardSetWriter(folder, shard_size=1000)
     n = 0

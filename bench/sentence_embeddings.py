@@ -87,8 +87,8 @@ def main() -> None:
     parser.add_argument("--site-packages", type=Path, default=Path(sysconfig.get_paths()["purelib"]))
     args = parser.parse_args()
 
-    from clustering.embed import load_encoder
-    from pipelines.config import EmbedConfig
+    from clustering.encoder import load_encoder
+    from pipelines.core.config import EmbedConfig
 
     t0 = time.perf_counter()
     texts = harvest(args.site_packages, args.n, args.max_words)

@@ -26,8 +26,8 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_input(folder: Path, samples: int, image_size: int) -> list[Path]:
-    from pipelines.config import SynthConfig
-    from pipelines.synth import generate_train
+    from pipelines.core.config import SynthConfig
+    from pipelines.synth.generate import generate_train
 
     generate_train(SynthConfig(num_train=samples, shard_size=1000, image_size=image_size), folder)
     return sorted(folder.glob("*.tar"))
@@ -51,8 +51,8 @@ def fake_cluster(folder: Path, shards: list[Path], experts: int = 4) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.manifest import write_manifest
-    from pipelines.shards import iter_samples
+    from pipelines.core.manifest import write_manifest
+    from pipelines.shardio.shards import iter_samples
 
     keys, names = [], []
     for shard in shards:
@@ -70,7 +70,7 @@ def fake_cluster(folder: Path, shards: list[Path], experts: int = 4) -> None:
 def fake_embed(folder: Path, shards: list[Path]) -> None:
     """An embed manifest recording the input shards' sha256 and stats, as the embed stage does: in a
     pipeline run the split reuses them instead of reading the input twice (`source_hashes`)."""
-    from pipelines.manifest import input_stats, source_hashes, write_manifest
+    from pipelines.core.manifest import input_stats, source_hashes, write_manifest
 
     write_manifest(folder, stage="embed", fingerprint="bench", config_hash="bench",
                    inputs=source_hashes(shards), outputs={}, counts={}, started=time.time(),
@@ -99,13 +99,13 @@ def child(run: Path, processes: int, cold: bool, ooc_ratio: float, validate: str
     """Run only the split in this process and report its time and peak RSS (its split workers' too)."""
     import pyarrow as pa
 
-    from experts.split import run_split
-    from pipelines.config import SplitConfig
+    from pipelines.core.config import DataConfig, SplitConfig
+    from pipelines.run.stages import run_section
 
     pa.array([0])  # pyarrow imports pandas on its first conversion (0.25 s, once a process): not timed
     t0 = time.perf_counter()
     cfg = SplitConfig(shard_size=1000, processes=processes, ooc_ratio=ooc_ratio, validate=validate)
-    manifest = run_split(cfg, [Path(s) for s in shards], run / "embed", run / "cluster", run / "split")
+    manifest = run_section("split", cfg, run, DataConfig(train_shards=str(Path(shards[0]).parent)))
     if cold:
         os.sync()  # the copy's timing includes its write-back too
     seconds = time.perf_counter() - t0

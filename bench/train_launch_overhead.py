@@ -31,10 +31,12 @@ def rates(text: str) -> float:
 
 
 def main() -> None:
-    from experts.launch import trainer_command
-    from experts.train import Job, model_config_dict, train_job, write_model_folder
-    from pipelines.config import SynthConfig, TrainConfig
-    from pipelines.synth import generate_train
+    from experts.launch import TRAINER, trainer_command
+    from experts.models import model_config_dict, write_model_folder
+    from experts.train import Job, train_job
+    from pipelines.core.config import SynthConfig, TrainConfig
+    from pipelines.core.layout import RunLayout
+    from pipelines.synth.generate import generate_train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=2000)
@@ -54,12 +56,13 @@ def main() -> None:
             by_hand = trainer_command(cfg, model_spec=spec, train_data=shards, num_samples=args.samples,
                                       logs=tmp / f"hand{r}", name="run", epochs=args.epochs, resume=None,
                                       device="cpu")
+            by_hand[by_hand.index(TRAINER)] = "open_clip_train.main"  # the peer: open_clip's own entry point
             hand = subprocess.run(by_hand, capture_output=True, text=True, check=True)
             hand_rates.append(rates(hand.stdout + hand.stderr))
             job = Job("run", shards, args.samples, args.epochs, 0, None, f"bench{r}")
-            train_job(cfg, job, stage_dir=tmp / f"moda{r}", model_spec=spec, model_cfg=model_cfg,
-                      device="cpu", gpus=None, on_line=lambda name, line: None)
-            moda_rates.append(rates((tmp / f"moda{r}" / "run.log").read_text()))
+            layout = RunLayout(tmp / f"moda{r}")
+            train_job(cfg, job, layout=layout, model_spec=spec, model_cfg=model_cfg, device="cpu", gpus=None)
+            moda_rates.append(rates(layout.trainer_log("run").read_text()))
         hand_rate, moda_rate = statistics.median(hand_rates), statistics.median(moda_rates)
     print(f"open_clip_train by hand: {hand_rate:.1f} samples/s")
     print(f"moda expert launch:      {moda_rate:.1f} samples/s")

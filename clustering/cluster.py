@@ -14,6 +14,7 @@ expert), cluster_sizes.png.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -21,38 +22,20 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tqdm import tqdm
+from clustering.assign import assign_files, choose_sample, read_sample, write_assignments
+from clustering.embeddings import embedding_files
+from clustering.kmeans import balanced_kmeans, coarse_cluster, imbalance_factor, inertia, normalize_rows, spread
+from pipelines.core.config import ClusterConfig, section_hash
+from pipelines.core.manifest import atomic_path, atomic_write_json, combine, hash_outputs
+from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 
-from clustering.embed import embedding_files
-from clustering.kmeans import (
-    balanced_kmeans,
-    coarse_cluster,
-    imbalance_factor,
-    inertia,
-    normalize_rows,
-    spread,
-    top_candidates,
-)
-from pipelines.config import ClusterConfig, section_hash
-from pipelines.manifest import (
-    atomic_path,
-    atomic_write_json,
-    combine,
-    hash_outputs,
-    is_done,
-    read_manifest,
-    remove_stale_temps,
-    require_manifest,
-    write_manifest,
-)
-
-STOPWORDS = set(
-    "a an the of on in with and or to for by at from is are this that it its under over "
-    "free download png jpg img dsc photo image pic hd 4k".split()
-)
+STOPWORDS = {
+    "a", "an", "the", "of", "on", "in", "with", "and", "or", "to", "for", "by", "at", "from", "is", "are",
+    "this", "that", "it", "its", "under", "over",
+    "free", "download", "png", "jpg", "img", "dsc", "photo", "image", "pic", "hd", "4k",  # web boilerplate
+}
 
 
 def top_terms(captions: list[str], labels: np.ndarray, k: int, n_terms: int = 8) -> list[list[str]]:
@@ -71,73 +54,6 @@ def top_terms(captions: list[str], labels: np.ndarray, k: int, n_terms: int = 8)
         )
         terms.append([w for _, w in scored[:n_terms]])
     return terms
-
-
-def choose_sample(n: int, sample_size: int, seed: int) -> np.ndarray:
-    """Row indices the fine k-means is fitted on: all rows, or a seeded subset."""
-    if sample_size == 0 or sample_size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=sample_size, replace=False))
-
-
-def read_matrix(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
-    """The (n, d) float32 embeddings of one embed file (float16 storage is widened)."""
-    column = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
-    dim = column.type.list_size
-    matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    if rows is not None:
-        matrix = matrix[rows]
-    return np.ascontiguousarray(matrix, dtype=np.float32)
-
-
-def read_sample(files: list[Path], rows_per_file: list[int], sample: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Embeddings and captions of the global row indices `sample`, one file at a time."""
-    offsets = np.concatenate([[0], np.cumsum(rows_per_file)])
-    vectors, captions = [], []
-    for f, path in enumerate(files):
-        local = sample[(sample >= offsets[f]) & (sample < offsets[f + 1])] - offsets[f]
-        if local.size:
-            vectors.append(read_matrix(path, local))
-            texts = pq.read_table(path, columns=["caption"]).column("caption")
-            captions.extend(texts.take(pa.array(local)).to_pylist())
-    return np.concatenate(vectors), captions
-
-
-def assign_files(files: list[Path], fine_centroids: np.ndarray) -> tuple[list[np.ndarray], float]:
-    """Nearest fine centre of every embedded sample, one file at a time.
-
-    Returns the labels per file (int32; 4 bytes per sample is all that stays
-    in memory) and the total inertia (sum of squared distances).
-    """
-    labels, total_inertia = [], 0.0
-    for path in tqdm(files, desc="assign", unit="shard"):
-        x = read_matrix(path)
-        if not x.shape[0]:
-            labels.append(np.zeros(0, np.int32))
-            continue
-        sims, idx = top_candidates(x, fine_centroids, 1)
-        labels.append(idx[:, 0].astype(np.int32))
-        total_inertia += float(np.sum(2.0 - 2.0 * sims[:, 0].astype(np.float64)))
-    return labels, total_inertia
-
-
-def write_assignments(path: Path, files: list[Path], fine_per_file: list[np.ndarray],
-                      expert_of_fine: np.ndarray, expert_override: np.ndarray | None) -> None:
-    """assignments.parquet (key, shard, fine, expert), one row group per input file, atomically."""
-    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("fine", pa.int32()), ("expert", pa.int32())])
-    offset = 0
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for source, fine in zip(files, fine_per_file):
-            ids = pq.read_table(source, columns=["key", "shard"])
-            if expert_override is None:
-                expert = expert_of_fine[fine]
-            else:
-                expert = expert_override[offset:offset + fine.size]
-            offset += fine.size
-            writer.write_table(pa.table({
-                "key": ids.column("key"), "shard": ids.column("shard"),
-                "fine": pa.array(fine, pa.int32()), "expert": pa.array(expert.astype(np.int32)),
-            }, schema=schema))
 
 
 def plot_sizes(fine_sizes: np.ndarray, expert_sizes: np.ndarray, path: Path) -> None:
@@ -160,26 +76,22 @@ def plot_sizes(fine_sizes: np.ndarray, expert_sizes: np.ndarray, path: Path) -> 
     plt.close(fig)
 
 
-def cluster_fingerprint(cfg: ClusterConfig, embed_dir: Path) -> str:
+def fingerprint(ctx: StageContext) -> Fingerprint:
     """What the cluster stage's outputs depend on: its config and the embed stage's fingerprint."""
-    return combine("cluster", section_hash(cfg), require_manifest(embed_dir, "embed")["fingerprint"])
+    config_hash = section_hash(ctx.section)
+    embed_fp = ctx.upstream["embed"]["fingerprint"]
+    return Fingerprint(combine("cluster", config_hash, embed_fp), config_hash, {"embed": embed_fp})
 
 
-def run_cluster(cfg: ClusterConfig, embed_dir: Path, stage_dir: Path) -> dict:
+def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     """Fit on a sample, assign everything file by file, group fine centres into experts."""
-    started = time.time()
-    upstream = require_manifest(embed_dir, "embed")
-    config_hash = section_hash(cfg)
-    fingerprint = cluster_fingerprint(cfg, embed_dir)
-    if is_done(stage_dir, fingerprint):
-        return {**read_manifest(stage_dir), "skipped": True}
-
-    remove_stale_temps(stage_dir)
-    files = embedding_files(embed_dir, upstream)
+    cfg: ClusterConfig = ctx.section
+    layout = ctx.layout
+    files = embedding_files(layout, ctx.upstream["embed"])
     rows_per_file = [pq.read_metadata(path).num_rows for path in files]
     n = sum(rows_per_file)
     if n == 0:
-        raise ValueError(f"{embed_dir}: no embedded samples to cluster (empty data?)")
+        raise ValueError(f"{layout.embed}: no embedded samples to cluster (empty data?)")
     if n < cfg.num_fine:
         raise ValueError(
             f"cluster.num_fine={cfg.num_fine} is more than the {n} embedded samples; "
@@ -214,15 +126,13 @@ def run_cluster(cfg: ClusterConfig, embed_dir: Path, stage_dir: Path) -> dict:
         empty = np.flatnonzero(expert_sizes == 0).tolist()
         raise ValueError(f"experts {empty} received no samples; lower cluster.num_experts")
 
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {"fine_centroids": fine_centroids, "expert_of_fine": expert_of_fine,
-              "expert_centroids": expert_centroids}
-    for name, array in arrays.items():
-        with atomic_path(stage_dir / f"{name}.npy") as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
-    write_assignments(stage_dir / "assignments.parquet", files, fine_per_file, expert_of_fine, override)
-    plot_sizes(mass, expert_sizes, stage_dir / "cluster_sizes.png")
+    arrays = {layout.fine_centroids: fine_centroids, layout.expert_of_fine: expert_of_fine,
+              layout.expert_centroids: expert_centroids}
+    for path, array in arrays.items():
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, array)
+    write_assignments(layout.assignments, files, fine_per_file, expert_of_fine, override)
+    plot_sizes(mass, expert_sizes, layout.cluster_plot)
     terms_at = np.arange(sample.size)
     if cfg.terms_sample and sample.size > cfg.terms_sample:
         terms_at = np.sort(np.random.default_rng(cfg.seed).choice(sample.size, cfg.terms_sample, replace=False))
@@ -245,13 +155,39 @@ def run_cluster(cfg: ClusterConfig, embed_dir: Path, stage_dir: Path) -> dict:
         "top_terms_from": int(terms_at.size),
         "random_split": cfg.random_split,
     }
-    atomic_write_json(stage_dir / "report.json", report)
-    outputs = [stage_dir / f"{name}.npy" for name in arrays]
-    outputs += [stage_dir / "assignments.parquet", stage_dir / "report.json"]
-    return write_manifest(
-        stage_dir, stage="cluster", fingerprint=fingerprint, config_hash=config_hash,
-        inputs={"embed": upstream["fingerprint"]}, outputs=hash_outputs(stage_dir, outputs),
+    atomic_write_json(layout.cluster_report, report)
+    outputs = [*arrays, layout.assignments, layout.cluster_report]
+    return StageResult(
+        outputs=hash_outputs(layout.cluster, outputs),
         counts={"samples": n, "experts": expert_sizes.tolist(), "fit_seconds": round(fit_seconds, 2)},
-        started=started,
         extra={"num_fine": cfg.num_fine, "num_experts": cfg.num_experts},
     )
+
+
+def reports(ctx: StageContext, manifest: dict) -> list[Report]:
+    """The expert table (sizes, top caption terms) and the balance figures."""
+    report = json.loads(ctx.layout.cluster_report.read_text(encoding="utf-8"))
+    rows = [{"expert": e, "samples": n, "fine clusters": len(fines), "top terms": " ".join(terms)}
+            for e, (n, fines, terms) in enumerate(zip(report["expert_sizes"], report["expert_fine_clusters"],
+                                                      report["expert_top_terms"]))]
+    return [Report("experts", "Expert sizes and the caption terms most typical of each", table=rows),
+            Report("cluster-balance", "Cluster balance and inertia", markdown=balance_markdown(report))]
+
+
+def balance_markdown(report: dict) -> str:
+    """The cluster report's balance figures as a short markdown table."""
+    rows = [
+        ("samples (fit sample)", f"{report['samples']} ({report['fit_sample']})"),
+        ("fine imbalance factor, fit sample (balanced)", f"{report['fine_imbalance_on_sample']:.4f}"),
+        ("fine imbalance factor, all data (nearest centre)", f"{report['fine_imbalance_all']:.4f}"),
+        ("fine inertia per sample", f"{report['fine_inertia_per_sample']:.4f}"),
+        ("expert sizes", ", ".join(str(n) for n in report["expert_sizes"])),
+        ("largest / smallest expert", f"{report['expert_size_ratio']:.3f}"),
+        ("expert spread (training priority)", ", ".join(f"{v:.3f}" for v in report["expert_spread"])),
+    ]
+    body = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"## Clustering\n\n| | |\n|---|---|\n{body}\n\nPlot: `cluster_sizes.png` in the cluster folder.\n"
+
+
+STAGE = Stage(name="cluster", section="cluster", reads=("embed",), fingerprint=fingerprint, work=work,
+              reports=reports)

@@ -1,6 +1,6 @@
 """Which fine clusters a new expert owns: the three ways to add an expert later.
 
-Pure functions of arrays (no files); experts/add.py does the I/O. Each
+Pure functions of arrays (no files); pipelines/run/add_expert.py does the I/O. Each
 returns S_new, the sorted fine-cluster ids the new expert is trained on (for
 `widest_part` and `task_fine_clusters`) or routed by (`covering_fine_clusters`
 for new data), always a subset of the m existing fine clusters: the fine

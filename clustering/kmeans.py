@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 
-import faiss
 import numpy as np
 
 
@@ -49,6 +48,8 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 def use_gpu() -> bool:
     """FAISS GPU indexes when the installed faiss is a GPU build and sees a GPU."""
+    import faiss  # lazy, as everywhere: a stage that is skipped never pays the import
+
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -59,6 +60,8 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
     FAISS subsamples above 256 points per centroid; we lift that cap so every
     point given here is used (the caller decides the sample).
     """
+    import faiss
+
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] < k:
         raise ValueError(f"cannot fit {k} clusters to {x.shape[0]} points")
@@ -70,6 +73,8 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
 
 def top_candidates(x: np.ndarray, centroids: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
     """Inner products and indices of each row's `topk` most similar centroids, best first."""
+    import faiss
+
     index = faiss.IndexFlatIP(centroids.shape[1])
     if use_gpu():
         index = faiss.index_cpu_to_all_gpus(index)

@@ -24,10 +24,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clustering.embed import load_encoder, shard_captions
-from pipelines.config import EmbedConfig
-from pipelines.devices import pick_device
-from pipelines.manifest import atomic_write_json
+from clustering.captions import shard_captions
+from clustering.encoder import load_encoder
+from pipelines.core.config import EmbedConfig
+from pipelines.core.devices import pick_device
+from pipelines.core.manifest import atomic_write_json
 
 
 def sample_captions(shards: list[Path], count: int, seed: int) -> list[str]:
@@ -48,15 +49,15 @@ def sample_captions(shards: list[Path], count: int, seed: int) -> list[str]:
     return captions[:count]
 
 
-def adapt_encoder(cfg: EmbedConfig, shards: list[Path], out_dir: Path, config_hash: str) -> Path:
-    """Train `cfg.simcse_steps` SimCSE steps from `cfg.model`; save to `out_dir` (reused when done)."""
+def adapt_encoder(cfg: EmbedConfig, shards: list[Path], out_dir: Path, marker: Path, config_hash: str) -> Path:
+    """Train `cfg.simcse_steps` SimCSE steps from `cfg.model`; save to `out_dir`, then `marker`
+    (reused when the marker says it was made under this config)."""
     import torch
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    marker = out_dir.parent / "encoder.done.json"
-    if out_dir.is_dir() and marker.is_file():
-        if json.loads(marker.read_text(encoding="utf-8")).get("config") == config_hash:
-            return out_dir
+    if out_dir.is_dir() and marker.is_file() and \
+            json.loads(marker.read_text(encoding="utf-8")).get("config") == config_hash:
+        return out_dir
     device = pick_device(cfg.device)
     captions = sample_captions(shards, cfg.simcse_steps * cfg.simcse_batch_size, cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -7,8 +7,8 @@ order, then row order) is kept; every later one is a `duplicate_key` reject.
 
 A set of every key would cost ~100 bytes a sample (40 GB at LAION-400M), so
 the rows are bucketed by a 64-bit hash of their key into partitions of at
-most `PARTITION_ROWS` rows (`pipelines.spill`), each partition is sorted on its own, and only rows whose hash repeats are
-read back to compare the keys themselves: exact, and memory stays bounded by
+most `PARTITION_ROWS` rows (`pipelines.shardio.spill`), each partition is sorted on its own, and only
+rows whose hash repeats are read back to compare the keys themselves: exact, and memory stays bounded by
 one partition plus the repeated rows.
 """
 
@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.spill import PARTITION_ROWS, HashSpill, key_hashes, partitions_for
+from pipelines.shardio.spill import PARTITION_ROWS, HashSpill, key_hashes, partitions_for
 
 BATCH_ROWS = 1 << 14  # assignments rows in memory at a time
 SPILL_PREFIX = ".duplicate-keys-"  # a killed run's spill folder is recognised and removed by the split

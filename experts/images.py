@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from pipelines.jpeg import ends_with_eoi, jpeg_frame, jpeg_frames
-from pipelines.shards import PASS_THROUGH, Sample, jpeg_bytes
+from pipelines.shardio.jpeg import ends_with_eoi, jpeg_frame, jpeg_frames
+from pipelines.shardio.sample_table import PASS_THROUGH
+from pipelines.shardio.shards import Sample, jpeg_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = 8192 * 8192

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.config import TrainConfig
+from pipelines.core.config import TrainConfig
 
 TRAINER = "experts.trainer_main"  # open_clip_train.main with its sample shuffle seeded
 
@@ -117,15 +117,23 @@ _DIE_WITH_PARENT = (
 )
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def run_trainer(cmd: list[str], log_file: Path, gpus: list[str] | None = None,
-                on_line: Callable[[str], None] | None = None) -> None:
+                on_line: Callable[[str], None] | None = None, threads: int | None = None) -> None:
     """Run the trainer on `gpus` (None: leave the mask alone), streaming its output; raise on failure.
 
-    On Linux the trainer is tied to this process's life (see _DIE_WITH_PARENT).
+    `threads`: the trainer's CPU threads, set explicitly (a CPU run's numbers depend on its thread
+    count, and an inherited OMP_NUM_THREADS must not change them: Dask's local cluster leaves
+    OMP_NUM_THREADS=1 in the process that started it). On Linux the trainer is tied to this
+    process's life (see _DIE_WITH_PARENT).
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    if threads:
+        env.update(dict.fromkeys(THREAD_VARS, str(threads)))
     log_file.parent.mkdir(parents=True, exist_ok=True)
     tail: list[str] = []
     with open(log_file, "a", encoding="utf-8") as sink:

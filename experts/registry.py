@@ -19,10 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.manifest import atomic_write_json, file_sha256, require_manifest
-
-ADDED_DIR = "added"
-ADDED_REGISTRY = "registry.json"
+from pipelines.core.layout import RunLayout
+from pipelines.core.manifest import atomic_write_json, file_sha256, require_manifest
 
 
 @dataclass(frozen=True)
@@ -36,37 +34,37 @@ class Expert:
     added: bool = False
 
 
-def read_registry(train_dir: Path) -> dict:
-    path = Path(train_dir) / "registry.json"
+def read_registry(layout: RunLayout) -> dict:
+    """The train stage's registry: seed, experts, baseline."""
+    path = layout.registry
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train the experts first (moda run ...)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_added(run_root: Path) -> list[dict]:
+def read_added(layout: RunLayout) -> list[dict]:
     """Every entry of added/registry.json (current or stale), in the order they were added."""
-    path = Path(run_root) / ADDED_DIR / ADDED_REGISTRY
+    path = layout.added_registry
     if not path.is_file():
         return []
     return json.loads(path.read_text(encoding="utf-8"))["experts"]
 
 
-def current_added(run_root: Path) -> tuple[list[dict], list[dict]]:
+def current_added(layout: RunLayout) -> tuple[list[dict], list[dict]]:
     """(added entries seeded by the current train stage, stale ones)."""
-    train_fp = require_manifest(Path(run_root) / "train", "train")["fingerprint"]
-    entries = read_added(run_root)
+    train_fp = require_manifest(layout.train, "train")["fingerprint"]
+    entries = read_added(layout)
     return ([e for e in entries if e["train_fingerprint"] == train_fp],
             [e for e in entries if e["train_fingerprint"] != train_fp])
 
 
-def load_experts(run_root: str | Path) -> list[Expert]:
+def load_experts(layout: RunLayout) -> list[Expert]:
     """The train stage's experts, then the current added ones, in id order."""
-    root = Path(run_root)
-    registry = read_registry(root / "train")
-    experts = [Expert(e["id"], e["model_dir"], root / "train" / e["model_dir"], tuple(e["fine_clusters"]))
+    registry = read_registry(layout)
+    experts = [Expert(e["id"], e["model_dir"], layout.model(e["model_dir"]), tuple(e["fine_clusters"]))
                for e in registry["experts"]]
-    added, _ = current_added(root)
-    experts += [Expert(e["id"], e["name"], root / e["model_dir"], tuple(e["fine_clusters"]), added=True)
+    added, _ = current_added(layout)
+    experts += [Expert(e["id"], e["name"], layout.root / e["model_dir"], tuple(e["fine_clusters"]), added=True)
                 for e in added]
     return experts
 
@@ -79,14 +77,12 @@ def ownership(experts: list[Expert], num_fine: int) -> np.ndarray:
     return owns
 
 
-def added_fingerprint(run_root: str | Path) -> str:
+def added_fingerprint(layout: RunLayout) -> str:
     """What downstream stages (evaluate) fingerprint of the added experts: the file's hash."""
-    path = Path(run_root) / ADDED_DIR / ADDED_REGISTRY
-    return file_sha256(path) if path.is_file() else ""
+    return file_sha256(layout.added_registry) if layout.added_registry.is_file() else ""
 
 
-def register_added(run_root: str | Path, entry: dict) -> None:
+def register_added(layout: RunLayout, entry: dict) -> None:
     """Append one expert to added/registry.json (atomically; an entry with its id is replaced)."""
-    entries = [e for e in read_added(Path(run_root)) if e["id"] != entry["id"]] + [entry]
-    atomic_write_json(Path(run_root) / ADDED_DIR / ADDED_REGISTRY,
-                      {"experts": sorted(entries, key=lambda e: e["id"])})
+    entries = [e for e in read_added(layout) if e["id"] != entry["id"]] + [entry]
+    atomic_write_json(layout.added_registry, {"experts": sorted(entries, key=lambda e: e["id"])})

@@ -9,7 +9,7 @@ shard, and checks:
   - input keys == own-expert keys + rejected keys, as multisets: no sample
     lost, none duplicated.
 Memory does not grow with the dataset: keys are compared as 128-bit hashes
-in spill partitions (`pipelines.spill`), and only the few keys a message
+in spill partitions (`pipelines.shardio.spill`), and only the few keys a message
 names are read again.
 """
 
@@ -23,10 +23,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from experts import ooc
-from experts.split import expert_dir_name, expert_shards
-from pipelines.manifest import file_sha256, require_manifest
-from pipelines.shards import ShardError, iter_samples, key_bytes
-from pipelines.spill import HashSpill, key_hashes, partitions_for
+from experts.shard_sets import shard_set, shard_set_manifest
+from pipelines.core.layout import MANIFEST, RunLayout, expert_name
+from pipelines.core.manifest import file_sha256, require_manifest
+from pipelines.shardio.sample_table import key_bytes
+from pipelines.shardio.shards import ShardError, iter_samples
+from pipelines.shardio.spill import HashSpill, key_hashes, partitions_for
 
 EXAMPLES = 5
 _KEY = [("h1", "<u8"), ("h2", "<u8")]
@@ -60,13 +62,13 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
     """(problems, summary); no problems means the split is exact.
 
     Keys are compared as 128-bit hashes bucketed into spill files
-    (`pipelines.spill`), so memory stays bounded at any dataset size; the
+    (`pipelines.shardio.spill`), so memory stays bounded at any dataset size; the
     key names in the messages are looked up again in the shards they came from.
     """
-    run = Path(run_dir)
-    split_dir, cluster_dir = run / "split", run / "cluster"
+    layout = RunLayout(Path(run_dir))
+    split_dir = layout.split
     manifest = require_manifest(split_dir, "split")
-    plan = json.loads((split_dir / "plan.json").read_text())
+    plan = json.loads(layout.split_plan.read_text())
     thresholds = np.array(plan["ooc_thresholds"])
     problems: list[str] = []
     inputs = [Path(p) for p in manifest["input_shards"]]
@@ -76,8 +78,7 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
         spills = {name: HashSpill(Path(tmp), name, dtype, parts) for name, dtype in
                   [("assigned", _ASSIGNED), ("input", _INPUT), ("written", _WRITTEN), ("rejected", _REJECTED)]}
         row = 0
-        for batch in pq.ParquetFile(cluster_dir / "assignments.parquet").iter_batches(1 << 14,
-                                                                                      columns=["key", "expert"]):
+        for batch in pq.ParquetFile(layout.assignments).iter_batches(1 << 14, columns=["key", "expert"]):
             keys = batch.column("key").to_pylist()
             spills["assigned"].add(_records(_ASSIGNED, keys, row=np.arange(row, row + len(keys)),
                                             expert=batch.column("expert").to_numpy()))
@@ -88,8 +89,8 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
                 continue
             spills["input"].add(_records(_INPUT, _keys(path)[0], shard=i))
         for e in range(manifest["num_experts"]):
-            paths, sizes = expert_shards(split_dir, e)
-            recorded = json.loads((split_dir / expert_dir_name(e) / "manifest.json").read_text())["shards_sha256"]
+            paths, sizes = shard_set(layout.expert_shards(e))
+            recorded = shard_set_manifest(layout.expert_shards(e))["shards_sha256"]
             for path in paths:
                 keys, truncated = _keys(path)
                 if truncated:
@@ -97,12 +98,12 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
                 if len(keys) != sizes[path.name]:
                     problems.append(f"{path}: {len(keys)} samples, sizes.json says {sizes[path.name]}")
                 if file_sha256(path) != recorded.get(path.name):
-                    problems.append(f"{path}: sha256 differs from {expert_dir_name(e)}/manifest.json")
+                    problems.append(f"{path}: sha256 differs from {expert_name(e)}/{MANIFEST}")
                 ooc_ok = ooc.copied_to(key_bytes(keys), e, thresholds) if thresholds[e] > 0 else False
                 spills["written"].add(_records(_WRITTEN, keys, shard=len(outputs), expert=e, ooc_ok=ooc_ok))
                 outputs.append(path)
         truncated_inputs = 0
-        for batch in pq.ParquetFile(split_dir / "rejects.parquet").iter_batches(1 << 14, columns=["key"]):
+        for batch in pq.ParquetFile(layout.split_rejects).iter_batches(1 << 14, columns=["key"]):
             keys = batch.column("key").to_pylist()
             truncated_inputs += sum(1 for k in keys if not k)  # a truncated shard's row has no key
             spills["rejected"].add(_records(_REJECTED, [k for k in keys if k]))

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from routing.prompts import template_average
+
 
 @dataclass
 class ClipModel:
@@ -56,6 +58,4 @@ def text_features(clip: ClipModel, texts: list[str], batch_size: int = 256) -> n
 
 def classifier_weights(clip: ClipModel, classnames: list[str], templates: list[str]) -> np.ndarray:
     """(C, D) zero-shot classifier: each class's text embedding averaged over templates."""
-    texts = [t.format(c) for c in classnames for t in templates]
-    per_template = text_features(clip, texts).reshape(len(classnames), len(templates), -1).mean(1)
-    return per_template / np.linalg.norm(per_template, axis=1, keepdims=True)
+    return template_average(lambda texts: text_features(clip, texts), classnames, templates)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from clustering.embed import encode
+from clustering.encoder import encode
+from routing.prompts import template_average
 
 
 def classname_embeddings(encoder, classnames: list[str], templates: list[str]) -> np.ndarray:
@@ -13,6 +14,4 @@ def classname_embeddings(encoder, classnames: list[str], templates: list[str]) -
     MoDE embeds class names with the same SimCSE model that clustered the
     captions, so they live in the space of the fine centroids.
     """
-    texts = [t.format(c) for c in classnames for t in templates]
-    vectors = encode(encoder, texts).reshape(len(classnames), len(templates), -1).mean(1)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return template_average(lambda texts: encode(encoder, texts), classnames, templates)

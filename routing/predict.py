@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clustering.embed import encode, load_run_encoder
+from clustering.encoder import encode, load_run_encoder
 from experts.registry import load_experts, ownership
-from pipelines.devices import pick_device
+from pipelines.core.devices import pick_device
+from pipelines.core.layout import RunLayout
 from routing.clip_features import ClipModel, classifier_weights, image_features, load_clip, text_features
 from routing.ensemble import ensemble_logits
 from routing.metadata import classname_embeddings
@@ -44,15 +45,15 @@ class MoDESystem:
 
     @classmethod
     def load(cls, run_dir: str | Path, routing: str = "paper", lam: float = 0.2,
-             device: str = "auto") -> "MoDESystem":
-        run = Path(run_dir)
-        experts = load_experts(run)
+             device: str = "auto") -> MoDESystem:
+        layout = RunLayout(Path(run_dir))
+        experts = load_experts(layout)
         device = pick_device(device)
-        fine_centroids = np.load(run / "cluster" / "fine_centroids.npy")
+        fine_centroids = np.load(layout.fine_centroids)
         return cls(
             experts=[load_clip(e.path, device) for e in experts],
             expert_names=[e.name for e in experts],
-            encoder=load_run_encoder(run / "embed", device),
+            encoder=load_run_encoder(layout.embed, device),
             fine_centroids=fine_centroids,
             owns=ownership(experts, fine_centroids.shape[0]),
             routing=routing, lam=lam,

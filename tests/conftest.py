@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+SERVER_STARTUP_SECONDS = 180  # Prefect's default 30 s was seen to run out on a loaded 2-core machine
+
+
+def prefect_harness():
+    """A temporary Prefect server for one block, given time to start on a slow machine."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    return prefect_test_harness(server_startup_timeout=SERVER_STARTUP_SECONDS)
 
 TINY = {
     "name": "tiny",
@@ -52,8 +60,8 @@ def write_config(path: Path, data_dir: Path, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The synthetic multi-domain set at 240 training pairs (deterministic)."""
-    from pipelines.config import load_config
-    from pipelines.synth import generate
+    from pipelines.core.config import load_config
+    from pipelines.synth.generate import generate
 
     root = tmp_path_factory.mktemp("tiny_data")
     cfg = load_config(write_config(root / "tiny.yaml", root / "data"))
@@ -64,14 +72,12 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_data) -> dict:
     """One end-to-end run of the `moda` flow under a temporary Prefect server."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    from pipelines.flows import moda
+    from pipelines.run.flows import moda
 
     root = tmp_path_factory.mktemp("tiny_run")
     config = write_config(root / "tiny.yaml", tiny_data)
     run_dir = root / "run"
-    with prefect_test_harness():
+    with prefect_harness():
         started = time.perf_counter()
         table = moda(config_path=str(config), run_dir=str(run_dir))
         seconds = time.perf_counter() - started

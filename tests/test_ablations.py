@@ -1,14 +1,16 @@
 """The paper's ablations: Rand-n and one-step clustering, continuing the run's seed."""
 
+import dataclasses
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import ConfigError, config_from_dict, load_config
-from pipelines.stages import ablation_dir, run_ablation, run_paths
-from routing.evaluate import run_evaluate
+from pipelines.core.config import ConfigError, config_from_dict, load_config
+from pipelines.run.ablations import run_ablation
+from pipelines.run.stages import run_section
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +20,11 @@ def ablated(tiny_run, tmp_path_factory):
     cfg = load_config(tiny_run["config"])
     for variant in ("random", "one_step"):
         run_ablation(variant, cfg, tiny_run["run_dir"])
-    paths = run_paths(cfg, tiny_run["run_dir"])
-    out = tmp_path_factory.mktemp("ablation_eval")
-    from pathlib import Path
-
-    run_evaluate(cfg.evaluate, paths["embed"], Path(cfg.data.eval_tasks), paths["cluster"], paths["train"], out,
-                 ablations=[(v, ablation_dir(cfg, tiny_run["run_dir"], v)) for v in ("random", "one_step")])
-    return cfg, tiny_run["run_dir"], out
+    out = tmp_path_factory.mktemp("ablation_eval")  # the run's stages, evaluated with the ablations
+    for folder in ("embed", "cluster", "split", "train", "ablations"):
+        os.symlink(tiny_run["run_dir"] / folder, out / folder)
+    run_section("evaluate", dataclasses.replace(cfg.evaluate, ablations=["random", "one_step"]), out, cfg.data)
+    return cfg, tiny_run["run_dir"], out / "evaluate"
 
 
 def test_random_split_keeps_the_expert_sizes_but_not_the_clusters(ablated):

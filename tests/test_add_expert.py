@@ -7,14 +7,17 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import write_config
-from experts.add import AddRequest, run_add_expert
 from experts.registry import load_experts, read_added
-from pipelines.cli import main as cli_main
-from pipelines.config import load_config
-from pipelines.manifest import file_sha256
-from pipelines.stages import STAGES, run_stage
-from pipelines.synth import generate
+from pipelines.core.config import load_config
+from pipelines.core.layout import RunLayout
+from pipelines.core.manifest import file_sha256
+from pipelines.run.add_expert import AddRequest, run_add_expert
+from pipelines.run.cli import main as cli_main
+from pipelines.run.stages import NAMES as STAGES
+from pipelines.run.stages import run_stage
+from pipelines.synth.generate import generate
+
+from conftest import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +54,7 @@ def added(run):
 
 
 def test_each_mode_registers_one_more_expert_with_the_next_id(run, added):
-    experts = load_experts(run["run"])
+    experts = load_experts(RunLayout(run["run"]))
     assert [e.name for e in experts] == ["expert_000", "expert_001", "expert_002", "expert_003", "expert_004"]
     assert [e.added for e in experts] == [False, False, True, True, True]
     assert [m["expert"]["mode"] for m in added] == ["split-widest", "task", "new-data"]
@@ -93,7 +96,7 @@ def test_adding_the_same_expert_again_is_skipped(run, added):
     request = AddRequest(mode="task", task=str(run["new"].parent / "eval" / "shapes"))
     again = run_add_expert(run["cfg"], run["run"], request)
     assert again.get("skipped") and again["expert"]["name"] == "expert_003"
-    assert len(read_added(run["run"])) == 3
+    assert len(read_added(RunLayout(run["run"]))) == 3
 
 
 def test_split_widest_again_splits_the_next_widest_expert_then_refuses(run, added, tmp_path):
@@ -131,7 +134,7 @@ def test_cli_add_expert_rejects_a_request_without_its_input(run, capsys):
 
 
 def test_a_config_with_a_bad_coverage_fails_at_load(tmp_path, tiny_data):
-    from pipelines.config import ConfigError
+    from pipelines.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="add_expert.coverage"):
         load_config(write_config(tmp_path / "c.yaml", tiny_data, add_expert={"coverage": 0}))

@@ -7,11 +7,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clustering.cluster import run_cluster, top_terms
-from clustering.embed import embedding_table
+from clustering.cluster import top_terms
+from clustering.embeddings import embedding_table
 from clustering.kmeans import normalize_rows
-from pipelines.config import ClusterConfig
-from pipelines.manifest import atomic_path, combine, hash_outputs, write_manifest
+from pipelines.core.config import ClusterConfig
+from pipelines.core.manifest import atomic_path, combine, hash_outputs, write_manifest
+from pipelines.run.stages import run_section
+
+
+def run_cluster(cfg, embed_dir, cluster_dir):
+    """The cluster stage alone, in the run folder that holds both (as a run lays them out)."""
+    assert embed_dir.parent == cluster_dir.parent and cluster_dir.name == "cluster"
+    return run_section("cluster", cfg, embed_dir.parent)
 
 
 def fake_embed_stage(stage_dir, vectors, captions):
@@ -22,7 +29,7 @@ def fake_embed_stage(stage_dir, vectors, captions):
         pq.write_table(embedding_table(keys, "00000", captions, vectors), tmp)
     write_manifest(stage_dir, stage="embed", fingerprint=combine(vectors.tobytes().hex()[:64], len(vectors)),
                    config_hash="x", inputs={}, outputs=hash_outputs(stage_dir, [stage_dir / "00000.parquet"]),
-                   counts={}, started=time.time())
+                   counts={}, started=time.time(), extra={"shards": ["00000"]})
     return keys
 
 
@@ -96,7 +103,8 @@ def test_fit_on_a_sample_still_assigns_every_file_in_order(tmp_path):
         pq.write_table(embedding_table(shard_keys, f"{f:05d}", captions[rows], x[rows]), path)
         outputs.append(path)
     write_manifest(stage, stage="embed", fingerprint="two-files", config_hash="x", inputs={},
-                   outputs=hash_outputs(stage, outputs), counts={}, started=time.time())
+                   outputs=hash_outputs(stage, outputs), counts={}, started=time.time(),
+                   extra={"shards": ["00000", "00001"]})
     run_cluster(ClusterConfig(num_fine=8, num_experts=2, niter=10, sample_size=120), stage, tmp_path / "cluster")
     table = pq.read_table(tmp_path / "cluster" / "assignments.parquet").to_pydict()
     assert table["key"] == keys

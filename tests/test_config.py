@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.config import ConfigError, config_from_dict, load_config
+from pipelines.core.config import ConfigError, config_from_dict, load_config
 
 
 def test_demo_config_loads_with_every_section():

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from pipelines.config import load_config
+from pipelines.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILES = [ROOT / "prefect.yaml", ROOT / "deploy" / "multihost.prefect.yaml"]

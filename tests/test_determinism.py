@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from pipelines.config import load_config
-from pipelines.manifest import file_sha256
-from pipelines.stages import run_stage
+from pipelines.core.config import load_config
+from pipelines.core.manifest import file_sha256
+from pipelines.run.stages import run_stage
 
 pytestmark = pytest.mark.slow
 

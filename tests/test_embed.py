@@ -4,9 +4,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clustering.embed import encode, load_encoder, read_embeddings, resolve_model, run_embed
-from pipelines.config import EmbedConfig
-from pipelines.shards import ShardSetWriter
+from clustering.embeddings import read_embeddings
+from clustering.encoder import encode, load_encoder, load_run_encoder, resolve_model
+from pipelines.core.config import DataConfig, EmbedConfig
+from pipelines.run.stages import run_section
+from pipelines.shardio.shards import ShardSetWriter
+
+
+def run_embed(cfg, shards, root):
+    """The embed stage alone over the shards' folder, into the run folder `root` (root/embed/)."""
+    return run_section("embed", cfg, root, DataConfig(train_shards=str(shards[0].parent)))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,7 @@ def make_shard(folder, captions):
 
 def test_every_sample_is_embedded_or_rejected_with_a_reason(tmp_path):
     shards = make_shard(tmp_path / "in", [b"a red square", b"", None, b"\xff\xfe bad", b"digit seven"])
-    manifest = run_embed(EmbedConfig(), shards, tmp_path / "embed")
+    manifest = run_embed(EmbedConfig(), shards, tmp_path)
     counts = manifest["counts"]
     assert counts["embedded"] == 2
     assert counts["rejected"] == {"empty_caption": 1, "missing_caption": 1, "non_utf8_caption": 1}
@@ -59,15 +66,15 @@ def test_every_sample_is_embedded_or_rejected_with_a_reason(tmp_path):
 
 def test_a_second_run_with_the_same_inputs_is_skipped(tmp_path):
     shards = make_shard(tmp_path / "in", [b"a red square", b"a blue circle"])
-    first = run_embed(EmbedConfig(), shards, tmp_path / "embed")
-    again = run_embed(EmbedConfig(), shards, tmp_path / "embed")
+    first = run_embed(EmbedConfig(), shards, tmp_path)
+    again = run_embed(EmbedConfig(), shards, tmp_path)
     assert again["skipped"] and again["fingerprint"] == first["fingerprint"]
 
 
 def test_a_changed_config_redoes_the_stage(tmp_path):
     shards = make_shard(tmp_path / "in", [b"a red square", b"a blue circle"])
-    first = run_embed(EmbedConfig(), shards, tmp_path / "embed")
-    other = run_embed(EmbedConfig(pooling="mean"), shards, tmp_path / "embed")
+    first = run_embed(EmbedConfig(), shards, tmp_path)
+    other = run_embed(EmbedConfig(pooling="mean"), shards, tmp_path)
     assert not other.get("skipped") and other["fingerprint"] != first["fingerprint"]
 
 
@@ -76,11 +83,11 @@ def test_float16_storage_halves_the_file_and_keeps_cosines(tmp_path):
     shards = make_shard(tmp_path / "in", captions)
     run_embed(EmbedConfig(), shards, tmp_path / "e32")
     run_embed(EmbedConfig(storage="float16"), shards, tmp_path / "e16")
-    _, x32 = read_embeddings([tmp_path / "e32" / "00000.parquet"])
-    _, x16 = read_embeddings([tmp_path / "e16" / "00000.parquet"])
+    _, x32 = read_embeddings([tmp_path / "e32" / "embed" / "00000.parquet"])
+    _, x16 = read_embeddings([tmp_path / "e16" / "embed" / "00000.parquet"])
     assert x16.dtype == np.float32
     np.testing.assert_allclose(x16 @ x16.T, x32 @ x32.T, atol=2e-3)
-    schema = pq.read_schema(tmp_path / "e16" / "00000.parquet")
+    schema = pq.read_schema(tmp_path / "e16" / "embed" / "00000.parquet")
     assert str(schema.field("embedding").type.value_type) == "halffloat"
 
 
@@ -95,18 +102,16 @@ def test_workers_split_the_shards_and_match_one_process(tmp_path):
     two = run_embed(EmbedConfig(processes=2), shards, tmp_path / "two")
     assert two["counts"]["embedded"] == one["counts"]["embedded"] == len(captions)
     for shard in shards:
-        _, a = read_embeddings([tmp_path / "one" / f"{shard.stem}.parquet"])
-        _, b = read_embeddings([tmp_path / "two" / f"{shard.stem}.parquet"])
+        _, a = read_embeddings([tmp_path / "one" / "embed" / f"{shard.stem}.parquet"])
+        _, b = read_embeddings([tmp_path / "two" / "embed" / f"{shard.stem}.parquet"])
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_simcse_adaptation_is_saved_and_used_for_captions_and_class_names(tmp_path):
-    from clustering.embed import load_run_encoder
-
     captions = [f"IMG_{i:04d}.jpg {w} for sale" for i, w in enumerate(["red chair", "blue sofa", "oak table"] * 20)]
     shards = make_shard(tmp_path / "in", [c.encode() for c in captions])
     cfg = EmbedConfig(simcse_steps=4, simcse_batch_size=8, simcse_lr=1e-4)
-    manifest = run_embed(cfg, shards, tmp_path / "embed")
+    manifest = run_embed(cfg, shards, tmp_path)
     assert manifest["encoder"] == "encoder" and (tmp_path / "embed" / "encoder").is_dir()
     assert any(k.startswith("encoder/") for k in manifest["outputs"])
     adapted = load_run_encoder(tmp_path / "embed")
@@ -127,7 +132,7 @@ def test_caption_sample_is_seeded_and_spans_small_data(tmp_path):
 
 def test_a_rerun_redoes_only_the_groups_of_shards_with_a_missing_output(tmp_path, monkeypatch):
     import clustering.embed as embed
-    from pipelines.manifest import file_sha256
+    from pipelines.core.manifest import file_sha256
 
     monkeypatch.setattr(embed, "GROUP_SHARDS", 2)  # 4 shards -> groups {0, 1} and {2, 3}
     captions = [f"caption {i} about {w}".encode() for i, w in enumerate(["cats", "stars", "roads", "bikes"] * 5)]
@@ -137,11 +142,11 @@ def test_a_rerun_redoes_only_the_groups_of_shards_with_a_missing_output(tmp_path
     writer.close()
     shards = writer.shard_paths
     run_embed(EmbedConfig(processes=1), shards, tmp_path / "run")
-    out = tmp_path / "run"
+    out = tmp_path / "run" / "embed"
     before = {p.name: (file_sha256(p), p.stat().st_mtime_ns) for p in sorted(out.glob("0*.parquet"))}
     (out / "00003.done.json").unlink()  # as if killed before shard 3's marker
     (out / "manifest.json").unlink()
-    run_embed(EmbedConfig(processes=1), shards, out)
+    run_embed(EmbedConfig(processes=1), shards, tmp_path / "run")
     after = {p.name: (file_sha256(p), p.stat().st_mtime_ns) for p in sorted(out.glob("0*.parquet"))}
     assert {n: h for n, (h, _) in after.items()} == {n: h for n, (h, _) in before.items()}  # same bytes
     assert [n for n in before if after[n][1] != before[n][1]] == ["00002.parquet", "00003.parquet"]

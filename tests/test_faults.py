@@ -8,11 +8,12 @@ import time
 
 import pytest
 
+from pipelines.core.config import load_config
+from pipelines.core.manifest import file_sha256
+from pipelines.run.stages import run_stage
+from pipelines.synth.generate import generate
+
 from conftest import write_config
-from pipelines.config import load_config
-from pipelines.manifest import file_sha256
-from pipelines.stages import run_stage
-from pipelines.synth import generate
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def outputs(stage_dir, pattern):
 
 def kill_when(config, stage, run, ready) -> bool:
     """Run `moda stage <stage>` in a subprocess, SIGKILL it once `ready()`; True if it was cut short."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "stage", stage, str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.run.cli", "stage", stage, str(config),
                              "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None:
         if ready():

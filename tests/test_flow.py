@@ -5,9 +5,12 @@ import time
 
 import pytest
 
-from pipelines.cli import main as cli_main
-from pipelines.config import load_config
-from pipelines.flows import STAGES, check_inputs
+from pipelines.core.config import load_config
+from pipelines.run.cli import main as cli_main
+from pipelines.run.stages import NAMES as STAGES
+from pipelines.run.stages import check_inputs
+
+from conftest import prefect_harness
 
 pytestmark = pytest.mark.slow
 
@@ -63,12 +66,10 @@ def test_samples_are_conserved_from_embed_to_split(tiny_run):
 
 
 def test_a_second_run_skips_every_stage(tiny_run):
-    from prefect.testing.utilities import prefect_test_harness
-
-    from pipelines.flows import STAGE_FLOWS
+    from pipelines.run.flows import STAGE_FLOWS
 
     before = {s: (tiny_run["run_dir"] / s / "manifest.json").read_text() for s in STAGES}
-    with prefect_test_harness():
+    with prefect_harness():
         results = [STAGE_FLOWS[s](str(tiny_run["config"]), str(tiny_run["run_dir"])) for s in STAGES]
     assert all(r.get("skipped") for r in results)
     after = {s: (tiny_run["run_dir"] / s / "manifest.json").read_text() for s in STAGES}
@@ -94,12 +95,10 @@ def test_a_second_full_run_skips_every_stage_and_does_no_heavy_work(tiny_run):
     # The flow checks each stage's fingerprint before it starts a sub-flow, so a
     # finished stage costs a few file reads, not a Prefect sub-flow run (about
     # 1.2 s each on 2 cores).
-    from prefect.testing.utilities import prefect_test_harness
-
-    from pipelines.flows import moda
+    from pipelines.run.flows import moda
 
     before = {s: (tiny_run["run_dir"] / s / "manifest.json").read_text() for s in STAGES}
-    with prefect_test_harness():
+    with prefect_harness():
         started = time.perf_counter()
         table = moda(config_path=str(tiny_run["config"]), run_dir=str(tiny_run["run_dir"]))
         seconds = time.perf_counter() - started

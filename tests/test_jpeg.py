@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.jpeg import jpeg_frame, jpeg_frames
+from pipelines.shardio.jpeg import jpeg_frame, jpeg_frames
 
 
 def jpeg(mode, size=(33, 17), **kw):

@@ -8,7 +8,7 @@ import pytest
 
 from experts.launch import gpu_slots, resolve_precision, trainer_command, visible_gpus
 from experts.train import model_config_dict, run_on_slots, run_parallel, tune_epochs
-from pipelines.config import TrainConfig, load_config
+from pipelines.core.config import TrainConfig, load_config
 
 
 def command(cfg=TrainConfig(), **kw):
@@ -107,3 +107,17 @@ def test_resume_point_is_the_newest_complete_checkpoint(tmp_path):
     torch.save({"epoch": 4}, tmp_path / "epoch_4.pt")  # newer than the latest copy
     assert ensure_latest(tmp_path) is True
     assert torch.load(tmp_path / "epoch_latest.pt", weights_only=False)["epoch"] == 4
+
+
+def test_a_cpu_trainer_gets_its_thread_count_whatever_the_environment_says(tmp_path, monkeypatch):
+    """A CPU run's numbers depend on its thread count; Dask's local cluster leaves OMP_NUM_THREADS=1
+    in the process that started it, which must not reach the trainers launched after it."""
+    import sys
+
+    from experts.launch import run_trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    lines = []
+    run_trainer([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"], tmp_path / "log",
+                on_line=lines.append, threads=3)
+    assert lines == ["3"]

@@ -3,7 +3,7 @@
 import os
 import time
 
-from pipelines.manifest import file_sha256, hash_outputs, input_stats, is_done, source_hashes, write_manifest
+from pipelines.core.manifest import file_sha256, hash_outputs, input_stats, is_done, source_hashes, write_manifest
 
 
 def finished_stage(tmp_path):
@@ -41,7 +41,7 @@ def test_recorded_input_hashes_are_reused_while_size_and_mtime_hold(tmp_path):
 
 
 def test_many_files_hashed_together_give_each_file_its_own_sha256(tmp_path):
-    from pipelines.manifest import hash_files
+    from pipelines.core.manifest import hash_files
 
     paths = []
     for i in range(5):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from experts import ooc
-from pipelines.shards import key_bytes
+from pipelines.shardio.sample_table import key_bytes
 
 
 def fnv1a_reference(data: bytes) -> int:

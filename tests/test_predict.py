@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.cli import main as cli_main
-from pipelines.shards import iter_samples
+from pipelines.run.cli import main as cli_main
+from pipelines.shardio.shards import iter_samples
 from routing.predict import MoDESystem
 
 pytestmark = pytest.mark.slow

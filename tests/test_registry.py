@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from experts.add import AddRequest, _next_id, _pending_id
 from experts.registry import load_experts, ownership, register_added
-from pipelines.manifest import atomic_write_json
+from pipelines.core.layout import RunLayout
+from pipelines.core.manifest import atomic_write_json
+from pipelines.run.add_expert import AddRequest, _next_id, _pending_id
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def run(tmp_path):
     atomic_write_json(tmp_path / "train" / "registry.json", {"experts": [
         {"id": 0, "model_dir": "expert_000", "fine_clusters": [0, 1]},
         {"id": 1, "model_dir": "expert_001", "fine_clusters": [2, 3]}]})
-    return tmp_path
+    return RunLayout(tmp_path)
 
 
 def added(expert_id, train_fingerprint, fine):
@@ -30,7 +31,7 @@ def test_added_experts_follow_the_trained_ones_and_may_share_fine_clusters(run):
     register_added(run, added(2, "current", [1, 2]))
     experts = load_experts(run)
     assert [e.name for e in experts] == ["expert_000", "expert_001", "expert_002"]
-    assert experts[2].path == run / "added" / "expert_002" / "train" / "expert_002"
+    assert experts[2].path == run.root / "added" / "expert_002" / "train" / "expert_002"
     np.testing.assert_array_equal(ownership(experts, 4), [[1, 1, 0, 0], [0, 0, 1, 1], [0, 1, 1, 0]])
 
 
@@ -42,7 +43,7 @@ def test_an_expert_added_to_an_older_seed_is_left_out(run):
 
 def test_new_ids_skip_every_id_in_use_and_a_killed_request_keeps_its_id(run):
     register_added(run, added(2, "an-older-train-run", [0]))
-    atomic_write_json(run / "added" / "expert_003" / "request.json", {"fingerprint": "killed-one"})
+    atomic_write_json(run.root / "added" / "expert_003" / "request.json", {"fingerprint": "killed-one"})
     assert _next_id(run) == 4
     assert _pending_id(run, "killed-one") == 3
     assert _pending_id(run, "another") is None
@@ -62,5 +63,5 @@ def test_the_added_registry_is_json_with_entries_in_id_order(run):
     register_added(run, added(3, "current", [0]))
     register_added(run, added(2, "current", [1]))
     register_added(run, added(3, "current", [2]))  # the same id again replaces its entry
-    entries = json.loads((run / "added" / "registry.json").read_text())["experts"]
+    entries = json.loads((run.root / "added" / "registry.json").read_text())["experts"]
     assert [(e["id"], e["fine_clusters"]) for e in entries] == [(2, [1]), (3, [2])]

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from pipelines.run.demo import demo_env, free_port, start_server, stop
+
 from conftest import write_config
-from pipelines.demo import demo_env, free_port, start_server, stop
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ STAGES = ("embed", "cluster", "split")
 
 
 def moda_run(config, run_dir, env):
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config), "--run-dir", str(run_dir),
+    return subprocess.Popen([sys.executable, "-m", "pipelines.run.cli", "run", str(config), "--run-dir", str(run_dir),
                              "--stages", ",".join(STAGES)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
@@ -72,7 +73,7 @@ def test_prefect_flow_run_retry_continues_a_failed_run_without_redoing_its_finis
     run_dir = tmp_path / "run"
     server = start_server(env, tmp_path, tmp_path / "server.log")
     try:
-        failed = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(config), "--run-dir",
+        failed = subprocess.run([sys.executable, "-m", "pipelines.run.cli", "run", str(config), "--run-dir",
                                  str(run_dir), "--stages", "embed,cluster"], env=env, cwd=root,
                                 capture_output=True, text=True)
         assert failed.returncode == 2 and "num_fine=100000" in failed.stderr  # embed done, cluster failed
@@ -87,7 +88,7 @@ def test_prefect_flow_run_retry_continues_a_failed_run_without_redoing_its_finis
             env=env, cwd=root, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         write_config(config, tiny_data)  # the user fixes the config (same file) ...
         retried = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", run_id,
-                                  "--entrypoint", "pipelines/flows.py:moda"], env=env, cwd=root,
+                                  "--entrypoint", "pipelines/run/flows.py:moda"], env=env, cwd=root,
                                  capture_output=True, text=True, timeout=600)  # ... and retries the run
         assert retried.returncode == 0, retried.stdout[-2000:] + retried.stderr[-2000:]
     finally:

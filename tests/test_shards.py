@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipelines.shards import (
+from pipelines.shardio.shards import (
     Sample,
     ShardError,
     ShardSetWriter,
@@ -113,8 +113,8 @@ def test_the_sample_table_groups_members_as_iter_samples_does(tmp_path):
     import io
     import tarfile
 
-    from pipelines.shards import sample_table
-    from pipelines.tarstream import index_plain_tar
+    from pipelines.shardio.sample_table import sample_table
+    from pipelines.shardio.tar_read import index_plain_tar
 
     members = [("a.jpg", b"j"), ("a.txt", b"t"), ("a.json", b"{}"), ("b.txt", b"only text"),
                ("d/c.x.jpg", b"j2"), ("d/c.x.txt", b"t2"), ("e.jpg", b"1"), ("e.jpg", b"2"), ("e.txt", b"t3"),
@@ -129,7 +129,7 @@ def test_the_sample_table_groups_members_as_iter_samples_does(tmp_path):
     table = sample_table(tar)
     expected = list(iter_samples(tmp_path / "s.tar", views=True))
     got = [table.sample(tar, i) for i in range(len(table.keys))]
-    as_plain = lambda s: (s.key, {e: bytes(v) for e, v in s.files.items()}, s.raw and bytes(s.raw))  # noqa: E731
+    as_plain = lambda s: (s.key, {e: bytes(v) for e, v in s.files.items()}, s.raw and bytes(s.raw))
     assert [as_plain(s) for s in got] == [as_plain(s) for s in expected]
     assert [table.key(i) for i in range(len(got))] == ["a", "b", "d/c", "e", "f", "g", "noext", "a"]
     assert table.plain.tolist() == [True, False, False, False, False, False, False, True]

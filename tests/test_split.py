@@ -3,7 +3,12 @@
 import dataclasses
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,10 +17,41 @@ import pytest
 from PIL import Image
 
 from experts.images import clean_image, sample_output, sample_outputs
-from experts.split import expert_shards, run_split
-from pipelines.config import SplitConfig
-from pipelines.manifest import atomic_path, hash_outputs, write_manifest
-from pipelines.shards import Sample, ShardSetWriter, iter_samples, write_rejects
+from experts.shard_sets import shard_set
+from experts.verify import verify_split
+from pipelines.core.config import DataConfig, SplitConfig, load_config
+from pipelines.core.manifest import atomic_path, file_sha256, hash_outputs, write_manifest
+from pipelines.run.stages import run_section, run_stage
+from pipelines.shardio.shards import Sample, ShardSetWriter, iter_samples, write_rejects
+from pipelines.synth.generate import generate
+
+from conftest import write_config
+
+
+def expert_shards(split_dir, expert):
+    return shard_set(split_dir / f"expert_{expert:03d}")
+
+
+def shards_spec(shards):
+    """A data spec naming exactly these shards of one folder."""
+    folder = shards[0].parent
+    assert all(p.parent == folder for p in shards)
+    if sorted(shards) == sorted(folder.glob("*.tar")):
+        return str(folder)
+    return str(shards[0]) if len(shards) == 1 else f"{folder}/{{{','.join(p.name for p in shards)}}}"
+
+
+def run_split(cfg, shards, embed_dir, cluster_dir, split_dir):
+    """The split stage alone on these shards. A `split_dir` not named split is a run folder of its
+    own that shares the embed and cluster stages (linked), its split in split_dir/split."""
+    root = split_dir.parent
+    if split_dir.name != "split":
+        root = split_dir
+        root.mkdir(exist_ok=True)
+        for stage in (embed_dir, cluster_dir):
+            if not (root / stage.name).exists():
+                os.symlink(stage, root / stage.name)
+    return run_section("split", cfg, root, DataConfig(train_shards=shards_spec(shards)))
 
 
 def image_bytes(mode="RGB", fmt="JPEG", size=(16, 16)):
@@ -37,8 +73,12 @@ def fake_cluster_stage(stage_dir, expert_of_key, num_experts, shard_of_key):
 
 
 def fake_embed_rejects(stage_dir, rejects):
+    """rejects.parquet + manifest, as the embed stage writes them."""
     stage_dir.mkdir(parents=True)
     write_rejects(stage_dir / "rejects.parquet", rejects)
+    write_manifest(stage_dir, stage="embed", fingerprint="e" * 16, config_hash="x", inputs={},
+                   outputs=hash_outputs(stage_dir, [stage_dir / "rejects.parquet"]), counts={},
+                   started=time.time())
 
 
 @pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"),
@@ -186,7 +226,7 @@ def test_conservation_and_counts_by_reason(corrupted_input):
 def test_expert_manifests_hash_their_shards(corrupted_input):
     root, shards, _ = corrupted_input
     run_split(SplitConfig(shard_size=4), shards, root / "embed", root / "cluster", root / "split")
-    from pipelines.manifest import file_sha256
+    from pipelines.core.manifest import file_sha256
 
     m = json.loads((root / "split" / "expert_000" / "manifest.json").read_text())
     for name, digest in m["shards_sha256"].items():
@@ -203,17 +243,6 @@ def test_rerun_with_same_inputs_is_skipped(corrupted_input):
 
 
 # ---------------------------------------------------------------- on real upstream stages
-import os
-import signal
-import subprocess
-import sys
-
-from conftest import write_config
-from experts.verify import verify_split
-from pipelines.config import load_config
-from pipelines.manifest import file_sha256
-from pipelines.stages import run_stage
-from pipelines.synth import generate
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +301,8 @@ def test_each_expert_gets_at_least_min_shards(clustered):
 
 
 def test_verify_catches_a_lost_sample(clustered, capsys):
-    from pipelines.cli import main as cli_main
-    from pipelines.shards import ShardSetWriter
+    from pipelines.run.cli import main as cli_main
+    from pipelines.shardio.shards import ShardSetWriter
 
     _, cfg, root = clustered
     run = fresh_run(root, "tampered")
@@ -301,7 +330,7 @@ def test_a_killed_split_resumes_to_the_same_outputs(clustered):
     for point, kill_after in enumerate([1, 6, 14]):
         run = fresh_run(root, f"killed_{point}")
         records = run / "split" / "progress" / "outputs"
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "stage", "split", str(config),
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.run.cli", "stage", "split", str(config),
                                  "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None:
             if records.is_dir() and len(list(records.glob("*.json"))) >= kill_after:
@@ -320,7 +349,8 @@ def test_a_killed_split_resumes_to_the_same_outputs(clustered):
 @pytest.mark.parametrize("processes", [2, 5])
 def test_several_split_processes_write_the_same_bytes_as_one(clustered, processes):
 
-    from experts.split import _chunks, boundary_shards
+    from experts.split.plan import boundary_shards
+    from experts.split.plan import input_runs as _chunks
 
     _, cfg, root = clustered
     one, many = fresh_run(root, f"one_{processes}"), fresh_run(root, f"many_{processes}")
@@ -339,10 +369,7 @@ def test_several_split_processes_write_the_same_bytes_as_one(clustered, processe
 @pytest.mark.parametrize("cores, expected", [(1, 1), (2, 1), (3, 1), (8, 4), (64, 10)])
 def test_by_default_a_split_process_is_started_per_two_cores_and_never_more_than_shards(monkeypatch, cores,
                                                                                        expected):
-    import os
-    from pathlib import Path
-
-    from experts.split import _chunks
+    from experts.split.plan import input_runs as _chunks
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     shards = [Path(f"{i:05d}.tar") for i in range(10)]
@@ -424,7 +451,7 @@ def test_a_key_in_two_input_shards_is_kept_once_and_the_later_copy_counted(tmp_p
 @pytest.mark.parametrize("partitions", [None, 3])  # keys in one spill partition, or spread over three
 def test_verify_names_a_stranger_a_repeat_and_a_sample_in_the_wrong_expert(clustered, monkeypatch, partitions):
     import experts.verify
-    from pipelines.shards import ShardSetWriter
+    from pipelines.shardio.shards import ShardSetWriter
 
     if partitions:
         monkeypatch.setattr(experts.verify, "partitions_for", lambda records: partitions)
@@ -458,7 +485,7 @@ def published(split_dir):
 def split_both_ways(monkeypatch, split):
     """Run `split(dest)` with the array path for plain tars, then sample by sample; how many
     shards took the array path."""
-    import experts.split as module
+    import experts.split.shard as module
 
     taken = []
     array_path = module._split_plain
@@ -476,7 +503,7 @@ def split_both_ways(monkeypatch, split):
 
 @pytest.mark.parametrize("validate", ["header", "decode"])
 def test_the_array_path_writes_what_the_sample_by_sample_path_writes(corrupted_input, monkeypatch, validate):
-    import experts.split as module
+    import experts.split.stage as module
 
     monkeypatch.setattr(module, "usable_cores", lambda: 4)  # the array path decodes on 4 threads
     root, shards, _ = corrupted_input
@@ -484,7 +511,7 @@ def test_the_array_path_writes_what_the_sample_by_sample_path_writes(corrupted_i
         SplitConfig(shard_size=2, ooc_ratio=0.5, processes=1, validate=validate), shards, root / "embed",
         root / "cluster", root / name))
     assert taken == ["00000"]  # the intact shard; the truncated one is read sample by sample
-    assert published(root / "split_arrays") == published(root / "split_samples")
+    assert published(root / "split_arrays" / "split") == published(root / "split_samples" / "split")
     assert fast["counts"] == slow["counts"] and fast["outputs"] == slow["outputs"]
 
 
@@ -506,8 +533,9 @@ def test_the_array_path_agrees_on_a_clustered_run_with_out_of_cluster_copies(clu
 def test_assignment_rows_stream_each_shards_rows_in_one_pass(tmp_path, monkeypatch):
     """Rows in shard order are read once, in batches smaller than a shard's rows, across row groups;
     rows out of order make the plan give no ranges, and each shard's rows are found by a filter."""
-    import experts.split as module
-    from experts.split import AssignmentRows, make_plan
+    import experts.split.rows as module
+    from experts.split.plan import make_plan
+    from experts.split.rows import AssignmentRows
 
     monkeypatch.setattr(module, "BATCH_ROWS", 3)
     shards = ["a", "b", "c", "d"]
@@ -535,7 +563,7 @@ def test_assignment_rows_stream_each_shards_rows_in_one_pass(tmp_path, monkeypat
 def test_the_out_of_cluster_hash_is_part_of_the_fingerprint_only_when_copies_are_made(monkeypatch):
     """A plan made with another OOC hash would give slots to other samples: such a split is redone."""
     from experts import ooc
-    from experts.split import split_config_hash
+    from experts.split.stage import split_config_hash
 
     with_copies, without = SplitConfig(ooc_ratio=0.02), SplitConfig()
     before = split_config_hash(with_copies), split_config_hash(without)

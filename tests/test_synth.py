@@ -3,9 +3,9 @@
 import hashlib
 import json
 
-from pipelines.config import SynthConfig
-from pipelines.shards import expand_shards, iter_samples
-from pipelines.synth import generate
+from pipelines.core.config import SynthConfig
+from pipelines.shardio.shards import expand_shards, iter_samples
+from pipelines.synth.generate import generate
 
 
 def image_hashes(folder):
@@ -51,9 +51,10 @@ def test_classification_tasks_have_class_names_and_templates(tiny_data):
 
 def test_a_training_sample_redrawn_alone_is_the_one_written_so_generation_needs_no_list_of_images(
         tiny_data, tmp_path):
+    from pipelines.core.config import load_config
+    from pipelines.synth.generate import _draw_train
+
     from conftest import write_config
-    from pipelines.config import load_config
-    from pipelines.synth import _draw_train
 
     metas = [json.loads(s.files["json"]) for p in expand_shards(tiny_data / "train") for s in iter_samples(p)]
     cfg = load_config(write_config(tmp_path / "tiny.yaml", tmp_path / "data")).synth  # the fixture's config

@@ -6,7 +6,8 @@ import tarfile
 
 import pytest
 
-from pipelines.tarstream import TarDamage, TarShardWriter, index_plain_tar, index_tar, read_members, ustar_header
+from pipelines.shardio.tar_read import TarDamage, index_plain_tar, index_tar, read_members
+from pipelines.shardio.tar_write import TarShardWriter, ustar_header
 
 
 def tarfile_archive(path, members, fmt=tarfile.PAX_FORMAT):
@@ -100,7 +101,7 @@ def test_a_header_for_a_long_name_falls_back_to_pax():
 def test_octal_header_fields_read_as_tar_writers_write_them():
     import numpy as np
 
-    from pipelines.tarstream import _octal_fields
+    from pipelines.shardio.tar_read import _octal_fields
 
     fields = [b"012345\0 ", b"0012345\0", b"  12345\0", b"1234567 ", b"12345670", b"abc\0\0\0\0\0", b"\0" * 8]
     rows = np.frombuffer(b"".join(fields), np.uint8).reshape(len(fields), 8)
@@ -147,7 +148,7 @@ def test_close_then_hands_the_finished_files_sha256_to_the_job_and_write_errors_
 
 
 def test_the_writer_takes_memoryviews_of_a_mapped_tar_and_copies_them_verbatim(tmp_path):
-    from pipelines.shards import iter_samples
+    from pipelines.shardio.shards import iter_samples
 
     tarfile_archive(tmp_path / "a.tar", [("000.jpg", b"\xff\xd8" * 700), ("000.txt", b"cap"), ("001.txt", b"x")])
     samples = list(iter_samples(tmp_path / "a.tar", views=True))
@@ -174,7 +175,7 @@ def test_the_plain_index_lists_the_same_members_as_the_full_reader(tmp_path, fmt
     tarfile_archive(tmp_path / "a.tar", members, fmt)
     plain = index_plain_tar(tmp_path / "a.tar")
     assert plain_members(plain) == full_members(index_tar(tmp_path / "a.tar"))
-    from pipelines.tarstream import _chain_by_magic, _chain_by_walk, _map
+    from pipelines.shardio.tar_read import _chain_by_magic, _chain_by_walk, _map
 
     by_magic, by_walk = _chain_by_magic(_map(tmp_path / "a.tar")), _chain_by_walk(_map(tmp_path / "a.tar"))
     assert by_magic is not None  # the array scan, not the walk, indexes what tar writers write
@@ -208,7 +209,7 @@ def test_the_plain_index_declines_every_tar_that_is_not_plain_and_intact(tmp_pat
 def test_a_tar_inside_a_member_does_not_fool_the_plain_index(tmp_path):
     """A payload holding tar headers of its own (a .tar member) gives the magic scan false headers:
     the chain they make does not land, and the index is found by walking the real one."""
-    from pipelines.tarstream import _chain_by_magic, _map
+    from pipelines.shardio.tar_read import _chain_by_magic, _map
 
     tarfile_archive(tmp_path / "inner.tar", [("x.txt", b"inner" * 300), ("y.txt", b"y")])
     members = [("000.tar", (tmp_path / "inner.tar").read_bytes()), ("000.txt", b"cap"), ("001.jpg", b"j" * 900)]
@@ -219,7 +220,7 @@ def test_a_tar_inside_a_member_does_not_fool_the_plain_index(tmp_path):
 
 def test_a_header_without_the_ustar_magic_is_found_by_walking_the_chain(tmp_path):
     """Old (v7) tar writers leave the magic out: the scan misses such a header, the walk does not."""
-    from pipelines.tarstream import _chain_by_magic, _map
+    from pipelines.shardio.tar_read import _chain_by_magic, _map
 
     tarfile_archive(tmp_path / "a.tar", [("000.jpg", b"j" * 700), ("000.txt", b"cap"), ("001.txt", b"c")],
                     tarfile.USTAR_FORMAT)

@@ -78,9 +78,10 @@ def test_a_killed_expert_resumes_from_its_checkpoint_and_a_finished_one_is_not_r
     import subprocess
     import sys
 
+    from pipelines.core.config import load_config
+    from pipelines.run.stages import run_stage
+
     from conftest import write_config
-    from pipelines.config import load_config
-    from pipelines.stages import run_stage
 
     seed = json.loads((tiny_run["run_dir"] / "train" / "registry.json").read_text())["seed"]["checkpoint"]
     config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
@@ -91,7 +92,7 @@ def test_a_killed_expert_resumes_from_its_checkpoint_and_a_finished_one_is_not_r
     for stage in ("embed", "cluster", "split"):
         os.symlink(tiny_run["run_dir"] / stage, run / stage)
     checkpoints = run / "train" / "logs" / "expert_000" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "stage", "train", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.run.cli", "stage", "train", str(config),
                              "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and not (checkpoints / "epoch_latest.pt").is_file():
         time.sleep(0.05)  # the first expert epoch is saved
@@ -117,9 +118,10 @@ def test_a_killed_expert_resumes_from_its_checkpoint_and_a_finished_one_is_not_r
 def test_weights_only_experts_start_a_fresh_schedule_from_a_local_dir_seed(tiny_run, tmp_path):
     import os
 
+    from pipelines.core.config import load_config
+    from pipelines.run.stages import run_stage
+
     from conftest import write_config
-    from pipelines.config import load_config
-    from pipelines.stages import run_stage
 
     seed_folder = tiny_run["run_dir"] / "train" / "seed"  # a local-dir model, weights only
     config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),

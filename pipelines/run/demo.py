@@ -19,8 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipelines.config import load_config
-from pipelines.flows import run_paths
+from pipelines.core.config import load_config
+from pipelines.core.layout import RunLayout
+from pipelines.synth.generate import SYNTH_MARKER, generate
 
 POOL = "moda-local"
 
@@ -98,10 +99,8 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
 def main(config_path: str = "configs/demo.yaml") -> int:
     root = Path.cwd()
     cfg = load_config(config_path)
-    synth_marker = Path(cfg.synth.out_dir) / "synth.json"
+    synth_marker = Path(cfg.synth.out_dir) / SYNTH_MARKER
     if not synth_marker.is_file() or json.loads(synth_marker.read_text())["config"] != cfg.synth.__dict__:
-        from pipelines.synth import generate
-
         print("[demo] generating the synthetic demo data", flush=True)
         generate(cfg.synth)
     state = root / ".prefect"
@@ -130,7 +129,7 @@ def main(config_path: str = "configs/demo.yaml") -> int:
     finally:
         stop(worker, "worker")
         stop(server, "server")
-    results = run_paths(cfg, None)["evaluate"] / "results.md"
+    results = RunLayout.of(cfg.name).results_markdown
     if not results.is_file():
         print(f"[demo] the flow finished but {results} is missing; see {state}/worker.log", file=sys.stderr)
         return 1

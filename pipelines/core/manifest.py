@@ -19,10 +19,12 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from pipelines.core.devices import usable_cores
+from pipelines.core.layout import MANIFEST
 
 
 @contextlib.contextmanager
@@ -97,10 +99,6 @@ def source_hashes(paths: list[Path], *manifests: dict[str, Any] | None) -> dict[
 def hash_files(paths: list[Path]) -> list[str]:
     """sha256 of many files, several at once: hashlib releases the GIL on large blocks, so
     threads use every core (and keep several disk reads in flight)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipelines.devices import usable_cores
-
     if len(paths) < 2:
         return [file_sha256(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(8, usable_cores(), len(paths))) as pool:

@@ -15,36 +15,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from pipelines.config import ConfigError, load_config
+from PIL import Image
+
+from experts.verify import verify_split
+from pipelines.core.config import ConfigError, load_config
+from pipelines.run.add_expert import AddRequest
+from pipelines.run.demo import main as demo_main
+from pipelines.run.stages import NAMES, run_stage
+from pipelines.synth.generate import generate
+from routing.predict import MoDESystem
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from pipelines.synth import generate
-
     cfg = load_config(args.config)
     summary = generate(cfg.synth, args.out)
     print(json.dumps({"train_samples": summary["train_samples"], "eval": summary["eval"]}))
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from pipelines.flows import moda
+# Without a server, `moda run` starts Prefect's ephemeral one; its 30 s start-up limit was seen
+# to run out on a loaded 2-core machine. A value the user set is kept.
+EPHEMERAL_STARTUP_SECONDS = "180"
 
+
+def _moda_flow():
+    """The `moda` flow. The Prefect layer is imported only by the commands that start a flow:
+    Prefect's import takes about 2 s, which `moda stage`, `moda verify` and `moda predict` do not pay."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
+    from pipelines.run.flows import moda
+
+    return moda
+
+
+def _run(args: argparse.Namespace) -> int:
     load_config(args.config)  # fail fast, before Prefect starts
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    table = moda(config_path=args.config, run_dir=args.run_dir, stages=stages)
+    table = _moda_flow()(config_path=args.config, run_dir=args.run_dir, stages=stages)
     if table:
         print(table)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from routing.predict import MoDESystem
-
     if bool(args.classes) == bool(args.captions):
         print("moda: error: give exactly one of --classes or --captions", file=sys.stderr)
         return 2
@@ -69,8 +84,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace) -> int:
-    from pipelines.stages import run_stage
-
     manifest = run_stage(args.stage, load_config(args.config), args.run_dir)
     state = "skipped" if manifest.get("skipped") else f"done in {manifest['seconds']} s"
     print(json.dumps({"stage": args.stage, "state": state, "counts": manifest.get("counts", {})}))
@@ -78,8 +91,6 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from experts.verify import verify_split
-
     problems, summary = verify_split(args.run_dir)
     print(json.dumps(summary))
     for problem in problems:
@@ -92,25 +103,19 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _add_expert(args: argparse.Namespace) -> int:
-    from pipelines.flows import moda
-
     load_config(args.config)
     request = {"mode": args.mode, "new_data": args.new_data or "", "task": args.task or "",
                "classnames": [c.strip() for c in (args.classes or "").split(",") if c.strip()],
                "templates": args.template or []}
-    from experts.add import AddRequest
-
     AddRequest.from_dict(request).check()  # a bad request fails before Prefect starts
     stages = [] if args.no_evaluate else ["evaluate"]
-    table = moda(config_path=args.config, run_dir=args.run_dir, stages=stages, add_expert=request)
+    table = _moda_flow()(config_path=args.config, run_dir=args.run_dir, stages=stages, add_expert=request)
     if table:
         print(table)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import main as demo_main
-
     return demo_main(args.config)
 
 
@@ -124,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run the pipeline in-process (Prefect ephemeral mode)")
     p.add_argument("config")
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<name>)")
-    p.add_argument("--stages", default=None, help="comma-separated subset of embed,cluster,split,train,evaluate")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(NAMES)}")
     p.set_defaults(func=_run)
     p = sub.add_parser("stage", help="run one stage directly, without Prefect")
-    p.add_argument("stage", choices=["embed", "cluster", "split", "train", "evaluate"])
+    p.add_argument("stage", choices=list(NAMES))
     p.add_argument("config")
     p.add_argument("--run-dir", default=None)
     p.set_defaults(func=_stage)

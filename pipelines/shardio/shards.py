@@ -16,24 +16,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import braceexpand
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.manifest import atomic_path, atomic_write_json
-from pipelines.tarstream import (
-    BLOCK,
-    PlainTar,
-    TarDamage,
-    TarIndex,
-    TarShardWriter,
-    index_tar,
-    padded_end,
-    read_members,
-)
+from pipelines.core.layout import SIZES, shard_name
+from pipelines.core.manifest import atomic_path, atomic_write_json
+from pipelines.shardio.tar_read import BLOCK, TarDamage, TarIndex, index_tar, padded_end, read_members
+from pipelines.shardio.tar_write import TarShardWriter
 
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 TRUNCATED = "truncated_tar"
@@ -124,79 +115,6 @@ def iter_samples(path: str | Path, *, views: bool = False) -> Iterator[Sample]:
         yield current
 
 
-PASS_THROUGH = ("jpg", "txt", "json")
-"""The files of a sample the split may copy as they lie in the input tar (a jpg, and text beside it)."""
-_EXT_CODES = tuple((ext.encode(), 1 << i) for i, ext in enumerate(PASS_THROUGH))  # jpg: 1
-_OTHER = 1 << len(PASS_THROUGH)
-
-
-class SampleTable(NamedTuple):
-    """The samples of a `PlainTar` as arrays, one entry per sample in order (members grouped by
-    key as `iter_samples` groups them).
-
-    `keys`: dtype S; `first`/`count`: its members' indices in the tar; `begin`/`end`:
-    its bytes in the tar, headers and padding included; `distinct`: no extension
-    repeats; `plain`: its files are a jpg and only txt/json beside it, each once
-    (what the split may pass through as it lies); `jpg`: its jpg member, or -1.
-    """
-
-    keys: np.ndarray
-    first: np.ndarray
-    count: np.ndarray
-    begin: np.ndarray
-    end: np.ndarray
-    distinct: np.ndarray
-    plain: np.ndarray
-    jpg: np.ndarray
-
-    def key(self, i: int) -> str:
-        return self.keys[i].decode("utf-8", "surrogateescape")
-
-    def sample(self, tar: PlainTar, i: int) -> Sample:
-        """Sample i as `iter_samples(views=True)` yields it."""
-        files = {}
-        for m in range(int(self.first[i]), int(self.first[i] + self.count[i])):
-            ext = split_member_name(tar.names[m].decode("utf-8", "surrogateescape"))[1]
-            start = int(tar.heads[m]) + BLOCK
-            files[ext] = tar.view[start:start + int(tar.sizes[m])]
-        raw = tar.view[int(self.begin[i]):int(self.end[i])] if self.distinct[i] else None
-        return Sample(key=self.key(i), files=files, raw=raw)
-
-
-def key_bytes(keys) -> np.ndarray:
-    """Sample keys (str) as a numpy bytes array, encoded as tar member names are (UTF-8, odd bytes kept)."""
-    return np.array([k.encode("utf-8", "surrogateescape") for k in keys], dtype=bytes)
-
-
-def sample_table(tar: PlainTar) -> SampleTable:
-    """Group a plain tar's members into samples without a Python loop over them."""
-    names = tar.names
-    slash = np.strings.rfind(names, b"/")
-    dot = np.strings.find(names, b".", slash + 1)
-    width = names.dtype.itemsize
-    keys = np.strings.slice(names, 0, np.where(dot >= 0, dot, width))
-    exts = np.strings.slice(names, np.where(dot >= 0, dot + 1, width), width)
-    new = np.ones(len(names), bool)
-    new[1:] = keys[1:] != keys[:-1]
-    first = np.flatnonzero(new)
-    count = np.diff(np.append(first, len(names)))
-    code = np.full(len(names), _OTHER, np.int64)
-    for ext, value in _EXT_CODES:
-        code[exts == ext] = value
-    sample = np.cumsum(new) - 1
-    order = np.lexsort((exts, sample))
-    repeated = (sample[order][1:] == sample[order][:-1]) & (exts[order][1:] == exts[order][:-1])
-    distinct = np.ones(len(first), bool)
-    distinct[sample[order][1:][repeated]] = False
-    union = np.bitwise_or.reduceat(code, first)
-    plain = distinct & (union & _OTHER == 0) & (union & 1 == 1)
-    jpg = np.full(len(first), -1, np.int64)
-    jpg_members = np.flatnonzero(code == 1)
-    jpg[sample[jpg_members]] = jpg_members
-    ends = tar.ends
-    return SampleTable(keys[first], first, count, tar.heads[first], ends[first + count - 1], distinct, plain, jpg)
-
-
 def _mapped_members(index: TarIndex, views: bool) -> Iterator[tuple[str, bytes | memoryview, int, int]]:
     """(name, payload, header offset or -1 when not a plain member, end offset), then the damage."""
     view = index.view
@@ -244,7 +162,7 @@ class ShardSetWriter:
         self._count = 0
 
     def _open(self) -> None:
-        name = f"{self.index:05d}.tar"
+        name = shard_name(self.index)
         self._tmp = self.out_dir / f".{name}.tmp"
         self._writer = TarShardWriter(self._tmp)  # mtime 0: reproducible bytes
         self._count = 0
@@ -252,7 +170,7 @@ class ShardSetWriter:
     def _close_shard(self) -> None:
         if self._writer is None:
             return
-        name = f"{self.index:05d}.tar"
+        name = shard_name(self.index)
         self.hashes[name] = self._writer.close()
         os.replace(self._tmp, self.out_dir / name)
         self.sizes[name] = self._count
@@ -269,7 +187,7 @@ class ShardSetWriter:
 
     def close(self) -> dict[str, int]:
         self._close_shard()
-        atomic_write_json(self.out_dir / "sizes.json", self.sizes)
+        atomic_write_json(self.out_dir / SIZES, self.sizes)
         return self.sizes
 
     @property

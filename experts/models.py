@@ -1,0 +1,144 @@
+"""Model folders and trainer checkpoints: the architecture, the local-dir export, the seed.
+
+open_clip loads a model folder (open_clip_config.json +
+open_clip_model.safetensors) as `local-dir:<folder>`; open_clip_train writes
+checkpoints (state_dict, optimizer, epoch) as `epoch_<n>.pt`. The train stage
+turns the second into the first, and a given seed (train.seed_checkpoint)
+from either into what the experts start from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipelines.core.layout import RunLayout
+from pipelines.core.manifest import atomic_path, atomic_write_json
+
+CONFIG_FILE = "open_clip_config.json"  # open_clip's local-dir format
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def model_config_dict(model: str) -> dict:
+    """The open_clip architecture dict for a JSON path, a `local-dir:` folder or a built-in name.
+
+    open_clip is imported only for a built-in name: the import takes seconds,
+    and a rerun that skips the stage should not pay it.
+    """
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.model: model config {path} not found")
+        return json.loads(path.read_text(encoding="utf-8"))
+    if model.startswith("local-dir:"):
+        config = Path(model.removeprefix("local-dir:")) / CONFIG_FILE
+        if not config.is_file():
+            raise FileNotFoundError(f"train.model: {config} not found")
+        return json.loads(config.read_text(encoding="utf-8"))["model_cfg"]
+    import open_clip
+
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"train.model: {model!r} is not an open_clip model, a .json config or local-dir:")
+    return cfg
+
+
+def read_model_config(folder: Path) -> dict:
+    """The architecture of a local-dir model folder."""
+    return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["model_cfg"]
+
+
+def write_model_folder(folder: Path, model_cfg: dict, state_dict=None) -> None:
+    """A local-dir model folder; without `state_dict` it holds the architecture only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        from safetensors.torch import save_file
+
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+    atomic_write_json(folder / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": {}})
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of an exported model folder (hashed into the train manifest)."""
+    return [folder / CONFIG_FILE, folder / WEIGHTS_FILE]
+
+
+def _state_dict(checkpoint: Path) -> dict:
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights = state.get("state_dict", state)
+    return {k.removeprefix("module."): v for k, v in weights.items()}
+
+
+def export_checkpoint(checkpoint: Path, model_cfg: dict, folder: Path) -> None:
+    """Trainer checkpoint (state_dict + optimizer) -> local-dir model folder."""
+    write_model_folder(folder, model_cfg, _state_dict(checkpoint))
+
+
+def ensure_latest(checkpoints: Path) -> bool:
+    """Make `epoch_latest.pt` the newest complete checkpoint; False when there is none.
+
+    open_clip_train writes `epoch_latest.pt` atomically, but `epoch_N.pt`
+    directly and first: a run killed between the two leaves only `epoch_N.pt`
+    (and one killed while saving leaves a truncated one, skipped here).
+    """
+    import torch
+
+    latest = checkpoints / "epoch_latest.pt"
+    numbered = sorted(checkpoints.glob("epoch_[0-9]*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    newest_number = int(numbered[-1].stem.split("_")[1]) if numbered else -1
+    if latest.is_file():
+        try:
+            if torch.load(latest, map_location="cpu", weights_only=False)["epoch"] >= newest_number:
+                return True
+        except Exception:
+            latest.unlink()
+    for candidate in reversed(numbered):
+        try:
+            torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception:
+            candidate.unlink()
+            continue
+        tmp = checkpoints / ".epoch_latest.pt.tmp"
+        shutil.copyfile(candidate, tmp)
+        tmp.replace(latest)
+        return True
+    return False
+
+
+def given_seed(source: Path, model_cfg: dict, layout: RunLayout) -> tuple[Path, int]:
+    """Use an existing model as the seed: export it, return a checkpoint to start from and its epoch.
+
+    An open_clip_train checkpoint (optimizer state, epoch counter) is resumed
+    by every expert, MoDE's recipe. A bare state_dict file or a `local-dir`
+    model folder (open_clip_model.safetensors) gives weights only (epoch 0).
+    """
+    import torch
+
+    if source.is_dir():
+        from safetensors.torch import load_file
+
+        weights = source / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"train.seed_checkpoint: {weights} not found (a local-dir model folder?)")
+        with atomic_path(layout.seed_init) as tmp:
+            torch.save(load_file(str(weights)), tmp)
+        source = layout.seed_init
+    if not source.is_file():
+        raise FileNotFoundError(f"train.seed_checkpoint: {source} not found")
+    state = torch.load(source, map_location="cpu", weights_only=False)
+    epoch = int(state.get("epoch", 0)) if isinstance(state, dict) else 0
+    export_checkpoint(source, model_cfg, layout.model("seed"))
+    return source.resolve(), epoch
+
+
+def weights_only(checkpoint: Path, out: Path) -> Path:
+    """The seed's weights without optimizer state or epoch, at `out`: experts start a fresh schedule."""
+    import torch
+
+    with atomic_path(out) as tmp:
+        torch.save(_state_dict(checkpoint), tmp)
+    return out

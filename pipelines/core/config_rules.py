@@ -1,0 +1,94 @@
+"""What makes a config impossible, checked at load time with the key named.
+
+A typo that silently falls back to a default, or a combination that cannot
+run (fewer fine clusters than experts), costs a whole training run if it is
+found only when the stage that uses it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file that cannot describe a valid run."""
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError naming the first key whose value cannot run."""
+    c = cfg.cluster
+    _positive(c.num_experts, "cluster.num_experts")
+    _positive(c.num_fine, "cluster.num_fine")
+    if c.num_fine < c.num_experts:
+        raise ConfigError(
+            f"cluster.num_fine ({c.num_fine}) must be >= cluster.num_experts "
+            f"({c.num_experts}): every expert owns at least one fine cluster"
+        )
+    if c.sample_size < 0:
+        raise ConfigError("cluster.sample_size must be >= 0 (0 = use all samples)")
+    _positive(c.niter, "cluster.niter")
+    if c.balance_iters < 0:
+        raise ConfigError(f"cluster.balance_iters must be >= 0, got {c.balance_iters}")
+    if c.balance_slack < 0:
+        raise ConfigError("cluster.balance_slack must be >= 0")
+    _positive(c.balance_topk, "cluster.balance_topk")
+    if c.max_expert_ratio < 1:
+        raise ConfigError("cluster.max_expert_ratio must be >= 1")
+    e = cfg.embed
+    _choice(e.pooling, ("model", "mean", "cls"), "embed.pooling")
+    _positive(e.batch_size, "embed.batch_size")
+    _choice(e.precision, ("auto", "fp32", "bf16", "fp16"), "embed.precision")
+    _choice(e.storage, ("float32", "float16"), "embed.storage")
+    if e.processes < 0 or e.simcse_steps < 0:
+        raise ConfigError("embed.processes and embed.simcse_steps must be >= 0")
+    _positive(e.simcse_batch_size, "embed.simcse_batch_size")
+    _positive(e.simcse_lr, "embed.simcse_lr")
+    _positive(e.simcse_temperature, "embed.simcse_temperature")
+    _positive(cfg.split.shard_size, "split.shard_size")
+    _positive(cfg.split.min_shards, "split.min_shards")
+    if not 0 <= cfg.split.ooc_ratio < 1:
+        raise ConfigError("split.ooc_ratio must be in [0, 1)")
+    _choice(cfg.split.validate, ("header", "decode"), "split.validate")
+    if cfg.split.processes < 0:
+        raise ConfigError("split.processes must be >= 0 (0 = one per two CPU cores)")
+    t = cfg.train
+    _positive(t.seed_epochs, "train.seed_epochs")
+    _positive(t.expert_epochs, "train.expert_epochs")
+    _positive(t.batch_size, "train.batch_size")
+    _positive(t.lr, "train.lr")
+    _choice(t.precision, ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16"),
+            "train.precision")
+    _choice(t.optimizer, ("adamw", "lamb"), "train.optimizer")
+    _choice(t.expert_init, ("resume", "weights"), "train.expert_init")
+    if not 0 <= t.patch_dropout < 1:
+        raise ConfigError("train.patch_dropout must be in [0, 1)")
+    if not 0 <= t.unmasked_tune_share <= 1:
+        raise ConfigError("train.unmasked_tune_share must be in [0, 1]")
+    _positive(t.gpus_per_expert, "train.gpus_per_expert")
+    _positive(t.workers, "train.workers")
+    _choice(t.executor, ("local", "dask"), "train.executor")
+    _positive(t.dask_local_workers, "train.dask_local_workers")
+    _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
+    _positive(cfg.evaluate.lam, "evaluate.lam")
+    for ablation in cfg.evaluate.ablations:
+        _choice(ablation, ("random", "one_step"), "evaluate.ablations[]")
+    _positive(cfg.add_expert.fine_per_class, "add_expert.fine_per_class")
+    if not 0 < cfg.add_expert.coverage <= 1:
+        raise ConfigError("add_expert.coverage must be in (0, 1]")
+    s = cfg.synth
+    _positive(s.num_train, "synth.num_train")
+    _positive(s.shard_size, "synth.shard_size")
+    if not 0 <= s.wrong_caption_rate < 1:
+        raise ConfigError("synth.wrong_caption_rate must be in [0, 1)")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name must be a non-empty folder name, got {cfg.name!r}")

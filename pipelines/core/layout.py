@@ -1,0 +1,251 @@
+"""Every path under a run folder, in one place: `RunLayout`.
+
+A run folder (`runs/<name>/` unless `--run-dir` says otherwise) holds one
+folder per stage, each ending with its manifest, plus `added/` (experts added
+later) and `ablations/<variant>/` (the paper's ablations, each a run folder of
+its own). Only this module spells the names of the files in it, so a reader
+finds the whole layout here and a rename is one edit.
+
+    embed/     <shard>.parquet + <shard>.done.json per input shard, rejects.parquet,
+               encoder/ (+ encoder.done.json) when SimCSE adapted the encoder
+    cluster/   fine_centroids.npy, expert_of_fine.npy, expert_centroids.npy,
+               assignments.parquet, report.json, cluster_sizes.png
+    split/     plan.json, expert_000/{00000..}.tar + sizes.json + manifest.json, ...,
+               progress/{inputs,outputs}/, rejects.parquet
+    train/     model_config/, logs/<model>/ (checkpoints), <model>.log, seed/, baseline/,
+               expert_000/ ... (local-dir models), registry.json
+    evaluate/  results.json, results.md, routing.json, routing_weights.png, accuracy.png
+    added/     registry.json, expert_<id>/ (request.json and a run folder of its own)
+    ablations/ <variant>/ (a run folder of its own)
+and every stage folder a manifest.json, written last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SIZES = "sizes.json"  # shard name -> samples, beside a shard set (what open_clip_train reads)
+REGISTRY = "registry.json"
+TASK_FILE = "task.json"  # an evaluation task folder's description (moda's format; not in a run folder)
+
+
+def expert_name(expert: int) -> str:
+    """`expert_007`: an expert's folder and row name everywhere (split, train, reports)."""
+    return f"expert_{expert:03d}"
+
+
+def expert_id(name: str) -> int:
+    """The number in an expert's name (`expert_007` -> 7)."""
+    return int(name.split("_")[1])
+
+
+def shard_name(index: int) -> str:
+    """The file name of output shard `index` of a shard set (`00007.tar`)."""
+    return f"{index:05d}.tar"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run folder. Pure path arithmetic: nothing is created or read."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, name: str, run_dir: str | Path | None = None) -> RunLayout:
+        """runs/<name>/, or `run_dir` when given."""
+        return cls(Path(run_dir) if run_dir else Path("runs") / name)
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def manifest(self, stage: str) -> Path:
+        return self.stage(stage) / MANIFEST
+
+    # ------------------------------------------------------------ embed
+    @property
+    def embed(self) -> Path:
+        return self.stage("embed")
+
+    def embeddings(self, shard: str) -> Path:
+        return self.embed / f"{shard}.parquet"
+
+    def embed_marker(self, shard: str) -> Path:
+        return self.embed / f"{shard}.done.json"
+
+    @property
+    def embed_rejects(self) -> Path:
+        return self.embed / "rejects.parquet"
+
+    @property
+    def encoder(self) -> Path:
+        return self.embed / "encoder"
+
+    @property
+    def encoder_marker(self) -> Path:
+        return self.embed / "encoder.done.json"
+
+    # ------------------------------------------------------------ cluster
+    @property
+    def cluster(self) -> Path:
+        return self.stage("cluster")
+
+    @property
+    def fine_centroids(self) -> Path:
+        return self.cluster / "fine_centroids.npy"
+
+    @property
+    def expert_of_fine(self) -> Path:
+        return self.cluster / "expert_of_fine.npy"
+
+    @property
+    def expert_centroids(self) -> Path:
+        return self.cluster / "expert_centroids.npy"
+
+    @property
+    def assignments(self) -> Path:
+        return self.cluster / "assignments.parquet"
+
+    @property
+    def cluster_report(self) -> Path:
+        return self.cluster / "report.json"
+
+    @property
+    def cluster_plot(self) -> Path:
+        return self.cluster / "cluster_sizes.png"
+
+    @property
+    def fine_counts(self) -> Path:
+        """Samples per fine cluster of new data assigned to a run's centres (an added expert's)."""
+        return self.cluster / "fine_counts.json"
+
+    # ------------------------------------------------------------ split
+    @property
+    def split(self) -> Path:
+        return self.stage("split")
+
+    @property
+    def split_plan(self) -> Path:
+        return self.split / "plan.json"
+
+    @property
+    def split_rejects(self) -> Path:
+        return self.split / "rejects.parquet"
+
+    def expert_shards(self, expert: int) -> Path:
+        """An expert's shard set: {00000..}.tar, sizes.json and its manifest."""
+        return self.split / expert_name(expert)
+
+    def output_shard(self, expert: int, index: int) -> Path:
+        return self.expert_shards(expert) / shard_name(index)
+
+    @property
+    def input_records(self) -> Path:
+        return self.split / "progress" / "inputs"
+
+    def input_record(self, shard: str) -> Path:
+        return self.input_records / f"{shard}.json"
+
+    @property
+    def output_records(self) -> Path:
+        return self.split / "progress" / "outputs"
+
+    def output_record(self, expert: int, index: int) -> Path:
+        return self.output_records / f"{expert:03d}_{index:05d}.json"
+
+    # ------------------------------------------------------------ train
+    @property
+    def train(self) -> Path:
+        return self.stage("train")
+
+    @property
+    def model_config(self) -> Path:
+        """The architecture as a local-dir folder without weights (`--model local-dir:...`)."""
+        return self.train / "model_config"
+
+    @property
+    def train_logs(self) -> Path:
+        return self.train / "logs"
+
+    def run_logs(self, model: str) -> Path:
+        """open_clip_train's `--logs/--name` folder of one model: checkpoints, tensorboard, out.log."""
+        return self.train_logs / model
+
+    def checkpoints(self, model: str) -> Path:
+        return self.run_logs(model) / "checkpoints"
+
+    def checkpoint(self, model: str, epoch: int | str) -> Path:
+        """open_clip_train's checkpoint after `epoch` (or "latest")."""
+        return self.checkpoints(model) / f"epoch_{epoch}.pt"
+
+    def job_marker(self, model: str) -> Path:
+        """The fingerprint a model's checkpoints were trained under (others are discarded)."""
+        return self.run_logs(model) / "moda_fingerprint.txt"
+
+    def trainer_log(self, model: str) -> Path:
+        return self.train / f"{model}.log"
+
+    def model(self, name: str) -> Path:
+        """A trained model's local-dir folder (seed, baseline, expert_000, ...)."""
+        return self.train / name
+
+    @property
+    def registry(self) -> Path:
+        return self.train / REGISTRY
+
+    @property
+    def seed_init(self) -> Path:
+        """A given seed's weights as a bare state_dict (train.seed_checkpoint a local-dir folder)."""
+        return self.train / "seed_init.pt"
+
+    @property
+    def seed_weights(self) -> Path:
+        """The seed's weights without optimizer state (train.expert_init: weights)."""
+        return self.train / "seed_weights.pt"
+
+    # ------------------------------------------------------------ evaluate
+    @property
+    def evaluate(self) -> Path:
+        return self.stage("evaluate")
+
+    @property
+    def results(self) -> Path:
+        return self.evaluate / "results.json"
+
+    @property
+    def results_markdown(self) -> Path:
+        return self.evaluate / "results.md"
+
+    @property
+    def routing_log(self) -> Path:
+        return self.evaluate / "routing.json"
+
+    @property
+    def routing_plot(self) -> Path:
+        return self.evaluate / "routing_weights.png"
+
+    @property
+    def accuracy_plot(self) -> Path:
+        return self.evaluate / "accuracy.png"
+
+    # ------------------------------------------------------------ added experts, ablations
+    @property
+    def added(self) -> Path:
+        return self.root / "added"
+
+    @property
+    def added_registry(self) -> Path:
+        return self.added / REGISTRY
+
+    def added_expert(self, name: str) -> RunLayout:
+        """An added expert's folder: request.json, and embed/cluster/split/train of its own."""
+        return RunLayout(self.added / name)
+
+    @property
+    def request(self) -> Path:
+        """An added expert's request (in its own layout)."""
+        return self.root / "request.json"
+
+    def ablation(self, variant: str) -> RunLayout:
+        return RunLayout(self.root / "ablations" / variant)

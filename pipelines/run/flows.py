@@ -1,0 +1,192 @@
+"""Prefect flows: the `moda` pipeline and one flow per stage, made from the list of stages.
+
+The flows are thin: each loads the config, runs its stage (pipelines/run/
+stages.py) with hooks that make independent jobs Prefect tasks (or Dask
+tasks) and stream their progress into the flow's log and a progress artifact,
+and publishes what the stage reports as artifacts. The stage functions own
+the files and manifests, so `moda run` (in-process), `moda stage` (no
+Prefect) and a deployment run on a worker do the same work, and a stage
+whose fingerprint matches its manifest is skipped on rerun.
+"""
+
+from __future__ import annotations
+
+import json
+
+from prefect import flow
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.exceptions import MissingContextError
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipelines.core.config import Config, load_config
+from pipelines.core.stage import Hooks, Report, Stage
+from pipelines.run.ablations import run_ablation
+from pipelines.run.add_expert import AddRequest, run_add_expert
+from pipelines.run.executors import dask_runner, dask_task_runner, logger, on_dask, prefect_runner
+from pipelines.run.stages import STAGES, check_inputs, context, layout_of, run_stage, stage_done
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
+
+
+def _artifact(create, *, key: str, **kwargs) -> None:
+    """Publish an artifact when running inside a Prefect run; a no-op otherwise."""
+    try:
+        create(key=artifact_key(key), **kwargs)
+    except MissingContextError:
+        pass
+
+
+def publish(cfg: Config, report: Report) -> None:
+    key = f"{cfg.name}-{report.key}"
+    if report.table is not None:
+        _artifact(create_table_artifact, key=key, table=report.table, description=report.description)
+    if report.markdown is not None:
+        _artifact(create_markdown_artifact, key=key, markdown=report.markdown, description=report.description)
+
+
+def summarise(cfg: Config, stage: str, manifest: dict) -> None:
+    log = logger()
+    state = "skipped (outputs match fingerprint)" if manifest.get("skipped") else f"done in {manifest['seconds']} s"
+    log.info("%s: %s; counts %s", stage, state, json.dumps(manifest.get("counts", {})))
+    if not manifest.get("skipped"):
+        counts = json.dumps(manifest.get("counts", {}), indent=2)
+        publish(cfg, Report(stage, f"moda {stage} stage summary", markdown=f"## {stage}\n\n```json\n{counts}\n```\n"))
+
+
+class ProgressArtifact:
+    """A job's log lines into the flow's log (errors) and its share done into one progress artifact
+    (the mean over the jobs seen so far), made on the first progress line."""
+
+    def __init__(self, key: str):
+        self.key, self.shares, self.artifact_id = key, {}, None
+
+    def line(self, job: str, line: str) -> None:
+        if "ERROR" in line or "Error" in line:
+            logger().info("[%s] %s", job, line)
+
+    def progress(self, job: str, share: float) -> None:
+        first = job not in self.shares or share < self.shares[job]
+        self.shares[job] = share
+        if first:
+            logger().info("[%s] started", job)
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(progress=0.0, key=artifact_key(self.key),
+                                                            description="Share of the current runs done, per job")
+            update_progress_artifact(self.artifact_id, progress=100 * sum(self.shares.values()) / len(self.shares))
+        except MissingContextError:
+            pass
+
+
+def prefect_hooks(cfg: Config, stage: Stage) -> Hooks:
+    """Jobs as Prefect tasks (on Dask when the flow runs on a Dask task runner), lines and progress
+    into the flow's log and artifacts."""
+    progress = ProgressArtifact(f"{cfg.name}-{stage.name}-progress")
+    distributed = stage.name == "train" and on_dask(cfg.train)
+    runner = dask_runner(cfg.train.gpus_per_expert) if distributed else prefect_runner
+    return Hooks(runner=runner, distributed=distributed, on_line=progress.line, on_progress=progress.progress)
+
+
+def stage_flow(stage: Stage):
+    """The Prefect flow that runs `stage` alone (a sub-flow of `moda`)."""
+    def run(config_path: str, run_dir: str | None = None) -> dict:
+        cfg = load_config(config_path)
+        manifest = run_stage(stage.name, cfg, run_dir, prefect_hooks(cfg, stage))
+        summarise(cfg, stage.name, manifest)
+        if not manifest.get("skipped"):  # a skipped stage's artifacts were published by the run that made it
+            for report in stage.reports(context(stage, cfg, run_dir), manifest):
+                publish(cfg, report)
+        return manifest
+    run.__name__ = run.__qualname__ = f"{stage.name}_flow"
+    run.__doc__ = f"The {stage.name} stage alone."
+    return flow(name=stage.name, task_runner=ThreadPoolTaskRunner(max_workers=16))(run)
+
+
+STAGE_FLOWS = {stage.name: stage_flow(stage) for stage in STAGES}
+
+
+@flow(name="ablation")
+def ablation_flow(config_path: str, variant: str, run_dir: str | None = None) -> dict:
+    """One of the paper's ablations (random split, one-step clustering), from the run's seed."""
+    cfg = load_config(config_path)
+    manifest = run_ablation(variant, cfg, run_dir)
+    summarise(cfg, f"ablation {variant}", manifest)
+    return manifest
+
+
+@flow(name="add-expert")
+def add_expert_flow(config_path: str, mode: str = "split-widest", new_data: str = "", task: str = "",
+                    classnames: list[str] | None = None, templates: list[str] | None = None,
+                    run_dir: str | None = None) -> dict:
+    """Train one more expert and register it; existing experts' files are not touched.
+
+    mode: `new-data` (train on the shards at `new_data`), `split-widest` (the
+    wider half of the widest expert's fine clusters) or `task` (the nearest
+    fine clusters of a task's class names: `task` folder or `classnames`).
+    """
+    cfg = load_config(config_path)
+    request = AddRequest.from_dict({"mode": mode, "new_data": new_data, "task": task,
+                                    "classnames": classnames or (), "templates": templates or ()})
+    log = logger()
+    progress = ProgressArtifact(f"{cfg.name}-add-expert-progress")
+    manifest = run_add_expert(cfg, request=request, run_dir=run_dir,
+                              hooks=Hooks(on_line=progress.line, on_progress=progress.progress))
+    entry = manifest["expert"]
+    state = "already added (skipped)" if manifest.get("skipped") else f"added in {manifest['seconds']} s"
+    log.info("%s (%s): %s; %d samples, %d fine clusters", entry["name"], mode, state, entry["samples"],
+             len(entry["fine_clusters"]))
+    if not manifest.get("skipped"):
+        detail = json.dumps(entry["selection"], indent=2)
+        publish(cfg, Report(entry["name"], "An expert added to the MoDE system",
+                            markdown=f"## {entry['name']} ({mode})\n\n{entry['samples']} training samples, fine "
+                                     f"clusters {entry['fine_clusters']}\n\n```json\n{detail}\n```\n"))
+    return manifest
+
+
+@flow(name="moda")
+def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
+         stages: list[str] | None = None, add_expert: dict | None = None) -> str:
+    """The whole MoDE pipeline; `stages` picks a subset (in pipeline order).
+
+    `add_expert` (e.g. {"mode": "split-widest"}; the fields of
+    `add_expert_flow`) adds one expert after the train stage's slot, before
+    evaluate: the `moda/add-expert` deployment runs it with stages=[evaluate].
+    Returns the results table (markdown) when the evaluate stage ran.
+    """
+    cfg = load_config(config_path)
+    names = [stage.name for stage in STAGES]
+    chosen = names if stages is None else list(stages)
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {names}")
+    check_inputs(cfg)
+    layout = layout_of(cfg, run_dir)
+    root = str(layout.root)
+    log = logger()
+    log.info("moda run %r into %s, stages %s", cfg.name, layout.root, chosen)
+    for name in names:
+        if name in chosen:
+            if stage_done(name, cfg, layout):  # no sub-flow run for a finished stage
+                log.info("%s: skipped (outputs match fingerprint)", name)
+            elif name == "train" and cfg.train.executor == "dask":  # experts on a Dask cluster
+                STAGE_FLOWS[name].with_options(task_runner=dask_task_runner(cfg.train))(config_path, root)
+            else:
+                STAGE_FLOWS[name](config_path, root)
+        if name == "train" and name in chosen:
+            for variant in cfg.evaluate.ablations:
+                ablation_flow(config_path, variant, root)
+        if name == "train" and add_expert:
+            add_expert_flow(config_path, run_dir=root, **add_expert)
+    if "evaluate" in chosen and layout.results_markdown.is_file():
+        table = layout.results_markdown.read_text()
+        log.info("results\n%s", table)
+        return table
+    return ""
