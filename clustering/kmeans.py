@@ -191,9 +191,30 @@ def balanced_kmeans(x: np.ndarray, k: int, niter: int = 20, balance_iters: int =
     capacity = np.full(k, math.ceil(x.shape[0] / k * (1 + slack)), dtype=np.int64)
     labels = np.zeros(x.shape[0], dtype=np.int64)
     for _ in range(balance_iters):
-        labels = balanced_assign(x, centroids, capacity, topk)
+        labels = fill_empty_clusters(x, centroids, balanced_assign(x, centroids, capacity, topk))
         centroids = update_centroids(x, labels, centroids)
     return centroids, labels
+
+
+def fill_empty_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Give every empty cluster the point, of the largest cluster, most similar to its centre.
+
+    The balanced assignment bounds clusters from above only, so a centre nobody
+    prefers can end empty; an empty fine cluster owns no data and routes nothing.
+    """
+    labels = labels.copy()
+    k = centroids.shape[0]
+    sizes = np.bincount(labels, minlength=k)
+    for empty in np.flatnonzero(sizes == 0).tolist():
+        donor = int(np.argmax(sizes))
+        if sizes[donor] < 2:
+            break  # fewer points than clusters: nothing to give
+        members = np.flatnonzero(labels == donor)
+        chosen = members[int(np.argmax(x[members] @ centroids[empty]))]
+        labels[chosen] = empty
+        sizes[donor] -= 1
+        sizes[empty] += 1
+    return labels
 
 
 def capacity_assign(sims: np.ndarray, cand: np.ndarray, mass: np.ndarray,

@@ -113,3 +113,13 @@ def test_fit_on_a_sample_still_assigns_every_file_in_order(tmp_path):
     assert report["fit_sample"] == 120 and report["samples"] == 400
     assert sum(report["fine_sizes"]) == 400
     assert (tmp_path / "cluster" / "cluster_sizes.png").stat().st_size > 0
+
+
+def test_fine_clusters_fitted_on_all_data_stay_balanced_after_assignment(tmp_path):
+    x, captions, _ = topics(n_per_topic=250)
+    fake_embed_stage(tmp_path / "embed", x, captions)
+    run_cluster(ClusterConfig(num_fine=32, num_experts=4, niter=10), tmp_path / "embed", tmp_path / "cluster")
+    report = json.loads((tmp_path / "cluster" / "report.json").read_text())
+    assert min(report["fine_sizes"]) > 0
+    assert report["fine_imbalance_all"] == pytest.approx(report["fine_imbalance_on_sample"])
+    assert report["fine_imbalance_all"] < 1.02  # within the balanced fit's capacity (1.05 x the mean)

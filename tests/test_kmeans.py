@@ -181,3 +181,19 @@ def test_spread_is_the_mean_distance_of_fine_centres_to_their_expert_centre():
     fine = np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32)
     experts = np.array([[1, 0], [1, 0]], dtype=np.float32)
     np.testing.assert_allclose(spread(fine, np.array([0, 0, 1]), experts), [np.sqrt(2) / 2, 0.0])
+
+
+def test_an_empty_cluster_gets_the_largest_clusters_point_nearest_its_centre():
+    from clustering.kmeans import fill_empty_clusters
+
+    x = normalize_rows(np.array([[1, 0], [0.9, 0.1], [0.8, 0.6], [0, 1]], np.float32))
+    centroids = normalize_rows(np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32))
+    labels = fill_empty_clusters(x, centroids, np.array([0, 0, 0, 1]))
+    assert labels.tolist() == [0, 0, 2, 1]  # point 2 is the nearest of cluster 0's to centre 2
+
+
+def test_balanced_kmeans_leaves_no_cluster_empty():
+    rng = np.random.default_rng(3)
+    x = normalize_rows(np.concatenate([rng.normal(size=(300, 8)) + 6, rng.normal(size=(20, 8))]).astype(np.float32))
+    _, labels = balanced_kmeans(x, 40, niter=6, balance_iters=3, seed=0)
+    assert np.bincount(labels, minlength=40).min() >= 1
