@@ -30,7 +30,7 @@ from clustering.embeddings import embedding_dim, embedding_table
 from clustering.encoder import encode, load_encoder, model_fingerprint
 from clustering.simcse import adapt_encoder
 from pipelines.core.config import EmbedConfig, section_hash
-from pipelines.core.devices import pick_device, usable_cores
+from pipelines.core.devices import cpu_threads, pick_device, usable_cores
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import (
     atomic_path,
@@ -138,7 +138,11 @@ def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[list[Path
     """Embed the groups `todo` in this process, or in one spawned process per device over disjoint groups."""
     devices = worker_devices(cfg)[:max(1, len(todo))]
     if len(devices) == 1:
-        embed_shards(cfg, todo, source_hashes, config_hash, layout, devices[0], encoder_path=encoder_path)
+        # On a CPU the thread count is set, not inherited: float sums depend on it, and a parent
+        # that ran Dask's local cluster leaves OMP_NUM_THREADS=1 behind (embeddings then differ
+        # in their last bits from a run started afresh).
+        threads = cpu_threads() if devices[0] == "cpu" else 0
+        embed_shards(cfg, todo, source_hashes, config_hash, layout, devices[0], threads, encoder_path=encoder_path)
         return
     threads = 0 if devices[0].startswith("cuda") else max(1, usable_cores() // len(devices))
     with ProcessPoolExecutor(len(devices), mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -45,7 +45,8 @@ def test_changing_how_the_stages_run_reruns_nothing(tiny_run):
 def test_changing_the_learning_rate_reruns_train_and_then_evaluate_only(tiny_run, tmp_path):
     cfg = changed(load_config(tiny_run["config"]), train={"lr": 1e-3})
     done = {name: stage_done(name, cfg, tiny_run["run_dir"]) for name in NAMES}
-    assert done == {"embed": True, "cluster": True, "split": True, "train": False, "evaluate": True}
+    assert done == {"embed": True, "cluster": True, "split": True, "train": False, "evaluate": True,
+                    "report": True}
     # evaluate keys on the train stage's manifest: once train has rerun (its new fingerprint
     # recorded), evaluate is due too, and nothing upstream of train is
     run = tmp_path / "run"
@@ -54,7 +55,8 @@ def test_changing_the_learning_rate_reruns_train_and_then_evaluate_only(tiny_run
     fingerprint = train_fingerprint(context(train_stage, cfg, run)).value
     atomic_write_json(run / "train" / "manifest.json", {**manifest, "fingerprint": fingerprint})
     done = {name: stage_done(name, cfg, run) for name in NAMES}
-    assert done == {"embed": True, "cluster": True, "split": True, "train": True, "evaluate": False}
+    assert done == {"embed": True, "cluster": True, "split": True, "train": True, "evaluate": False,
+                    "report": True}  # report keys on evaluate's manifest, which has not changed yet
 
 
 def test_switching_the_train_executor_discards_no_checkpoint(tiny_run, tmp_path):
