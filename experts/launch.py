@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from experts.trainer_main import STOP_FLAG
 from pipelines.core.config import TrainConfig
 
 TRAINER = "experts.trainer_main"  # open_clip_train.main with its sample shuffle seeded
@@ -57,8 +58,12 @@ def resolve_precision(cfg: TrainConfig, device: str) -> str:
 
 def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_samples: int | None,
                     logs: Path, name: str, epochs: int, resume: str | None, device: str,
-                    unmasked: bool = False, nproc: int = 1) -> list[str]:
-    """The open_clip_train command line for one run (seed, expert or baseline)."""
+                    unmasked: bool = False, nproc: int = 1, stop_after: int | None = None) -> list[str]:
+    """The open_clip_train command line for one run (seed, expert or baseline).
+
+    `epochs`: the length of the schedule the run is part of (open_clip_train sizes its cosine over
+    it); `stop_after`: the epoch this launch ends at, when before the schedule's end.
+    """
     if nproc > 1:
         launcher = [shutil.which("torchrun") or "torchrun", "--standalone", f"--nproc_per_node={nproc}",
                     "-m", TRAINER]
@@ -104,6 +109,8 @@ def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_s
         cmd += ["--force-patch-dropout", "0"]
     if resume:
         cmd += ["--resume", resume]
+    if stop_after is not None and stop_after < epochs:
+        cmd += [STOP_FLAG, str(stop_after)]
     return cmd + list(cfg.extra_args)
 
 

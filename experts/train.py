@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experts.flops import flops_per_sample, samples_per_epoch
 from experts.launch import gpu_slots, run_trainer, trainer_command, visible_gpus
 from experts.models import (
     ensure_latest,
@@ -69,7 +70,9 @@ PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
 
 @dataclass
 class Job:
-    """One model to train: from `start_from` (at `start_epoch`) to `epochs` in total."""
+    """One model to train: from `start_from` (at `start_epoch`) to `epochs` in total, as part of
+    a cosine schedule of `schedule` epochs (default: `epochs`; MoDE's seed stops before its
+    schedule ends, and the experts continue it)."""
 
     name: str
     train_data: str
@@ -79,6 +82,11 @@ class Job:
     start_from: Path | None
     fingerprint: str
     tune_epochs: int = 0  # final epochs without patch dropout (FLIP's unmasked tune)
+    schedule: int | None = None
+
+    @property
+    def schedule_epochs(self) -> int:
+        return self.schedule or self.epochs
 
 
 def tune_epochs(cfg: TrainConfig, epochs: int) -> int:
@@ -127,10 +135,12 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
         else:
             shutil.rmtree(run_logs, ignore_errors=True)  # the trainer refuses to reuse a name
             resume = str(job.start_from) if job.start_from else None
+        # Every launch of a job is part of the one schedule: the masked epochs and the unmasked
+        # tune continue the same cosine (open_clip_train sizes it over --epochs).
         cmd = trainer_command(cfg, model_spec=model_spec, train_data=job.train_data,
-                              num_samples=job.num_samples, logs=layout.train_logs, name=job.name, epochs=target,
-                              resume=resume, device=device, unmasked=unmasked,
-                              nproc=max(1, len(gpus or [])))
+                              num_samples=job.num_samples, logs=layout.train_logs, name=job.name,
+                              epochs=job.schedule_epochs, resume=resume, device=device, unmasked=unmasked,
+                              nproc=max(1, len(gpus or [])), stop_after=target)
         run_logs.mkdir(parents=True, exist_ok=True)
         marker.write_text(job.fingerprint + "\n")
         # On a CPU the one model training at a time gets every usable core, whatever the environment.
@@ -214,6 +224,22 @@ def expert_job(cfg: TrainConfig, name: str, shards: list[Path], start: tuple[Pat
                start_epoch, start_ckpt, fingerprint, tune_epochs(cfg, cfg.expert_epochs))
 
 
+def samples_seen(cfg: TrainConfig, job: Job, num_samples: int, world_size: int) -> dict[str, int]:
+    """{"masked": ..., "unmasked": ...}: the samples a job trains on, with and without patch dropout
+    (whole batches per data-loader worker, as open_clip_train draws them)."""
+    per_epoch = samples_per_epoch(num_samples, cfg.batch_size, cfg.workers, world_size)
+    epochs = job.epochs - job.start_epoch
+    unmasked = job.tune_epochs if cfg.patch_dropout > 0 else epochs
+    return {"masked": (epochs - unmasked) * per_epoch, "unmasked": unmasked * per_epoch}
+
+
+def seed_schedule_epochs(cfg: TrainConfig) -> int:
+    """The length of the cosine schedule the seed trains in. `continued` (MoDE's reference): the seed
+    is the first seed_epochs of one schedule that the experts and the baseline finish; `annealed`: a
+    schedule of its own, ending at zero (the experts' restarts over the new total)."""
+    return cfg.seed_epochs + cfg.expert_epochs if cfg.seed_schedule == "continued" else cfg.seed_epochs
+
+
 def model_config(cfg: TrainConfig) -> dict:
     """The open_clip architecture with FLIP's patch dropout set."""
     model_cfg = model_config_dict(cfg.model)
@@ -265,10 +291,13 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     else:
         seed_fp = combine("seed", run_key, data_hashes)
         seed_epochs = cfg.seed_epochs
-        seed_job = Job("seed", "::".join(all_paths), all_samples, seed_epochs, 0, None, seed_fp)
+        seed_job = Job("seed", "::".join(all_paths), all_samples, seed_epochs, 0, None, seed_fp,
+                       schedule=seed_schedule_epochs(cfg))
         seed_ckpt = train_job(cfg, seed_job, gpus=gpus or None, **common)
     timings = {"seed": round(time.time() - t0, 2)}
     ran_on: dict[str, str] = {}
+    world = max(1, len(gpus))
+    seen = {} if cfg.seed_checkpoint else {"seed": samples_seen(cfg, seed_job, all_samples, world)}
 
     start = expert_start(cfg, seed_ckpt, seed_epochs, layout)
     jobs = [expert_job(cfg, expert_name(e), paths, start,
@@ -283,9 +312,10 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     else:
         done = run_on_slots([ExpertTask(cfg, job, common) for job in jobs], slots, hooks.runner or run_parallel)
     checkpoints = [ckpt for ckpt, _ in done]
-    for job, (_, ran) in zip(jobs, done):
+    for job, (_, ran), (_, sizes) in zip(jobs, done, shard_sets):
         timings[job.name] = ran["seconds"]
         ran_on[job.name] = ran["host"]
+        seen[job.name] = samples_seen(cfg, job, sum(sizes.values()), max(1, cfg.gpus_per_expert if gpus else 1))
     expert_of_fine = np.load(layout.expert_of_fine).tolist()
     registry_experts = [{
         "id": e,
@@ -303,6 +333,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         "baseline": None,
         "cluster": str(layout.cluster.resolve()),
         "epochs_total": start[1] + cfg.expert_epochs,
+        "trainer_seed": cfg.seed, "seed_schedule": cfg.seed_schedule,
     }
     if cfg.baseline:
         # The fair single model: the seed continued on all data for as many samples as
@@ -312,6 +343,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
                   start[0], combine("baseline", run_key, seed_fp), tune_epochs(cfg, cfg.expert_epochs))
         ckpt = train_job(cfg, job, gpus=gpus or None, **common)
         timings["baseline"] = round(time.time() - t0, 2)
+        seen["baseline"] = samples_seen(cfg, job, expert_samples, world)
         registry["baseline"] = {"model_dir": "baseline", "checkpoint": str(ckpt.relative_to(layout.train)),
                                 "samples": expert_samples, "seeded_from": "seed"}
     atomic_write_json(layout.registry, registry)
@@ -321,7 +353,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     return StageResult(
         outputs=outputs,
         counts={"experts": num_experts, "seed_samples": all_samples, "seconds_per_model": timings,
-                "experts_ran_on": ran_on},
+                "experts_ran_on": ran_on, "samples_seen": seen,
+                "flops_per_sample": flops_per_sample(model_cfg, cfg.batch_size)},
         extra={"device": device, "gpu_slots": slots},
     )
 

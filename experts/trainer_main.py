@@ -13,9 +13,18 @@ Here the shuffle draws its generator's seed from the process's own `random`
 module instead, which torch seeds per data-loader worker from `--seed` (and
 open_clip_train seeds in the main process when there are no workers). The
 order is still shuffled, differently each epoch, but the same config and
-seed give the same order, hence the same model on a CPU. open_clip_train's
-own code and flags are unchanged: `python -m experts.trainer_main ARGS` is
-`python -m open_clip_train.main ARGS` with that one difference.
+seed give the same order, hence the same model on a CPU.
+
+One flag is added: `--moda-stop-after-epoch N` ends the run once epoch N is
+saved, inside a schedule of `--epochs` epochs. open_clip_train sizes its
+cosine over `--epochs`, so this is how a run trains the first part of a
+longer schedule: MoDE's seed is epoch 27 of a 32-epoch run, not a run annealed
+to zero at 27, and an expert's masked epochs and its unmasked tune are the
+two parts of one schedule, not two schedules. A later run resumed with the
+same `--epochs` continues the cosine where this one stopped.
+
+Otherwise open_clip_train's own code and flags are unchanged: `python -m
+experts.trainer_main ARGS` is `python -m open_clip_train.main ARGS`.
 """
 
 from __future__ import annotations
@@ -40,11 +49,40 @@ def install() -> None:
     webdataset.shuffle = webdataset.filters.shuffle = seeded
 
 
+STOP_FLAG = "--moda-stop-after-epoch"
+
+
+class _Stopped(Exception):
+    """Raised at the start of the epoch after the last one asked for (its predecessor is saved)."""
+
+
+def stop_after(argv: list[str]) -> tuple[list[str], int | None]:
+    """(open_clip_train's arguments, the epoch to stop after or None)."""
+    if STOP_FLAG not in argv:
+        return argv, None
+    at = argv.index(STOP_FLAG)
+    return argv[:at] + argv[at + 2:], int(argv[at + 1])
+
+
 def main(argv: list[str] | None = None) -> None:
     install()
-    from open_clip_train.main import main as train
+    import open_clip_train.main as trainer
 
-    train(sys.argv[1:] if argv is None else argv)
+    argv, stop = stop_after(sys.argv[1:] if argv is None else argv)
+    if stop is not None:
+        train_one_epoch = trainer.train_one_epoch
+
+        def until_stop(model, data, loss, epoch, *args, **kwargs):
+            # open_clip_train saves epoch `epoch`'s predecessor before it calls this
+            if epoch >= stop:
+                raise _Stopped
+            return train_one_epoch(model, data, loss, epoch, *args, **kwargs)
+
+        trainer.train_one_epoch = until_stop
+    try:
+        trainer.main(argv)
+    except _Stopped:
+        pass
 
 
 if __name__ == "__main__":

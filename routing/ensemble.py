@@ -18,11 +18,17 @@ def ensemble_logits(expert_logits: np.ndarray, weights: np.ndarray) -> np.ndarra
     return np.tensordot(weights, expert_logits.astype(np.float64), axes=1)
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Share of rows whose true label is among the k highest logits."""
+def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> np.ndarray:
+    """(N,) bool: whether each row's true label is among its k highest logits (the per-sample
+    record behind top-k accuracy, which paired intervals resample)."""
     k = min(k, logits.shape[1])
     top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean())
+    return (top == labels[:, None]).any(axis=1)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Share of rows whose true label is among the k highest logits."""
+    return float(topk_hits(logits, labels, k).mean())
 
 
 def mean_per_class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -43,8 +49,11 @@ def ensemble_per_query(expert_scores: np.ndarray, query_weights: np.ndarray) -> 
     return np.einsum("qc,cqk->qk", query_weights.astype(np.float64), expert_scores.astype(np.float64))
 
 
+def recall_hits(similarity: np.ndarray, k: int) -> np.ndarray:
+    """(rows,) bool: whether each row's matching column (row i <-> column i) is among its k highest."""
+    return topk_hits(similarity, np.arange(similarity.shape[0]), k)
+
+
 def recall_at_k(similarity: np.ndarray, k: int) -> float:
     """Share of rows whose matching column (row i <-> column i) is among the k highest."""
-    k = min(k, similarity.shape[1])
-    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-    return float((top == np.arange(similarity.shape[0])[:, None]).any(axis=1).mean())
+    return float(recall_hits(similarity, k).mean())

@@ -6,13 +6,21 @@ Rows of the report, for every task:
                       the same number of samples as all experts together
   expert_000, ...     each expert alone
   uniform ensemble    experts' logits averaged
-  routed ensemble     experts' logits weighted by MoDE routing (routing/weights.py)
+  routed ensemble     experts' logits weighted by MoDE routing (the paper's formula,
+                      lambda chosen on the validation tasks)
+  routed, released formula, routed by coarse centres
+                      the same experts routed by the reference script's formula, and
+                      by the paper's formula over the experts' coarse centres
   oracle best expert  the best single expert picked with the test labels: an upper
                       bound for routing to one expert, not a fair competitor
-  Rand-n uniform ensemble, one-step routed ensemble
-                      the paper's ablations, when `evaluate.ablations` asks for them:
-                      experts of the same sizes on a random split, and experts from
-                      a one-step clustering (m = n); both continue the same seed
+  Rand-n uniform ensemble, one-step routed ensemble, MoDE-k routed/uniform ensemble,
+  MoDE-n m=M routed ensemble
+                      the paper's ablations, when `evaluate.ablations` asks for them;
+                      all continue the same seed
+
+Besides results.json (every row's metrics) it writes per_sample.parquet:
+each row's hit or miss on every test sample, which the report stage
+resamples for paired intervals.
 
 Classification tasks: class names (with prompt templates) are embedded with
 the clustering's caption encoder and routed; metrics top-1, top-5 and mean
@@ -20,7 +28,8 @@ per-class accuracy. Retrieval tasks (image-caption pairs): image-to-text uses
 one weight vector routed from the whole caption set, text-to-image routes
 every query caption on its own (the paper's definitions); metrics R@1, R@5.
 
-Task folders: routing/tasks.py. The report: routing/report.py.
+Task folders: routing/tasks.py. This evaluation's tables and plots: routing/tables.py; the comparison
+over trainer seeds with intervals: the report stage, routing/report.py.
 Every number is computed from the run's own files.
 """
 
@@ -30,13 +39,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from clustering.encoder import encode, load_run_encoder
 from experts.registry import added_fingerprint, current_added, load_experts, ownership, read_registry
-from pipelines.core.config import EvaluateConfig, section_hash
+from pipelines.core.config import EvaluateConfig, parse_ablation, section_hash
 from pipelines.core.devices import pick_device
+from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import (
+    atomic_path,
     atomic_write_json,
     atomic_write_text,
     combine,
@@ -46,28 +59,14 @@ from pipelines.core.manifest import (
 )
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 from routing.clip_features import classifier_weights, image_features, load_clip, text_features
-from routing.ensemble import (
-    ensemble_logits,
-    ensemble_per_query,
-    mean_per_class_accuracy,
-    recall_at_k,
-    topk_accuracy,
-)
 from routing.metadata import classname_embeddings
-from routing.report import headline, markdown_report, plot_report
+from routing.systems import HEADLINE, Router, TaskView, choose_lambda, ensemble, single
+from routing.tables import markdown_report, plot_report
 from routing.tasks import Task, load_tasks
-from routing.weights import nearest_fine, ownership_matrix, route, route_each
+from routing.weights import nearest_fine
 
-
-def classification_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5),
-            "mean_per_class": mean_per_class_accuracy(logits, labels)}
-
-
-def retrieval_scores(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
-    """i2t: (images, captions), t2i: (captions, images); pair i matches pair i."""
-    return {"i2t_r1": recall_at_k(i2t, 1), "i2t_r5": recall_at_k(i2t, 5),
-            "t2i_r1": recall_at_k(t2i, 1), "t2i_r5": recall_at_k(t2i, 5)}
+PER_SAMPLE_SCHEMA = pa.schema([("task", pa.string()), ("row", pa.string()), ("metric", pa.string()),
+                               ("sample", pa.int32()), ("hit", pa.bool_())])
 
 
 def model_scores(clip, tasks: list[Task], batch_size: int) -> list[np.ndarray]:
@@ -82,79 +81,109 @@ def model_scores(clip, tasks: list[Task], batch_size: int) -> list[np.ndarray]:
     return out
 
 
-def ensemble_scores(task: Task, stacked: np.ndarray, routing: dict | None) -> dict[str, float]:
-    """Metrics of an ensemble of experts' scores (n, N, K): routed, or uniform when routing is None."""
-    uniform = np.full(stacked.shape[0], 1.0 / stacked.shape[0])
-    weights = uniform if routing is None else routing["weights"]
-    combined = ensemble_logits(stacked, weights)
+def task_metadata(task: Task, encoder) -> tuple[np.ndarray, list[str]]:
+    """A task's routing metadata embedded with the caption encoder, and the texts behind it."""
     if task.kind == "classification":
-        return classification_scores(combined, task.labels)
-    if routing is None:
-        return retrieval_scores(combined, combined.T)
-    t2i = ensemble_per_query(np.transpose(stacked, (0, 2, 1)), routing["query_weights"])
-    return retrieval_scores(combined, t2i)
+        return classname_embeddings(encoder, task.classnames, task.templates), task.classnames
+    return encode(encoder, task.captions), task.captions
 
 
-def evaluate_task(task: Task, scores: dict[str, np.ndarray], experts: list[str], routing: dict,
-                  ablations: list[tuple[str, np.ndarray, dict | None]] = ()) -> dict:
-    """Every row's metrics on one task.
-
-    scores: each single model's scores on the task; experts: the MoDE experts
-    among them; routing: the task's MoDE routing; ablations: (row name,
-    stacked expert scores, routing or None for uniform) of ablation systems.
-    """
-    rows: dict[str, dict] = {}
-    for name, s in scores.items():
-        rows[name] = classification_scores(s, task.labels) if task.kind == "classification" \
-            else retrieval_scores(s, s.T)
-    stacked = np.stack([scores[e] for e in experts])
-    rows["uniform ensemble"] = ensemble_scores(task, stacked, None)
-    rows["routed ensemble"] = ensemble_scores(task, stacked, routing)
-    metric = headline(task.kind)
-    best = max(experts, key=lambda e: rows[e][metric])
-    rows["oracle best expert"] = {**rows[best], "expert": best}
-    for name, ablation_stack, ablation_routing in ablations:
-        rows[name] = ensemble_scores(task, ablation_stack, ablation_routing)
-    return rows
+def view(task: Task) -> TaskView:
+    return TaskView(task.name, task.kind, task.labels)
 
 
-def route_task(task: Task, encoder, cfg: EvaluateConfig, fine_centroids, ownership, n) -> dict:
-    """Routing weights for one task, with the distances behind them for the log.
-
-    ownership: the cluster stage's expert_of_fine (m,) or an (n, m) matrix
-    (experts added later share fine clusters with the original ones).
-    """
-    if task.kind == "classification":
-        meta = classname_embeddings(encoder, task.classnames, task.templates)
-        names = task.classnames
-    else:
-        meta = encode(encoder, task.captions)
-        names = task.captions
-    owns = ownership_matrix(ownership, n)
-    weights = route(cfg.routing, meta, fine_centroids, owns, n, cfg.lam)
-    nearest, dist = nearest_fine(meta, fine_centroids)
-    out = {
-        "weights": weights,
-        "metadata": [{"text": t, "nearest_fine": int(f), "owners": np.flatnonzero(owns[:, f]).tolist(),
-                      "distance": round(float(d), 4)} for t, f, d in zip(names, nearest, dist)],
-    }
-    if task.kind == "retrieval":
-        out["query_weights"] = route_each(cfg.routing, meta, fine_centroids, owns, n, cfg.lam)
-    return out
+def ablation_rows(variant: str, experts: int) -> list[tuple[str, bool]]:
+    """(row name, routed) of each row an ablation adds."""
+    kind, value = parse_ablation(variant)
+    if kind == "random":  # a random split has no clusters to route by
+        return [(f"Rand-{experts} uniform ensemble", False)]
+    if kind == "one_step":
+        return [("one-step routed ensemble", True)]
+    if kind == "experts":
+        return [(f"MoDE-{value} routed ensemble", True), (f"MoDE-{value} uniform ensemble", False)]
+    return [(f"MoDE-{experts} m={value} routed ensemble", True)]
 
 
-def _jsonable(routing: dict) -> dict:
-    out = {"weights": routing["weights"].tolist(), "metadata": routing["metadata"]}
-    if "query_weights" in routing:
-        out["query_weights"] = np.round(routing["query_weights"], 5).tolist()
-    return out
+class System:
+    """A set of experts and how they are routed: their models and the routing geometry."""
+
+    def __init__(self, name: str, models: list[Path], router: Router):
+        self.name, self.models, self.router = name, models, router
+
+    def scores(self, tasks: list[Task], device: str, batch_size: int) -> list[np.ndarray]:
+        """(n, N, K) stacked expert scores per task."""
+        per_model = [model_scores(load_clip(m, device), tasks, batch_size) for m in self.models]
+        return [np.stack([p[t] for p in per_model]) for t in range(len(tasks))]
+
+
+def main_system(layout: RunLayout) -> tuple[System, list]:
+    """The run's experts (and the current added ones)."""
+    fine = np.load(layout.fine_centroids)
+    experts = load_experts(layout)
+    owns = ownership(experts, fine.shape[0])
+    return System("MoDE", [e.path for e in experts], Router(fine, owns, coarse_centres(fine, owns))), experts
+
+
+def ablation_system(layout: RunLayout, variant: str) -> System:
+    v = layout.ablation(variant)
+    registry = read_registry(v)
+    fine = np.load(v.fine_centroids)
+    owner = np.load(v.expert_of_fine)
+    owns = owner[None, :] == np.arange(len(registry["experts"]))[:, None]
+    return System(variant, [v.model(e["model_dir"]) for e in registry["experts"]],
+                  Router(fine, owns, coarse_centres(fine, owns)))
+
+
+def coarse_centres(fine: np.ndarray, owns: np.ndarray) -> np.ndarray:
+    """Each expert's centre: the normalised mean of the fine centres it owns (added experts too)."""
+    sums = owns.astype(np.float64) @ fine.astype(np.float64)
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+class Rows:
+    """Every row's metrics per task and its per-sample hits (for the report's intervals)."""
+
+    def __init__(self):
+        self.metrics: dict[str, dict[str, dict]] = {}
+        self.hits: list[dict] = []
+
+    def add(self, task: Task, row: str, result: tuple[dict, dict], **extra) -> None:
+        metrics, hits = result
+        self.metrics.setdefault(task.name, {})[row] = {**metrics, **extra}
+        for metric, flags in hits.items():
+            self.hits.extend({"task": task.name, "row": row, "metric": metric, "sample": i, "hit": bool(h)}
+                             for i, h in enumerate(flags.tolist()))
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.hits, schema=PER_SAMPLE_SCHEMA)
+
+
+def routed_rows(rows: Rows, name: str, system: System, tasks: list[Task], metas: list[np.ndarray],
+                stacked: list[np.ndarray], lam: float, rules: dict[str, str]) -> dict[str, list[dict]]:
+    """Add the system's routed rows (`rules`: row name -> routing rule); return each rule's routing."""
+    routings = {}
+    for row, rule in rules.items():
+        routings[rule] = [system.router.weights(t.kind, m, rule, lam) for t, m in zip(tasks, metas)]
+        for t, task in enumerate(tasks):
+            rows.add(task, row, ensemble(view(task), stacked[t], routings[rule][t]))
+    return routings
+
+
+def lambda_on_validation(system: System, val_tasks: list[Task], val_metas: list[np.ndarray], device: str,
+                         batch_size: int, default: float) -> dict:
+    """The paper-formula lambda that routes `system` best on the validation tasks, or the config's."""
+    if not val_tasks:
+        return {"value": default, "source": "config (no validation tasks)"}
+    stacked = system.scores(val_tasks, device, batch_size)
+    lam, scores = choose_lambda([view(t) for t in val_tasks], stacked, val_metas, system.router)
+    return {"value": lam, "source": "validation", "validation_scores": {str(k): v for k, v in scores.items()}}
 
 
 def fingerprint(ctx: StageContext) -> Fingerprint:
-    """Config, the embed, cluster and train stages, the task files, ablations and added experts."""
-    layout, tasks_dir = ctx.layout, Path(ctx.data.eval_tasks)
-    task_files = sorted(p for p in tasks_dir.rglob("*") if p.is_file()) if tasks_dir.is_dir() else []
-    task_hash = combine([(p.relative_to(tasks_dir).as_posix(), file_sha256(p)) for p in task_files])
+    """Config, the embed, cluster and train stages, the task files (test and validation), ablations and
+    added experts."""
+    layout = ctx.layout
+    task_hash = combine([folder_hash(Path(d)) for d in (ctx.data.eval_tasks, ctx.data.val_tasks) if d])
     ablation_fps = [(v, require_manifest(layout.ablation(v).train, f"train ({v} ablation)")["fingerprint"])
                     for v in ctx.section.ablations]
     config_hash = section_hash(ctx.section)
@@ -164,67 +193,101 @@ def fingerprint(ctx: StageContext) -> Fingerprint:
     return Fingerprint(value, config_hash, {"train": up["train"], "cluster": up["cluster"], "tasks": task_hash})
 
 
+def folder_hash(folder: Path) -> str:
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    return combine([(p.relative_to(folder).as_posix(), file_sha256(p)) for p in files])
+
+
 def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     cfg: EvaluateConfig = ctx.section
     layout = ctx.layout
-    tasks = load_tasks(Path(ctx.data.eval_tasks))
-    registry = read_registry(layout)
-    fine_centroids = np.load(layout.fine_centroids)
-    all_experts = load_experts(layout)
-    owns = ownership(all_experts, fine_centroids.shape[0])
-    experts = [e.name for e in all_experts]
     device = pick_device(cfg.device)
-
+    tasks = load_tasks(Path(ctx.data.eval_tasks))
+    val_dir = Path(ctx.data.val_tasks) if ctx.data.val_tasks else None
+    val_tasks = load_tasks(val_dir) if val_dir is not None and val_dir.is_dir() else []
     encoder = load_run_encoder(layout.embed, device)
-    routing = {t.name: route_task(t, encoder, cfg, fine_centroids, owns, len(experts)) for t in tasks}
+    metas = [task_metadata(t, encoder) for t in tasks]
+    val_metas = [task_metadata(t, encoder)[0] for t in val_tasks]
     del encoder
 
-    singles = ["seed"] + (["baseline"] if registry.get("baseline") else []) + experts
-    model_paths = {"seed": layout.model("seed"), "baseline": layout.model("baseline")}
-    model_paths |= {e.name: e.path for e in all_experts}
-    scores = {}
-    for name in tqdm(singles, desc="evaluate", unit="model"):
-        scores[name] = model_scores(load_clip(model_paths[name], device), tasks, cfg.batch_size)
-    systems = []  # ablations: (row name, per-expert scores per task, routing per task or None)
-    for variant in cfg.ablations:
-        v_layout = layout.ablation(variant)
-        v_registry = read_registry(v_layout)
-        v_experts = [e["model_dir"] for e in v_registry["experts"]]
-        v_scores = [model_scores(load_clip(v_layout.model(e), device), tasks, cfg.batch_size)
-                    for e in v_experts]
-        if variant == "random":  # a random split has no clusters to route by
-            systems.append((f"Rand-{len(v_experts)} uniform ensemble", v_scores, None))
-        else:
-            v_fine = np.load(v_layout.fine_centroids)
-            v_owner = np.load(v_layout.expert_of_fine)
-            v_encoder = load_run_encoder(layout.embed, device)
-            v_routing = {t.name: route_task(t, v_encoder, cfg, v_fine, v_owner, len(v_experts)) for t in tasks}
-            systems.append(("one-step routed ensemble", v_scores, v_routing))
-    results: dict = {"routing": cfg.routing, "lam": cfg.lam, "tasks": {},
-                     "rows": singles + ["uniform ensemble", "routed ensemble", "oracle best expert"]
-                     + [name for name, _, _ in systems]}
+    registry = read_registry(layout)
+    system, expert_list = main_system(layout)
+    experts = [e.name for e in expert_list]
+    singles = {"seed": layout.model("seed")} | ({"baseline": layout.model("baseline")} if registry.get("baseline")
+                                                else {})
+    rows = Rows()
+    for name, path in tqdm(list(singles.items()), desc="evaluate", unit="model"):
+        for task, scores in zip(tasks, model_scores(load_clip(path, device), tasks, cfg.batch_size)):
+            rows.add(task, name, single(view(task), scores))
+    stacked = system.scores(tasks, device, cfg.batch_size)
     for t, task in enumerate(tasks):
-        ablation_rows = [(name, np.stack([per_expert[t] for per_expert in v_scores]),
-                          None if v_routing is None else v_routing[task.name])
-                         for name, v_scores, v_routing in systems]
-        rows = evaluate_task(task, {n: scores[n][t] for n in singles}, experts, routing[task.name],
-                             ablation_rows)
+        for e, name in enumerate(experts):
+            rows.add(task, name, single(view(task), stacked[t][e]))
+        rows.add(task, "uniform ensemble", ensemble(view(task), stacked[t], None))
+    lambdas = {"MoDE": lambda_on_validation(system, val_tasks, val_metas, device, cfg.batch_size, cfg.lam)}
+    routings = routed_rows(rows, "MoDE", system, tasks, [m for m, _ in metas], stacked, lambdas["MoDE"]["value"],
+                           {"routed ensemble": cfg.routing, "routed, released formula": "released",
+                            "routed by coarse centres": "coarse"} if cfg.routing == "paper" else
+                           {"routed ensemble": cfg.routing})
+    for task in tasks:
+        metric = HEADLINE[task.kind]
+        best = max(experts, key=lambda e: rows.metrics[task.name][e][metric])
+        rows.metrics[task.name]["oracle best expert"] = {**rows.metrics[task.name][best], "expert": best}
+    ablation_names, ablation_variants = [], {}
+    for variant in cfg.ablations:
+        v_system = ablation_system(layout, variant)
+        v_stacked = v_system.scores(tasks, device, cfg.batch_size)
+        for row, routed in ablation_rows(variant, v_system.router.experts):
+            ablation_names.append(row)
+            ablation_variants[row] = variant
+            if routed:
+                lambdas[variant] = lambda_on_validation(v_system, val_tasks, val_metas, device, cfg.batch_size,
+                                                        cfg.lam)
+                routed_rows(rows, variant, v_system, tasks, [m for m, _ in metas], v_stacked,
+                            lambdas[variant]["value"], {row: cfg.routing})
+            else:
+                for t, task in enumerate(tasks):
+                    rows.add(task, row, ensemble(view(task), v_stacked[t], None))
+    main = list(singles) + experts + ["uniform ensemble", "routed ensemble"]
+    if cfg.routing == "paper":
+        main += ["routed, released formula", "routed by coarse centres"]
+    results: dict = {"routing": cfg.routing, "lam": lambdas["MoDE"]["value"], "lambda": lambdas, "tasks": {},
+                     "rows": main + ["oracle best expert"] + ablation_names, "ablation_rows": ablation_variants}
+    for t, task in enumerate(tasks):
         results["tasks"][task.name] = {
-            "kind": task.kind, **rows, "routing_weights": routing[task.name]["weights"].tolist(),
-            "num_images": len(task.images),
+            "kind": task.kind, **rows.metrics[task.name],
+            "routing_weights": routings[cfg.routing][t]["weights"].tolist(), "num_images": len(task.images),
             **({"num_classes": len(task.classnames)} if task.kind == "classification" else {}),
         }
+    routing_log = {task.name: routing_entry(routings[cfg.routing][t], metas[t], system.router)
+                   for t, task in enumerate(tasks)}
     atomic_write_json(layout.results, results)
-    atomic_write_json(layout.routing_log, {n: _jsonable(r) for n, r in routing.items()})
+    atomic_write_json(layout.routing_log, routing_log)
+    with atomic_path(layout.per_sample) as tmp:
+        pq.write_table(rows.table(), tmp)
     atomic_write_text(layout.results_markdown, markdown_report(results))
-    outputs = [layout.results, layout.routing_log, layout.results_markdown, *plot_report(results, layout)]
+    outputs = [layout.results, layout.routing_log, layout.per_sample, layout.results_markdown,
+               *plot_report(results, layout)]
     return StageResult(
         outputs=hash_outputs(layout.evaluate, outputs),
-        counts={"tasks": len(tasks), "images": int(sum(len(t.images) for t in tasks)), "models": len(singles),
-                "added_experts": sum(e.added for e in all_experts),
+        counts={"tasks": len(tasks), "validation_tasks": len(val_tasks),
+                "images": int(sum(len(t.images) for t in tasks)), "models": len(singles) + len(experts),
+                "added_experts": sum(e.added for e in expert_list),
                 "stale_added_experts": len(current_added(layout)[1])},
         extra={"device": device},
     )
+
+
+def routing_entry(routing: dict, meta: tuple[np.ndarray, list[str]], router: Router) -> dict:
+    """A task's routing for the log: weights, and every class name's (or query's) nearest fine centre."""
+    embeddings, texts = meta
+    nearest, dist = nearest_fine(embeddings, router.fine_centroids)
+    out = {"weights": routing["weights"].tolist(),
+           "metadata": [{"text": t, "nearest_fine": int(f), "owners": np.flatnonzero(router.owns[:, f]).tolist(),
+                         "distance": round(float(d), 4)} for t, f, d in zip(texts, nearest, dist)]}
+    if "query_weights" in routing:
+        out["query_weights"] = np.round(routing["query_weights"], 5).tolist()
+    return out
 
 
 def reports(ctx: StageContext, manifest: dict) -> list[Report]:

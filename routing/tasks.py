@@ -30,12 +30,24 @@ class Task:
     captions: list[str] = field(default_factory=list)
 
 
-def load_tasks(tasks_dir: Path) -> list[Task]:
-    """Every task folder (one with a task.json) under `tasks_dir`."""
+def task_folders(tasks_dir: Path) -> list[Path]:
+    """The task folders under `tasks_dir`: every folder not hidden. One without a task.json is an
+    error, not skipped: a task lost without a word changes the report's mean (a generator killed
+    mid-way leaves only hidden temporary folders)."""
     if not tasks_dir.is_dir():
         raise FileNotFoundError(f"evaluation tasks folder {tasks_dir} not found (data.eval_tasks)")
+    folders = sorted(p for p in tasks_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    broken = [str(p) for p in folders if not (p / TASK_FILE).is_file()]
+    if broken:
+        raise ValueError(f"task folder(s) without a {TASK_FILE}: {broken}; regenerate them (moda synth) "
+                         f"or move them out of {tasks_dir}")
+    return folders
+
+
+def load_tasks(tasks_dir: Path) -> list[Task]:
+    """Every task folder under `tasks_dir`."""
     tasks = []
-    for folder in sorted(p for p in tasks_dir.iterdir() if (p / TASK_FILE).is_file()):
+    for folder in task_folders(tasks_dir):
         spec = json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
         kind = spec.get("kind")
         if kind not in ("classification", "retrieval"):

@@ -29,6 +29,7 @@ TINY = {
     "split": {"shard_size": 60},
     "train": {"seed_epochs": 1, "expert_epochs": 1, "batch_size": 16, "warmup": 2},
     "evaluate": {"batch_size": 64},
+    "report": {"seeds": 2, "resamples": 300},  # two trainer seeds: the replicates and their intervals run
 }
 
 

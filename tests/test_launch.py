@@ -121,3 +121,21 @@ def test_a_cpu_trainer_gets_its_thread_count_whatever_the_environment_says(tmp_p
     run_trainer([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"], tmp_path / "log",
                 on_line=lines.append, threads=3)
     assert lines == ["3"]
+
+
+def test_a_run_that_stops_before_its_schedule_ends_asks_the_trainer_to_stop():
+    from experts.trainer_main import STOP_FLAG, stop_after
+
+    cmd = command(epochs=5, stop_after=3)
+    assert cmd[cmd.index("--epochs") + 1] == "5" and cmd[cmd.index(STOP_FLAG) + 1] == "3"
+    assert STOP_FLAG not in command(epochs=5, stop_after=5)  # the schedule's end: nothing to stop
+    assert stop_after(["--epochs", "5", STOP_FLAG, "3", "--seed", "0"]) == (["--epochs", "5", "--seed", "0"], 3)
+    assert stop_after(["--epochs", "5"]) == (["--epochs", "5"], None)
+
+
+def test_the_seed_is_the_first_part_of_the_schedule_the_experts_finish():
+    from experts.train import Job
+
+    job = Job("seed", "a.tar", 10, epochs=2, start_epoch=0, start_from=None, fingerprint="f", schedule=3)
+    assert job.schedule_epochs == 3
+    assert Job("x", "a.tar", 10, 2, 0, None, "f").schedule_epochs == 2

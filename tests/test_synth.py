@@ -1,6 +1,7 @@
 """The synthetic demo set: img2dataset layout, deterministic, held-out tasks disjoint."""
 
 import hashlib
+import io
 import json
 
 from pipelines.core.config import SynthConfig
@@ -39,8 +40,58 @@ def test_generation_is_deterministic(tmp_path):
 
 def test_held_out_images_never_occur_in_training(tiny_data):
     train = image_hashes(tiny_data / "train")
-    for task in (tiny_data / "eval").iterdir():
-        assert not train & image_hashes(task), task.name
+    for split in ("eval", "val"):
+        for task in (tiny_data / split).iterdir():
+            assert not train & image_hashes(task), task.name
+
+
+def images(folder):
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(s.files["jpg"])) for p in expand_shards(folder) for s in iter_samples(p)]
+
+
+def test_no_held_out_image_is_a_near_duplicate_of_a_training_image(tiny_data):
+    from pipelines.synth.novelty import Thumbnails
+
+    seen = Thumbnails()
+    for image in images(tiny_data / "train"):
+        seen.add(image)
+    for split in ("eval", "val"):
+        for task in sorted((tiny_data / split).iterdir()):
+            assert all(seen.is_new(image) for image in images(task)), (split, task.name)
+
+
+def test_every_domain_draws_new_pictures_not_copies(tmp_path):
+    """Scenes were a gradient and a few objects: most draws of a class were the same picture."""
+    from pipelines.synth.domains import DOMAINS, SCENES
+    from pipelines.synth.generate import _rng
+    from pipelines.synth.novelty import Thumbnails
+
+    for domain, make in DOMAINS.items():
+        seen, copies = Thumbnails(), 0
+        for j in range(150):
+            image = make(_rng(0, 9, j), 64, SCENES[0] if domain == "scenes" else None).image
+            copies += not seen.is_new(image)
+            seen.add(image)
+        assert copies == 0, domain
+
+
+def test_a_failed_task_leaves_no_half_written_task_folder(tmp_path, monkeypatch):
+    import pytest
+
+    import pipelines.synth.generate as generator
+    from routing.tasks import load_tasks
+
+    monkeypatch.setattr(generator, "TRIES", 0)  # every draw "fails"
+    cfg = SynthConfig(num_train=20, shard_size=20, eval_per_class=1, val_per_class=0, retrieval_pairs=2)
+    with pytest.raises(RuntimeError, match="unlike every training image"):
+        generate(cfg, tmp_path / "d")
+    assert list((tmp_path / "d" / "eval").iterdir()) == []  # neither a folder nor a temporary one
+    assert not (tmp_path / "d" / "synth.json").exists()
+    (tmp_path / "d" / "eval" / "broken").mkdir()  # as an older generator left it
+    with pytest.raises(ValueError, match="without a task.json"):
+        load_tasks(tmp_path / "d" / "eval")
 
 
 def test_classification_tasks_have_class_names_and_templates(tiny_data):

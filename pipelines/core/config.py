@@ -4,6 +4,10 @@ Every stage receives only its own section. Loading is strict: an unknown key, a
 wrong type or an impossible combination (fewer fine clusters than experts, say)
 fails at once with a message naming the key and the file, because a typo that
 silently falls back to a default costs a whole training run.
+
+Why this file is long: it is the one visible place for every knob of every
+stage (STYLE.md, as nanoGPT's), each documented where it is declared; the
+rules that check them live in config_rules.py.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.core.config_rules import ConfigError, validate
+from pipelines.core.config_rules import ConfigError, parse_ablation, validate  # noqa: F401 (parse_ablation re-exported)
 
 RUN_ONLY = {"run_only": True}
 
@@ -41,6 +45,7 @@ class SynthConfig:
     shard_size: int = 1000
     wrong_caption_rate: float = 0.03
     eval_per_class: int = 16
+    val_per_class: int = 16
     retrieval_pairs: int = 200
     seed: int = 0
 
@@ -51,11 +56,15 @@ class DataConfig:
 
     `train_shards` is a folder of img2dataset-style `*.tar` shards or a brace
     pattern such as `data/laion/{00000..00999}.tar`. `eval_tasks` is a folder
-    with one sub-folder per task (see README, "Evaluation tasks").
+    with one sub-folder per task (see README, "Evaluation tasks"); the report
+    is stated on them. `val_tasks` (optional, "" for none) holds tasks of the
+    same kind from the training domains, on which settings such as the routing
+    lambda are chosen: never on the test tasks.
     """
 
     train_shards: str = "data/demo/train"
     eval_tasks: str = "data/demo/eval"
+    val_tasks: str = "data/demo/val"
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,11 @@ class TrainConfig:
     the seed instead of training one. `expert_init`: `resume` (MoDE: the
     seed's optimizer state and LR schedule continue) or `weights` (the
     seed's weights only, a fresh schedule of `expert_epochs`).
+    `seed_schedule`: `continued` (MoDE's reference: the seed is the first
+    `seed_epochs` of one cosine schedule over `seed_epochs + expert_epochs`,
+    which the experts and the baseline finish) or `annealed` (the seed's own
+    schedule ends at zero learning rate; experts resumed from it start a
+    cosine over the new total, so their rate jumps back up).
 
     Efficient training: `precision` (`auto` = amp_bf16 on a GPU, fp32 on a
     CPU); `patch_dropout` (FLIP: share of image patches dropped while
@@ -204,6 +218,7 @@ class TrainConfig:
     baseline: bool = True
     seed_checkpoint: str = ""
     expert_init: str = "resume"
+    seed_schedule: str = "continued"
     dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
     executor: str = run_only("local")
@@ -216,7 +231,14 @@ class EvaluateConfig:
     """Routed-ensemble evaluation on the held-out tasks.
 
     `routing` picks the weight formula (`paper` or `released`, see
-    routing/weights.py); `lam` is the paper's lambda in exp(-d^2 / lambda).
+    routing/weights.py); with `paper`, the report also shows the experts routed
+    by the released formula and by their coarse centres. `lam` is the paper's
+    lambda in exp(-d^2 / lambda), used when there are no validation tasks
+    (`data.val_tasks`); with them, every routed system takes the lambda that
+    routes it best on them (routing/systems.py LAMBDAS), never one chosen on
+    the test tasks. `ablations`: the paper's ablations, each continuing the
+    run's seed: `random` (Rand-n), `one_step` (m = n), `experts=<k>` (MoDE-k),
+    `fine=<m>` (m fine clusters).
     """
 
     routing: str = "paper"
@@ -224,6 +246,25 @@ class EvaluateConfig:
     batch_size: int = run_only(256)
     device: str = run_only("auto")
     ablations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The report stage: every row against the fair baseline, with its uncertainty.
+
+    `seeds`: trainer seeds. The run trains the seed, the baseline, the experts
+    and the ablations' experts `seeds` times (train.seed, train.seed + 1, ...;
+    the others in runs/<name>/seeds/replicate_<k>/, sharing embed, cluster and
+    split), and the report states means, standard deviations and paired
+    intervals over all of them (`moda run --seeds K` sets it).
+    `resamples`, `confidence`, `bootstrap_seed`: the paired bootstrap (over
+    trainer seeds and test samples).
+    """
+
+    seeds: int = 1
+    resamples: int = 2000
+    confidence: float = 0.95
+    bootstrap_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -254,6 +295,7 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     add_expert: AddExpertConfig = field(default_factory=AddExpertConfig)
 
     def __post_init__(self) -> None:
@@ -315,18 +357,46 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, "")
 
 
-def load_config(path: str | Path) -> Config:
-    """Load `path` (YAML); errors name the file and the offending key."""
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load `path` (YAML), with `overrides` ({"section": {"key": value}}, as `--set section.key=value`
+    and the flows' `overrides` parameter give them) laid over it; errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError("a config must be a YAML mapping of sections")
+        for section, values in (overrides or {}).items():
+            if isinstance(values, dict) and isinstance(raw.get(section, {}), dict):
+                raw[section] = {**raw.get(section, {}), **values}
+            else:
+                raw[section] = values
         return config_from_dict(raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def parse_setting(text: str) -> dict[str, Any]:
+    """`section.key=value` (the value read as YAML: 3, 0.5, true, [a, b]) -> {"section": {"key": value}}."""
+    name, eq, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not eq or not dot or not section or not key:
+        raise ConfigError(f"--set {text!r}: write section.key=value, e.g. --set report.seeds=3")
+    try:
+        return {section: {key: yaml.safe_load(value)}}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {err}") from None
+
+
+def merge_settings(settings: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for setting in settings:
+        for section, values in setting.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def result_fields(section: Any) -> dict[str, Any]:

@@ -14,6 +14,22 @@ class ConfigError(ValueError):
     """A config file that cannot describe a valid run."""
 
 
+ABLATIONS = ("random", "one_step", "experts=<n>", "fine=<m>")
+
+
+def parse_ablation(variant: str) -> tuple[str, int | None]:
+    """("random" | "one_step" | "experts" | "fine", its number): the paper's ablations, each a
+    change of the cluster stage whose experts continue the run's seed. `random`: Rand-n, the same
+    expert sizes dealt at random; `one_step`: clustering straight into the experts (m = n);
+    `experts=2`: MoDE-2 (n = 2); `fine=16`: m = 16 fine clusters."""
+    if variant in ("random", "one_step"):
+        return variant, None
+    kind, _, number = variant.partition("=")
+    if kind in ("experts", "fine") and number.isdigit() and int(number) > 0:
+        return kind, int(number)
+    raise ConfigError(f"evaluate.ablations: unknown variant {variant!r}; variants are {list(ABLATIONS)}")
+
+
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
@@ -70,6 +86,7 @@ def validate(cfg: Any) -> None:
             "train.precision")
     _choice(t.optimizer, ("adamw", "lamb"), "train.optimizer")
     _choice(t.expert_init, ("resume", "weights"), "train.expert_init")
+    _choice(t.seed_schedule, ("continued", "annealed"), "train.seed_schedule")
     if not 0 <= t.patch_dropout < 1:
         raise ConfigError("train.patch_dropout must be in [0, 1)")
     if not 0 <= t.unmasked_tune_share <= 1:
@@ -81,7 +98,18 @@ def validate(cfg: Any) -> None:
     _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
     _positive(cfg.evaluate.lam, "evaluate.lam")
     for ablation in cfg.evaluate.ablations:
-        _choice(ablation, ("random", "one_step"), "evaluate.ablations[]")
+        kind, value = parse_ablation(ablation)
+        if kind == "experts" and not 2 <= value <= cfg.cluster.num_fine:
+            raise ConfigError(f"evaluate.ablations: {ablation!r} needs 2 <= experts <= cluster.num_fine")
+        if kind == "fine" and value < cfg.cluster.num_experts:
+            raise ConfigError(f"evaluate.ablations: {ablation!r} needs fine >= cluster.num_experts")
+    if len(set(cfg.evaluate.ablations)) != len(cfg.evaluate.ablations):
+        raise ConfigError("evaluate.ablations lists a variant twice")
+    _positive(cfg.report.seeds, "report.seeds")
+    if cfg.report.resamples < 100:
+        raise ConfigError("report.resamples must be >= 100")
+    if not 0.5 < cfg.report.confidence < 1:
+        raise ConfigError("report.confidence must be in (0.5, 1)")
     _positive(cfg.add_expert.fine_per_class, "add_expert.fine_per_class")
     if not 0 < cfg.add_expert.coverage <= 1:
         raise ConfigError("add_expert.coverage must be in (0, 1]")

@@ -222,6 +222,11 @@ class RunLayout:
         return self.evaluate / "routing.json"
 
     @property
+    def per_sample(self) -> Path:
+        """Every row's hit or miss on every test sample (what the report's intervals resample)."""
+        return self.evaluate / "per_sample.parquet"
+
+    @property
     def routing_plot(self) -> Path:
         return self.evaluate / "routing_weights.png"
 
@@ -248,4 +253,27 @@ class RunLayout:
         return self.root / "request.json"
 
     def ablation(self, variant: str) -> RunLayout:
-        return RunLayout(self.root / "ablations" / variant)
+        """An ablation's run folder (`experts=2` lives in ablations/experts-2)."""
+        return RunLayout(self.root / "ablations" / variant.replace("=", "-"))
+
+    def replicate(self, seed: int) -> RunLayout:
+        """The run folder of trainer-seed replicate `seed` (k >= 1; train.seed + k): its own train,
+        ablations' train and evaluate; embed, cluster and split linked to this run's."""
+        return RunLayout(self.root / "seeds" / f"replicate_{seed}")
+
+    # ------------------------------------------------------------ report
+    @property
+    def report(self) -> Path:
+        return self.stage("report")
+
+    @property
+    def report_json(self) -> Path:
+        return self.report / "report.json"
+
+    @property
+    def report_markdown(self) -> Path:
+        return self.report / "report.md"
+
+    @property
+    def report_plot(self) -> Path:
+        return self.report / "differences.png"

@@ -1,9 +1,13 @@
-"""The paper's ablations: Rand-n (experts on a random split) and one-step clustering (m = n).
+"""The paper's ablations, each a run folder of its own under runs/<name>/ablations/<variant>/.
 
-Each is a run folder of its own under `runs/<name>/ablations/<variant>/`
-that shares the run's caption embeddings (a link to its embed stage) and
-continues the run's seed checkpoint, as the paper's ablations do, so only
-cluster, split and the experts run again.
+`random` (Rand-n: the same expert sizes, samples dealt at random),
+`one_step` (clustering straight into the experts, m = n), `experts=<k>`
+(MoDE-k) and `fine=<m>` (m fine clusters) change the cluster stage; their
+experts continue the run's own seed checkpoint, as the paper's ablations do.
+Each shares the run's caption embeddings (a link to its embed stage), so
+only cluster, split and the experts run again; a trainer-seed replicate
+(pipelines/run/replicates.py) links the ablation's cluster and split to the
+main run's too, and trains only the experts.
 """
 
 from __future__ import annotations
@@ -13,37 +17,53 @@ import os
 from pathlib import Path
 
 from experts.registry import read_registry
-from pipelines.core.config import Config
+from pipelines.core.config import Config, parse_ablation
 from pipelines.core.layout import RunLayout
 from pipelines.core.stage import Hooks
-from pipelines.run.stages import layout_of, run_stage
-
-VARIANTS = ("random", "one_step")
+from pipelines.run.stages import layout_of, run_stage, stage_done
 
 
 def ablation_config(cfg: Config, layout: RunLayout, variant: str) -> Config:
     """The run's config changed into one of the paper's ablations, continuing the run's seed."""
-    registry = read_registry(layout)
-    if variant == "random":
-        cluster = dataclasses.replace(cfg.cluster, random_split=True)
-    elif variant == "one_step":
-        cluster = dataclasses.replace(cfg.cluster, num_fine=cfg.cluster.num_experts)
-    else:
-        raise ValueError(f"unknown ablation {variant!r}; use one of {list(VARIANTS)}")
-    train = dataclasses.replace(cfg.train, seed_checkpoint=registry["seed"]["checkpoint"], baseline=False)
+    kind, value = parse_ablation(variant)
+    cluster = {"random": dataclasses.replace(cfg.cluster, random_split=True),
+               "one_step": dataclasses.replace(cfg.cluster, num_fine=cfg.cluster.num_experts),
+               "experts": dataclasses.replace(cfg.cluster, num_experts=value or 0),
+               "fine": dataclasses.replace(cfg.cluster, num_fine=value or 0)}[kind]
+    train = dataclasses.replace(cfg.train, seed_checkpoint=read_registry(layout)["seed"]["checkpoint"],
+                                baseline=False)
     evaluate = dataclasses.replace(cfg.evaluate, ablations=[])
     return dataclasses.replace(cfg, name=f"{cfg.name}-{variant}", cluster=cluster, train=train,
                                evaluate=evaluate)
 
 
-def run_ablation(variant: str, cfg: Config, run_dir: str | Path | RunLayout | None,
-                 hooks: Hooks = Hooks()) -> dict:
-    """Cluster, split and train one ablation; return its train manifest."""
+def ablation_done(variant: str, cfg: Config, layout: RunLayout) -> bool:
+    """Whether the ablation's cluster, split and experts are all done for this config (the flow then
+    starts no sub-flow run for it)."""
+    if not layout.registry.is_file():
+        return False
+    variant_cfg = ablation_config(cfg, layout, variant)
+    return all(stage_done(stage, variant_cfg, layout.ablation(variant)) for stage in ("cluster", "split", "train"))
+
+
+def link(target: Path, link_path: Path) -> None:
+    """A relative symlink `link_path` -> `target` (a run folder stays movable)."""
+    if not link_path.exists() and not link_path.is_symlink():
+        link_path.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(target, link_path.parent), link_path)
+
+
+def run_ablation(variant: str, cfg: Config, run_dir: str | Path | RunLayout | None, hooks: Hooks = Hooks(),
+                 shared: RunLayout | None = None) -> dict:
+    """Cluster, split and train one ablation; return its train manifest. `shared`: another run whose
+    ablation's cluster and split this one reuses (a trainer-seed replicate of it)."""
     layout = layout_of(cfg, run_dir)
     ablation = layout.ablation(variant)
     ablation.root.mkdir(parents=True, exist_ok=True)
-    if not ablation.embed.exists():
-        os.symlink(os.path.relpath(layout.embed, ablation.root), ablation.embed)
+    link(layout.embed, ablation.embed)
+    if shared is not None:
+        for stage in ("cluster", "split"):
+            link(shared.ablation(variant).stage(stage), ablation.stage(stage))
     variant_cfg = ablation_config(cfg, layout, variant)
     manifests = {stage: run_stage(stage, variant_cfg, ablation, hooks) for stage in ("cluster", "split", "train")}
     return manifests["train"]

@@ -21,7 +21,7 @@ import sys
 from PIL import Image
 
 from experts.verify import verify_split
-from pipelines.core.config import ConfigError, load_config
+from pipelines.core.config import ConfigError, load_config, merge_settings, parse_setting
 from pipelines.run.add_expert import AddRequest
 from pipelines.run.demo import main as demo_main
 from pipelines.run.stages import NAMES, run_stage
@@ -50,10 +50,19 @@ def _moda_flow():
     return moda
 
 
+def overrides(args: argparse.Namespace) -> dict:
+    """`--set section.key=value` (repeatable) and `--seeds K`, as config overrides."""
+    settings = [parse_setting(text) for text in getattr(args, "set", None) or []]
+    if getattr(args, "seeds", None):
+        settings.append({"report": {"seeds": args.seeds}})
+    return merge_settings(settings)
+
+
 def _run(args: argparse.Namespace) -> int:
-    load_config(args.config)  # fail fast, before Prefect starts
+    load_config(args.config, overrides(args))  # fail fast, before Prefect starts
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    table = _moda_flow()(config_path=args.config, run_dir=args.run_dir, stages=stages)
+    table = _moda_flow()(config_path=args.config, run_dir=args.run_dir, stages=stages,
+                         overrides=overrides(args) or None)
     if table:
         print(table)
     return 0
@@ -84,7 +93,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace) -> int:
-    manifest = run_stage(args.stage, load_config(args.config), args.run_dir)
+    manifest = run_stage(args.stage, load_config(args.config, overrides(args)), args.run_dir)
     state = "skipped" if manifest.get("skipped") else f"done in {manifest['seconds']} s"
     print(json.dumps({"stage": args.stage, "state": state, "counts": manifest.get("counts", {})}))
     return 0
@@ -103,13 +112,14 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _add_expert(args: argparse.Namespace) -> int:
-    load_config(args.config)
+    load_config(args.config, overrides(args))
     request = {"mode": args.mode, "new_data": args.new_data or "", "task": args.task or "",
                "classnames": [c.strip() for c in (args.classes or "").split(",") if c.strip()],
                "templates": args.template or []}
     AddRequest.from_dict(request).check()  # a bad request fails before Prefect starts
-    stages = [] if args.no_evaluate else ["evaluate"]
-    table = _moda_flow()(config_path=args.config, run_dir=args.run_dir, stages=stages, add_expert=request)
+    stages = [] if args.no_evaluate else ["evaluate", "report"]
+    table = _moda_flow()(config_path=args.config, run_dir=args.run_dir, stages=stages, add_expert=request,
+                         overrides=overrides(args) or None)
     if table:
         print(table)
     return 0
@@ -130,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<name>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(NAMES)}")
+    p.add_argument("--seeds", type=int, default=None, help="trainer seeds (report.seeds): train everything K times")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=_run)
     p = sub.add_parser("stage", help="run one stage directly, without Prefect")
     p.add_argument("stage", choices=list(NAMES))
     p.add_argument("config")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=_stage)
     p = sub.add_parser("verify", help="check that the split lost and duplicated nothing (exit 1 if it did)")
     p.add_argument("run_dir")
@@ -157,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", action="append", help="task: prompt template with {} (repeatable)")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--no-evaluate", action="store_true", help="only add the expert, do not re-evaluate")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=_add_expert)
     p = sub.add_parser("demo", help="run the demo through a local Prefect server and worker")
     p.add_argument("--config", default="configs/demo.yaml")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipelines.core.config import load_config
 from pipelines.core.layout import RunLayout
-from pipelines.synth.generate import SYNTH_MARKER, generate
+from pipelines.synth.generate import generate, is_generated
 
 POOL = "moda-local"
 
@@ -99,8 +99,7 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
 def main(config_path: str = "configs/demo.yaml") -> int:
     root = Path.cwd()
     cfg = load_config(config_path)
-    synth_marker = Path(cfg.synth.out_dir) / SYNTH_MARKER
-    if not synth_marker.is_file() or json.loads(synth_marker.read_text())["config"] != cfg.synth.__dict__:
+    if not is_generated(cfg.synth):
         print("[demo] generating the synthetic demo data", flush=True)
         generate(cfg.synth)
     state = root / ".prefect"
@@ -129,7 +128,7 @@ def main(config_path: str = "configs/demo.yaml") -> int:
     finally:
         stop(worker, "worker")
         stop(server, "server")
-    results = RunLayout.of(cfg.name).results_markdown
+    results = RunLayout.of(cfg.name).report_markdown  # the comparison with intervals (report stage)
     if not results.is_file():
         print(f"[demo] the flow finished but {results} is missing; see {state}/worker.log", file=sys.stderr)
         return 1

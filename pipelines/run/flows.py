@@ -25,10 +25,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.core.config import Config, load_config
 from pipelines.core.stage import Hooks, Report, Stage
-from pipelines.run.ablations import run_ablation
+from pipelines.run.ablations import ablation_done, run_ablation
 from pipelines.run.add_expert import AddRequest, run_add_expert
 from pipelines.run.executors import dask_runner, dask_task_runner, logger, on_dask, prefect_runner
-from pipelines.run.stages import STAGES, check_inputs, context, layout_of, run_stage, stage_done
+from pipelines.run.replicates import evaluate_replicate, replicate_done, train_replicate
+from pipelines.run.stages import BY_NAME, STAGES, check_inputs, context, layout_of, run_stage, stage_done
 
 
 def artifact_key(text: str) -> str:
@@ -97,8 +98,8 @@ def prefect_hooks(cfg: Config, stage: Stage) -> Hooks:
 
 def stage_flow(stage: Stage):
     """The Prefect flow that runs `stage` alone (a sub-flow of `moda`)."""
-    def run(config_path: str, run_dir: str | None = None) -> dict:
-        cfg = load_config(config_path)
+    def run(config_path: str, run_dir: str | None = None, overrides: dict | None = None) -> dict:
+        cfg = load_config(config_path, overrides)
         manifest = run_stage(stage.name, cfg, run_dir, prefect_hooks(cfg, stage))
         summarise(cfg, stage.name, manifest)
         if not manifest.get("skipped"):  # a skipped stage's artifacts were published by the run that made it
@@ -114,11 +115,27 @@ STAGE_FLOWS = {stage.name: stage_flow(stage) for stage in STAGES}
 
 
 @flow(name="ablation")
-def ablation_flow(config_path: str, variant: str, run_dir: str | None = None) -> dict:
-    """One of the paper's ablations (random split, one-step clustering), from the run's seed."""
-    cfg = load_config(config_path)
-    manifest = run_ablation(variant, cfg, run_dir)
+def ablation_flow(config_path: str, variant: str, run_dir: str | None = None, overrides: dict | None = None) -> dict:
+    """One of the paper's ablations (random split, one-step clustering, MoDE-k, m fine clusters),
+    from the run's seed."""
+    cfg = load_config(config_path, overrides)
+    manifest = run_ablation(variant, cfg, run_dir, prefect_hooks(cfg, BY_NAME["train"]))
     summarise(cfg, f"ablation {variant}", manifest)
+    return manifest
+
+
+@flow(name="replicate")
+def replicate_flow(config_path: str, replicate: int, step: str, run_dir: str | None = None,
+                   overrides: dict | None = None) -> dict:
+    """Trainer-seed replicate `replicate` (train.seed + replicate): its training (`step` train: the seed,
+    baseline, experts and ablations' experts) or its evaluation (`step` evaluate)."""
+    cfg = load_config(config_path, overrides)
+    layout = layout_of(cfg, run_dir)
+    if step == "train":
+        manifest = train_replicate(cfg, layout, replicate, prefect_hooks(cfg, BY_NAME["train"]))
+    else:
+        manifest = evaluate_replicate(cfg, layout, replicate)
+    summarise(cfg, f"replicate {replicate} {step}", manifest)
     return manifest
 
 
@@ -153,15 +170,20 @@ def add_expert_flow(config_path: str, mode: str = "split-widest", new_data: str 
 
 @flow(name="moda")
 def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
-         stages: list[str] | None = None, add_expert: dict | None = None) -> str:
+         stages: list[str] | None = None, add_expert: dict | None = None, overrides: dict | None = None) -> str:
     """The whole MoDE pipeline; `stages` picks a subset (in pipeline order).
 
-    `add_expert` (e.g. {"mode": "split-widest"}; the fields of
-    `add_expert_flow`) adds one expert after the train stage's slot, before
-    evaluate: the `moda/add-expert` deployment runs it with stages=[evaluate].
-    Returns the results table (markdown) when the evaluate stage ran.
+    `overrides` ({"section": {"key": value}}) is laid over the config file
+    (`moda run --set report.seeds=3`). With `report.seeds` K > 1, the train
+    stage's slot also trains replicates 1..K-1 (another trainer seed each) and
+    the evaluate stage's evaluates them; the report stage states every
+    comparison over all K. `add_expert` (e.g. {"mode": "split-widest"}; the
+    fields of `add_expert_flow`) adds one expert after the train stage's slot,
+    before evaluate: the `moda/add-expert` deployment runs it with
+    stages=[evaluate, report]. Returns the report (markdown) when the report
+    stage ran, else the results table when evaluate did.
     """
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     names = [stage.name for stage in STAGES]
     chosen = names if stages is None else list(stages)
     unknown = sorted(set(chosen) - set(names))
@@ -177,16 +199,26 @@ def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
             if stage_done(name, cfg, layout):  # no sub-flow run for a finished stage
                 log.info("%s: skipped (outputs match fingerprint)", name)
             elif name == "train" and cfg.train.executor == "dask":  # experts on a Dask cluster
-                STAGE_FLOWS[name].with_options(task_runner=dask_task_runner(cfg.train))(config_path, root)
+                STAGE_FLOWS[name].with_options(task_runner=dask_task_runner(cfg.train))(config_path, root, overrides)
             else:
-                STAGE_FLOWS[name](config_path, root)
+                STAGE_FLOWS[name](config_path, root, overrides)
         if name == "train" and name in chosen:
             for variant in cfg.evaluate.ablations:
-                ablation_flow(config_path, variant, root)
+                if ablation_done(variant, cfg, layout):
+                    log.info("ablation %s: skipped (outputs match fingerprint)", variant)
+                else:
+                    ablation_flow(config_path, variant, root, overrides)
+        for k in range(1, cfg.report.seeds):  # other trainer seeds: trained in train's slot, evaluated in evaluate's
+            if name in ("train", "evaluate") and name in chosen:
+                if replicate_done(cfg, layout, k, name):
+                    log.info("replicate %d %s: skipped (outputs match fingerprint)", k, name)
+                else:
+                    replicate_flow(config_path, k, name, root, overrides)
         if name == "train" and add_expert:
             add_expert_flow(config_path, run_dir=root, **add_expert)
-    if "evaluate" in chosen and layout.results_markdown.is_file():
-        table = layout.results_markdown.read_text()
-        log.info("results\n%s", table)
-        return table
+    for done, path in (("report", layout.report_markdown), ("evaluate", layout.results_markdown)):
+        if done in chosen and path.is_file():
+            table = path.read_text()
+            log.info("%s\n%s", done, table)
+            return table
     return ""

@@ -18,9 +18,9 @@ from pipelines.core.layout import RunLayout
 from pipelines.core.stage import Hooks, Stage, StageContext, is_stage_done, upstream_manifests
 from pipelines.core.stage import run_stage as run_one
 from pipelines.shardio.shards import expand_shards
-from routing import evaluate
+from routing import evaluate, report
 
-STAGES: tuple[Stage, ...] = (embed.STAGE, cluster.STAGE, split.STAGE, train.STAGE, evaluate.STAGE)
+STAGES: tuple[Stage, ...] = (embed.STAGE, cluster.STAGE, split.STAGE, train.STAGE, evaluate.STAGE, report.STAGE)
 BY_NAME = {stage.name: stage for stage in STAGES}
 NAMES = tuple(BY_NAME)
 

@@ -8,12 +8,19 @@ route on, at a size that trains on two CPU cores.
 Output (img2dataset layout):
     <out>/train/{00000..}.tar   <key>.jpg, <key>.txt, <key>.json
     <out>/train/{00000..}.parquet, {00000..}_stats.json (written last)
-    <out>/eval/<task>/task.json + 00000.tar   held-out tasks, never seen in training
+    <out>/eval/<task>/task.json + 00000.tar   held-out test tasks, no image a near-duplicate
+                                              of a training image (synth/novelty.py)
+    <out>/val/<task>/...                      the same tasks from other random streams: for
+                                              choosing settings (lambda, learning rate), never
+                                              the test tasks
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +33,11 @@ from pipelines.core.layout import TASK_FILE
 from pipelines.core.manifest import atomic_path, atomic_write_json
 from pipelines.shardio.shards import ShardSetWriter, encode_json, jpeg_bytes
 from pipelines.synth.domains import DOMAINS, TASK_DOMAIN, TASKS, Drawn
+from pipelines.synth.novelty import Thumbnails
 
 SYNTH_MARKER = "synth.json"  # written last: the data set is complete, and under which config
+GENERATOR_VERSION = 4  # 2: every image its own colour cast and noise, no near-duplicate held out; 3: larger
+                       # shapes, readable glyph and texture contrast; 4: no colour words for shapes and glyphs
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -41,19 +51,19 @@ def _draw_train(cfg: SynthConfig, i: int) -> Drawn:
     return DOMAINS[names[int(rng.integers(len(names)))]](rng, cfg.image_size)
 
 
-def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], set[str]]:
-    """Write the training shards; return shard sizes and the image hashes.
+def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], Thumbnails]:
+    """Write the training shards; return shard sizes and the images' thumbnails.
 
     One sample is in memory at a time (plus the captions of the few samples
-    whose caption another sample borrows as its wrong caption, drawn first),
-    so the size of the synthetic set is bounded by disk, not memory.
+    whose caption another sample borrows as its wrong caption, drawn first,
+    and a 192-byte thumbnail a sample), so 200,000 pairs need about 40 MB.
     """
     writer = ShardSetWriter(out_dir, cfg.shard_size)
     wrong_rng = _rng(cfg.seed, 1)
     wrong = wrong_rng.random(cfg.num_train) < cfg.wrong_caption_rate
     donors = wrong_rng.integers(cfg.num_train, size=cfg.num_train)
     borrowed = {d: _draw_train(cfg, d).caption for d in sorted(set(donors[wrong].tolist()))}
-    hashes: set[str] = set()
+    seen = Thumbnails()
     rows: list[dict] = []
 
     def write_rows(shard: str) -> None:
@@ -65,73 +75,103 @@ def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], set
     for i in tqdm(range(cfg.num_train), desc="synth train", unit="img"):
         sample = _draw_train(cfg, i)
         caption = borrowed[int(donors[i])] if wrong[i] else sample.caption
-        image = jpeg_bytes(sample.image)
-        hashes.add(hashlib.sha1(image).hexdigest())
+        seen.add(sample.image)
         key = f"{i:09d}"
         meta = {"key": key, "domain": sample.domain, "label": sample.label,
                 "style": sample.style, "wrong_caption": bool(wrong[i]), "caption": caption}
         shard = f"{writer.index:05d}"
         if rows and rows[-1]["shard"] != shard:
             write_rows(rows[-1]["shard"])
-        writer.write(key, {"jpg": image, "txt": caption.encode("utf-8"), "json": encode_json(meta)})
+        writer.write(key, {"jpg": jpeg_bytes(sample.image), "txt": caption.encode("utf-8"),
+                           "json": encode_json(meta)})
         rows.append({**meta, "shard": shard})
     sizes = writer.close()
     if rows:
         write_rows(rows[-1]["shard"])
-    return sizes, hashes
+    return sizes, seen
 
 
-def _fresh(make, rng, size, label, seen: set[str]) -> tuple[Drawn, bytes]:
-    """Draw until the image was never seen in training (held-out means disjoint)."""
-    for _ in range(100):
+TRIES = 100
+
+
+def _fresh(make, rng, size, label, seen: Thumbnails) -> Drawn:
+    """Draw until the image is no near-duplicate of a training image or of one drawn for a task before."""
+    for _ in range(TRIES):
         sample = make(rng, size, label)
-        image = jpeg_bytes(sample.image)
-        digest = hashlib.sha1(image).hexdigest()
-        if digest not in seen:
-            seen.add(digest)
-            return sample, image
-    raise RuntimeError(f"could not draw an unseen {label!r} image in 100 tries")
+        if seen.is_new(sample.image):
+            seen.add(sample.image)
+            return sample
+    raise RuntimeError(f"could not draw a {label or 'retrieval'!r} image unlike every training image in "
+                       f"{TRIES} tries: the domain repeats itself; widen its drawing (pipelines/synth/domains.py)")
 
 
-def generate_eval(cfg: SynthConfig, out_dir: Path, seen: set[str]) -> dict[str, int]:
-    """Write one classification task per domain and one retrieval set."""
+@contextlib.contextmanager
+def task_folder(final: Path):
+    """A task folder written under a hidden temporary name and renamed into place when complete, so
+    a failure or a kill leaves no half-written task (evaluate refuses a folder without task.json)."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def generate_tasks(cfg: SynthConfig, out_dir: Path, seen: Thumbnails, per_class: int, stream: int) -> dict[str, int]:
+    """One classification task per domain and one retrieval set, from random streams (`stream`,
+    `stream + 1`) no training sample uses; every image new (no near-duplicate of one seen)."""
     counts = {}
     for t, (task, (classnames, templates)) in enumerate(TASKS.items()):
         make = DOMAINS[TASK_DOMAIN[task]]
-        task_dir = out_dir / task
-        writer = ShardSetWriter(task_dir, 10**9)
-        n = 0
-        for label_index, name in enumerate(classnames):
-            for j in range(cfg.eval_per_class):
-                rng = _rng(cfg.seed, 2, t, label_index, j)
-                _, image = _fresh(make, rng, cfg.image_size, name, seen)
-                writer.write(f"{task}_{label_index:03d}_{j:05d}",
-                             {"jpg": image, "cls": str(label_index).encode()})
-                n += 1
-        writer.close()
-        atomic_write_json(task_dir / TASK_FILE, {
-            "name": task, "kind": "classification",
-            "classnames": classnames, "templates": templates,
-        })
-        counts[task] = n
-    writer = ShardSetWriter(out_dir / "retrieval", 10**9)
+        with task_folder(out_dir / task) as folder:
+            writer = ShardSetWriter(folder, 10**9)
+            for label_index, name in enumerate(classnames):
+                for j in range(per_class):
+                    sample = _fresh(make, _rng(cfg.seed, stream, t, label_index, j), cfg.image_size, name, seen)
+                    writer.write(f"{task}_{label_index:03d}_{j:05d}",
+                                 {"jpg": jpeg_bytes(sample.image), "cls": str(label_index).encode()})
+            writer.close()
+            atomic_write_json(folder / TASK_FILE, {"name": task, "kind": "classification",
+                                                   "classnames": classnames, "templates": templates})
+        counts[task] = len(classnames) * per_class
     names = list(DOMAINS)
-    for j in range(cfg.retrieval_pairs):
-        rng = _rng(cfg.seed, 3, j)
-        make = DOMAINS[names[j % len(names)]]
-        sample, image = _fresh(make, rng, cfg.image_size, None, seen)
-        writer.write(f"retrieval_{j:05d}", {"jpg": image, "txt": sample.caption.encode()})
-    writer.close()
-    atomic_write_json(out_dir / "retrieval" / TASK_FILE, {"name": "retrieval", "kind": "retrieval"})
+    with task_folder(out_dir / "retrieval") as folder:
+        writer = ShardSetWriter(folder, 10**9)
+        for j in range(cfg.retrieval_pairs):
+            make = DOMAINS[names[j % len(names)]]
+            sample = _fresh(make, _rng(cfg.seed, stream + 1, j), cfg.image_size, None, seen)
+            writer.write(f"retrieval_{j:05d}", {"jpg": jpeg_bytes(sample.image), "txt": sample.caption.encode()})
+        writer.close()
+        atomic_write_json(folder / TASK_FILE, {"name": "retrieval", "kind": "retrieval"})
     counts["retrieval"] = cfg.retrieval_pairs
     return counts
 
 
+def synth_marker(cfg: SynthConfig) -> dict:
+    """What the marker records: the config and the generator's version (new drawing code makes
+    another data set from the same config)."""
+    return {"config": dataclasses.asdict(cfg), "generator": GENERATOR_VERSION}
+
+
+def is_generated(cfg: SynthConfig, out_dir: str | Path | None = None) -> bool:
+    """Whether `out_dir` holds a complete set made from this config by this generator."""
+    marker = Path(out_dir or cfg.out_dir) / SYNTH_MARKER
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text(encoding="utf-8"))
+    return {k: recorded.get(k) for k in ("config", "generator")} == synth_marker(cfg)
+
+
 def generate(cfg: SynthConfig, out_dir: str | Path | None = None) -> dict:
-    """Generate the whole demo set under `out_dir` (default `cfg.out_dir`)."""
+    """Generate the whole demo set under `out_dir` (default `cfg.out_dir`); the marker is written last."""
     root = Path(out_dir or cfg.out_dir)
-    sizes, hashes = generate_train(cfg, root / "train")
-    counts = generate_eval(cfg, root / "eval", set(hashes))
+    (root / SYNTH_MARKER).unlink(missing_ok=True)
+    sizes, seen = generate_train(cfg, root / "train")
+    counts = generate_tasks(cfg, root / "eval", seen, cfg.eval_per_class, stream=2)
     summary = {"train_shards": sizes, "train_samples": sum(sizes.values()), "eval": counts}
-    atomic_write_json(root / SYNTH_MARKER, {"config": cfg.__dict__, **summary})
+    if cfg.val_per_class:
+        summary["val"] = generate_tasks(cfg, root / "val", seen, cfg.val_per_class, stream=4)
+    atomic_write_json(root / SYNTH_MARKER, {**synth_marker(cfg), **summary})
     return summary

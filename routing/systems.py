@@ -1,0 +1,113 @@
+"""What the report compares, as pure functions of score arrays: single models, ensembles of
+experts (uniform, or routed by one of three rules), their metrics and per-sample hits, and the
+routing lambda chosen on validation tasks.
+
+A task's scores are (N, C) class logits for classification and (N, N)
+image-to-caption similarities for retrieval (pair i matches pair i). An
+ensemble is n experts' scores stacked (n, N, K) with weights (n,); for
+text-to-image retrieval each query caption has its own weights (Q, n), as
+the paper defines it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from routing.ensemble import (
+    ensemble_logits,
+    ensemble_per_query,
+    mean_per_class_accuracy,
+    recall_at_k,
+    recall_hits,
+    topk_accuracy,
+    topk_hits,
+)
+from routing.weights import route, route_each
+
+# The metric a task's verdict (and the oracle's choice) is stated in, and the per-sample hits kept.
+HEADLINE = {"classification": "top1", "retrieval": "i2t_r1"}
+HITS = {"classification": ("top1",), "retrieval": ("i2t_r1", "t2i_r1")}
+# Lambdas tried on the validation tasks (the paper's 0.2 among them).
+LAMBDAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+ROUTINGS = ("paper", "released", "coarse")
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What scoring a task needs: its kind and labels (classification)."""
+
+    name: str
+    kind: str
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Router:
+    """An expert set's routing geometry: fine centres (m, d), ownership (n, m) (which fine
+    clusters each expert owns), and the coarse (expert) centres (n, d)."""
+
+    fine_centroids: np.ndarray
+    owns: np.ndarray
+    expert_centroids: np.ndarray
+
+    @property
+    def experts(self) -> int:
+        return self.owns.shape[0]
+
+    def weights(self, kind: str, meta: np.ndarray, rule: str, lam: float) -> dict:
+        """{"weights": (n,), "query_weights": (Q, n) for retrieval} for a task's metadata embeddings.
+
+        rule: `paper` or `released` over the fine centres (routing/weights.py), or `coarse`: the
+        paper's formula over the experts' coarse centres (the paper's ablation).
+        """
+        if rule == "coarse":
+            centres, owns, formula = self.expert_centroids, np.eye(self.experts, dtype=bool), "paper"
+        else:
+            centres, owns, formula = self.fine_centroids, self.owns, rule
+        out = {"weights": route(formula, meta, centres, owns, self.experts, lam)}
+        if kind == "retrieval":
+            out["query_weights"] = route_each(formula, meta, centres, owns, self.experts, lam)
+        return out
+
+
+def single(task: TaskView, scores: np.ndarray) -> tuple[dict, dict]:
+    """(metrics, per-sample hits) of one model's scores on a task."""
+    return _scored(task, scores, scores.T if task.kind == "retrieval" else None)
+
+
+def ensemble(task: TaskView, stacked: np.ndarray, routing: dict | None) -> tuple[dict, dict]:
+    """(metrics, hits) of experts' stacked scores (n, N, K): weighted by `routing`, or uniform."""
+    n = stacked.shape[0]
+    weights = np.full(n, 1.0 / n) if routing is None else routing["weights"]
+    combined = ensemble_logits(stacked, weights)
+    if task.kind == "classification":
+        return _scored(task, combined, None)
+    if routing is None:
+        return _scored(task, combined, combined.T)
+    return _scored(task, combined, ensemble_per_query(np.transpose(stacked, (0, 2, 1)), routing["query_weights"]))
+
+
+def _scored(task: TaskView, main: np.ndarray, t2i: np.ndarray | None) -> tuple[dict, dict]:
+    if task.kind == "classification":
+        metrics = {"top1": topk_accuracy(main, task.labels, 1), "top5": topk_accuracy(main, task.labels, 5),
+                   "mean_per_class": mean_per_class_accuracy(main, task.labels)}
+        return metrics, {"top1": topk_hits(main, task.labels, 1)}
+    metrics = {"i2t_r1": recall_at_k(main, 1), "i2t_r5": recall_at_k(main, 5),
+               "t2i_r1": recall_at_k(t2i, 1), "t2i_r5": recall_at_k(t2i, 5)}
+    return metrics, {"i2t_r1": recall_hits(main, 1), "t2i_r1": recall_hits(t2i, 1)}
+
+
+def choose_lambda(tasks: list[TaskView], stacked: list[np.ndarray], metas: list[np.ndarray], router: Router,
+                  rule: str = "paper", lambdas: tuple[float, ...] = LAMBDAS) -> tuple[float, dict[float, float]]:
+    """The lambda whose routed ensemble scores best on these (validation) tasks, mean headline metric;
+    ties go to the one nearest the paper's 0.2 (in log scale). Returns it and every lambda's score."""
+    scores = {}
+    for lam in lambdas:
+        per_task = [ensemble(task, s, router.weights(task.kind, meta, rule, lam))[0][HEADLINE[task.kind]]
+                    for task, s, meta in zip(tasks, stacked, metas)]
+        scores[lam] = float(np.mean(per_task))
+    best = max(scores.values())
+    chosen = min((lam for lam, v in scores.items() if v >= best - 1e-12), key=lambda lam: abs(np.log(lam / 0.2)))
+    return chosen, scores

@@ -1,0 +1,91 @@
+"""One evaluation's tables and plots: results.md, routing_weights.png, accuracy.png.
+
+Pure formatting of the results dict the evaluate stage computes; the only
+I/O is writing the two PNGs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.core.layout import RunLayout
+from pipelines.core.manifest import atomic_path
+
+
+def headline(kind: str) -> str:
+    """The metric a task's verdict (and the oracle's choice) is stated in."""
+    return "top1" if kind == "classification" else "i2t_r1"
+
+
+def markdown_report(results: dict) -> str:
+    rows = results["rows"]
+    out = [f"# MoDE evaluation ({results['routing']} routing)", ""]
+    cls = [t for t, v in results["tasks"].items() if v["kind"] == "classification"]
+    ret = [t for t, v in results["tasks"].items() if v["kind"] == "retrieval"]
+    if cls:
+        out += ["Zero-shot top-1 accuracy (%):", "",
+                "| model | " + " | ".join(cls) + " | mean |", "|---|" + "---:|" * (len(cls) + 1)]
+        for row in rows:
+            vals = [results["tasks"][t][row]["top1"] * 100 for t in cls]
+            out.append(f"| {row} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {np.mean(vals):.1f} |")
+        out.append("")
+    for t in ret:
+        out += [f"Retrieval `{t}` (recall %):", "", "| model | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |",
+                "|---|---:|---:|---:|---:|"]
+        for row in rows:
+            r = results["tasks"][t][row]
+            out.append(f"| {row} | {r['i2t_r1'] * 100:.1f} | {r['i2t_r5'] * 100:.1f} | "
+                       f"{r['t2i_r1'] * 100:.1f} | {r['t2i_r5'] * 100:.1f} |")
+        out.append("")
+    lam = results.get("lambda", {}).get("MoDE", {})
+    out += [f"One trainer seed; the comparisons with intervals are in the report stage (report/report.md). "
+            f"Routing lambda {results['lam']:g} ({lam.get('source', 'config')}).", ""]
+    out += ["Routing weights (experts 0..n-1):", ""]
+    for t, v in results["tasks"].items():
+        chance = f", chance top-1 {100 / v['num_classes']:.1f}%" if v["kind"] == "classification" else ""
+        out.append(f"- {t}: [" + ", ".join(f"{w:.3f}" for w in v["routing_weights"]) + f"]{chance}")
+    return "\n".join(out) + "\n"
+
+
+def plot_report(results: dict, layout: RunLayout) -> list[Path]:
+    """routing_weights.png (tasks x experts heatmap) and accuracy.png (per task and row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    weights = np.array([results["tasks"][t]["routing_weights"] for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * weights.shape[1], 0.9 + 0.5 * len(tasks)))
+    im = ax.imshow(weights, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(weights.shape[1]), [f"expert {e}" for e in range(weights.shape[1])], rotation=30)
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i in range(len(tasks)):
+        for j in range(weights.shape[1]):
+            ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label="routing weight")
+    ax.set_title("MoDE routing weights")
+    fig.tight_layout()
+    paths = [layout.routing_plot, layout.accuracy_plot]
+    with atomic_path(paths[0]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(tasks), 3.8))
+    width = 0.8 / len(rows)
+    for r, row in enumerate(rows):
+        vals = [results["tasks"][t][row][headline(results["tasks"][t]["kind"])] * 100 for t in tasks]
+        ax.bar(np.arange(len(tasks)) + r * width, vals, width, label=row)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2,
+                  [f"{t}\n({headline(results['tasks'][t]['kind'])})" for t in tasks])
+    ax.set_ylabel("%")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Held-out tasks")
+    fig.tight_layout()
+    with atomic_path(paths[1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return paths
