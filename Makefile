@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo test test-gpu lint clean
+.PHONY: venv demo test test-gpu lint repro-cpu clean
 
 # The venv is (re)built when the dependency pins change. constraints.txt pins
 # every transitive package of a set known to install offline (pip freeze).
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# MoDE's table on 2 CPU cores (<= 90 min): bench/results/repro_cpu_*.md holds a measured run.
+repro-cpu: $(STAMP)
+	$(VENV)/bin/moda synth configs/repro-cpu.yaml
+	$(VENV)/bin/moda run configs/repro-cpu.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

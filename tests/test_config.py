@@ -1,14 +1,35 @@
 """The config is strict: a bad file fails at once with a message naming the problem."""
 
+from pathlib import Path
+
 import pytest
 
+from experts.models import model_config_dict
 from pipelines.core.config import ConfigError, config_from_dict, load_config
+from pipelines.core.config_rules import parse_ablation
 
 
 def test_demo_config_loads_with_every_section():
     cfg = load_config("configs/demo.yaml")
     assert cfg.cluster.num_fine == 64 and cfg.cluster.num_experts == 4
     assert cfg.train.model.endswith("moda-tiny.json")
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").rglob("*.yaml")), ids=str)
+def test_every_shipped_config_loads_and_names_a_model_open_clip_can_build(path):
+    cfg = load_config(path)
+    assert model_config_dict(cfg.train.model)["vision_cfg"]  # a JSON path, local-dir or built-in
+    for variant in cfg.evaluate.ablations:
+        parse_ablation(variant)
+
+
+def test_the_reproductions_share_one_recipe_at_two_scales():
+    cpu, gpu = load_config("configs/repro-cpu.yaml"), load_config("configs/repro-gpu.yaml")
+    assert cpu.report.seeds >= 3 and gpu.report.seeds >= 3  # intervals over trainer seeds
+    assert cpu.train.seed_schedule == gpu.train.seed_schedule == "continued"  # the reference's
+    assert {"random", "one_step", "experts=2"} <= set(cpu.evaluate.ablations)
+    assert len([a for a in cpu.evaluate.ablations if a.startswith("fine=")]) == 2  # m at three values
+    assert len([a for a in gpu.evaluate.ablations if a.startswith("fine=")]) == 2
 
 
 def test_unknown_key_is_named_with_its_section():

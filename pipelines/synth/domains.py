@@ -7,7 +7,11 @@ colours, and those of textures only in the descriptive style: when captions
 named them, colour alone told a batch's captions apart, and a small model
 learnt colours and never the shapes and digits the tasks ask for (16k pairs
 x 12 epochs: the ten digit names' text embeddings at cosine 0.9-0.99 to each
-other, digits at chance). Each `make_*` takes a seeded generator, the
+other, digits at chance). Shapes are mostly one to a picture and large, glyphs
+large, bold and little turned (generator v5): with v4's smaller, two-or-three
+shapes and thinner glyphs a tiny CLIP's validation top-1 after 64k samples was
+21% on digits and 31% on shapes, with v5 32% and 56% (16k pairs x 4 epochs,
+no patch dropout, the val split; chosen there, never on the test tasks). Each `make_*` takes a seeded generator, the
 image size and optionally the label to draw, and returns one `Drawn`.
 """
 
@@ -131,16 +135,16 @@ def _draw_shape(draw, shape, cx, cy, r, fill, tilt: float = 0.0):
 def make_shapes(rng, size: int, label: str | None = None) -> Drawn:
     shape = label or _pick(rng, SHAPES)
     color = _pick(rng, list(COLORS))
-    count = int(rng.integers(1, 3))  # one or two: three small shapes were a few pixels each at 64 px
+    count = 1 if rng.random() < 0.75 else 2  # mostly one: two shapes are half as many pixels each
     big = bool(rng.integers(2))
     bg = _pick(rng, ["white", "grey"])
     img = Image.new("RGB", (size, size), (250, 250, 250) if bg == "white" else (200, 200, 200))
     draw = ImageDraw.Draw(img)
-    r = size * (0.3 if big else 0.2) * rng.uniform(0.85, 1.15) / max(1, count ** 0.5)
+    r = size * (0.36 if big else 0.26) * rng.uniform(0.9, 1.1) / max(1, count ** 0.5)
     for i in range(count):
-        cx = size * (i + 0.5) / count + rng.uniform(-size / 10, size / 10)
-        cy = size / 2 + rng.uniform(-size / 5, size / 5)
-        _draw_shape(draw, shape, cx, cy, r, COLORS[color], rng.uniform(-0.25, 0.25))
+        cx = size * (i + 0.5) / count + rng.uniform(-size / 12, size / 12)
+        cy = size / 2 + rng.uniform(-size / 8, size / 8)
+        _draw_shape(draw, shape, cx, cy, r, COLORS[color], rng.uniform(-0.15, 0.15))
     plural = shape if count == 1 else shape + "s"
     style = _style(rng)
     if style == "descriptive":
@@ -154,7 +158,7 @@ def make_shapes(rng, size: int, label: str | None = None) -> Drawn:
 
 # ---------------------------------------------------------------- glyphs
 def make_glyphs(rng, size: int, label: str | None = None) -> Drawn:
-    is_digit = label is not None or bool(rng.integers(3) > 0)
+    is_digit = label is not None or bool(rng.random() < 0.85)
     if is_digit:
         name = label.removeprefix("digit ") if label else _pick(rng, DIGITS)
         char = str(DIGITS.index(name))
@@ -167,12 +171,12 @@ def make_glyphs(rng, size: int, label: str | None = None) -> Drawn:
     # the glyph on a layer of its own, turned a little, of a random size, weight and place: one
     # font at one size gave the same picture for a digit and a colour pair again and again
     layer = Image.new("L", (size, size), 0)
-    font = ImageFont.load_default(size=int(size * rng.uniform(0.55, 0.9)))
-    x = size / 2 + rng.uniform(-size / 7, size / 7)
-    y = size / 2 + rng.uniform(-size / 7, size / 7)
+    font = ImageFont.load_default(size=int(size * rng.uniform(0.75, 0.95)))
+    x = size / 2 + rng.uniform(-size / 10, size / 10)
+    y = size / 2 + rng.uniform(-size / 10, size / 10)
     ImageDraw.Draw(layer).text((x, y), char, fill=255, font=font, anchor="mm",
-                               stroke_width=int(rng.integers(0, 3)), stroke_fill=255)
-    layer = layer.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, center=(x, y))
+                               stroke_width=int(rng.integers(1, 3)), stroke_fill=255)
+    layer = layer.rotate(float(rng.uniform(-8, 8)), resample=Image.BILINEAR, center=(x, y))
     img.paste(Image.new("RGB", (size, size), COLORS[fg]), (0, 0), layer)
     style = _style(rng)
     what = f"digit {name}" if is_digit else f"letter {char}"

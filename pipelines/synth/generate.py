@@ -36,8 +36,9 @@ from pipelines.synth.domains import DOMAINS, TASK_DOMAIN, TASKS, Drawn
 from pipelines.synth.novelty import Thumbnails
 
 SYNTH_MARKER = "synth.json"  # written last: the data set is complete, and under which config
-GENERATOR_VERSION = 4  # 2: every image its own colour cast and noise, no near-duplicate held out; 3: larger
-                       # shapes, readable glyph and texture contrast; 4: no colour words for shapes and glyphs
+GENERATOR_VERSION = 5  # 2: every image its own colour cast and noise, no near-duplicate held out; 3: larger
+                       # shapes, readable glyph and texture contrast; 4: no colour words for shapes and glyphs;
+                       # 5: shapes mostly one a picture and larger, glyphs larger, bolder, less turned, 85% digits
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
