@@ -57,7 +57,10 @@ def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], Thu
 
     One sample is in memory at a time (plus the captions of the few samples
     whose caption another sample borrows as its wrong caption, drawn first,
-    and a 192-byte thumbnail a sample), so 200,000 pairs need about 40 MB.
+    and a 448-byte thumbnail a sample, 90 MB at 200,000 pairs). Measured peak
+    RSS of the whole `moda synth`: 189 MB at 20,000 pairs, 564 MB at 200,000
+    (bench/results/synth_scale_cpu_2026-12-02.md): ~1.5 KB a pair beyond the
+    thumbnails is not yet traced.
     """
     writer = ShardSetWriter(out_dir, cfg.shard_size)
     wrong_rng = _rng(cfg.seed, 1)
