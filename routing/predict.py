@@ -14,6 +14,7 @@ the caption encoder named in the embed manifest. An expert added later
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,14 @@ from routing.weights import route
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
+def evaluated_lambda(layout: RunLayout, default: float = 0.2) -> float:
+    """The routing lambda the run's evaluate stage used for MoDE (results.json), else `default`."""
+    if not layout.results.is_file():
+        return default
+    chosen = json.loads(layout.results.read_text(encoding="utf-8")).get("lambda", {}).get("MoDE", {})
+    return float(chosen.get("value", default))
+
+
 @dataclass
 class MoDESystem:
     experts: list[ClipModel]
@@ -44,9 +53,13 @@ class MoDESystem:
     logit_scale: float = 100.0
 
     @classmethod
-    def load(cls, run_dir: str | Path, routing: str = "paper", lam: float = 0.2,
+    def load(cls, run_dir: str | Path, routing: str = "paper", lam: float | None = None,
              device: str = "auto") -> MoDESystem:
+        """`lam` None: the lambda the evaluate stage chose on the validation tasks (0.2, the paper's,
+        before evaluate has run), so predictions are routed as the reported numbers were."""
         layout = RunLayout(Path(run_dir))
+        if lam is None:
+            lam = evaluated_lambda(layout)
         experts = load_experts(layout)
         device = pick_device(device)
         fine_centroids = np.load(layout.fine_centroids)
