@@ -18,6 +18,10 @@ Rows of the report, for every task:
                       the paper's ablations, when `evaluate.ablations` asks for them;
                       all continue the same seed
 
+The single models (seed, baseline) are also scored on the validation tasks
+(results.json's "validation"): a recipe setting (patch dropout, epochs, the
+generator) is chosen on those numbers, never on the test tasks.
+
 Besides results.json (every row's metrics) it writes per_sample.parquet:
 each row's hit or miss on every test sample, which the report stage
 resamples for paired intervals.
@@ -215,10 +219,13 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     experts = [e.name for e in expert_list]
     singles = {"seed": layout.model("seed")} | ({"baseline": layout.model("baseline")} if registry.get("baseline")
                                                 else {})
-    rows = Rows()
+    rows, validation = Rows(), {}
     for name, path in tqdm(list(singles.items()), desc="evaluate", unit="model"):
-        for task, scores in zip(tasks, model_scores(load_clip(path, device), tasks, cfg.batch_size)):
+        clip = load_clip(path, device)
+        for task, scores in zip(tasks, model_scores(clip, tasks, cfg.batch_size)):
             rows.add(task, name, single(view(task), scores))
+        for task, scores in zip(val_tasks, model_scores(clip, val_tasks, cfg.batch_size)):
+            validation.setdefault(task.name, {"kind": task.kind})[name] = single(view(task), scores)[0]
     stacked = system.scores(tasks, device, cfg.batch_size)
     for t, task in enumerate(tasks):
         for e, name in enumerate(experts):
@@ -252,7 +259,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     if cfg.routing == "paper":
         main += ["routed, released formula", "routed by coarse centres"]
     results: dict = {"routing": cfg.routing, "lam": lambdas["MoDE"]["value"], "lambda": lambdas, "tasks": {},
-                     "rows": main + ["oracle best expert"] + ablation_names, "ablation_rows": ablation_variants}
+                     "rows": main + ["oracle best expert"] + ablation_names, "ablation_rows": ablation_variants,
+                     "validation": validation}
     for t, task in enumerate(tasks):
         results["tasks"][task.name] = {
             "kind": task.kind, **rows.metrics[task.name],

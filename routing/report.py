@@ -180,17 +180,31 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
             spec["vs_baseline"] = table[expert][own]["vs_baseline"]
         specialists.append(spec)
     ablations = {row: v for row, v in first.get("ablation_rows", {}).items() if row in seeds.rows}
+    validation = validation_table([r.get("validation", {}) for r in seeds.results])
     report = {"seeds": cfg.seeds, "confidence": cfg.confidence, "resamples": cfg.resamples,
               "routing": first["routing"],
               "lambda": [r["lambda"]["MoDE"] for r in seeds.results], "rows": seeds.rows, "tasks": tasks,
               "classification_tasks": classification, "table": table, "specialists": specialists,
               "negatives": shares.get("baseline", {}), "cost": costs(layout, seeds.rows, ablations),
-              "paper_cost_model": paper_cost(layout)}
+              "paper_cost_model": paper_cost(layout), "validation": validation}
     atomic_write_json(layout.report_json, report)
     atomic_write_text(layout.report_markdown, report_markdown(report))
     outputs = [layout.report_json, layout.report_markdown, plot_differences(report, layout)]
     return StageResult(outputs=hash_outputs(layout.report, [p for p in outputs if p]),
                        counts={"seeds": cfg.seeds, "rows": len(seeds.rows), "tasks": len(tasks)})
+
+
+def validation_table(per_seed: list[dict]) -> dict:
+    """Seed and baseline on the validation tasks, mean and std over trainer seeds: the numbers a recipe
+    setting is chosen on (the test tasks never are)."""
+    out: dict = {}
+    for task in per_seed[0] if per_seed and all(per_seed) else []:
+        kind = per_seed[0][task]["kind"]
+        metric = HEADLINE[kind]
+        for row in [r for r in per_seed[0][task] if r != "kind"]:
+            values = np.array([s[task][row][metric] for s in per_seed])
+            out.setdefault(row, {})[task] = dict(zip(("mean", "std"), mean_and_std(values)), metric=metric)
+    return out
 
 
 def paper_cost(layout: RunLayout) -> dict | None:
@@ -255,6 +269,16 @@ def report_markdown(report: dict) -> str:
         for row, c in report["cost"].items():
             ratio = f"{c['flops'] / reference:.2f}x" if reference else ""
             out.append(f"| {row} | {c['samples']:,} | {c['flops']:.3g} | {ratio} |")
+    validation = report.get("validation") or {}
+    if validation:
+        val_tasks = sorted({t for row in validation.values() for t in row})
+        out += ["", "On the validation split of the training domains (what recipe settings are chosen on), "
+                "mean ± std over seeds:", "",
+                "| model | " + " | ".join(f"{t} ({next(iter(validation.values()))[t]['metric']})" for t in val_tasks)
+                + " |", "|---|" + "---:|" * len(val_tasks)]
+        for row, cells in validation.items():
+            out.append(f"| {row} | " + " | ".join(f"{cells[t]['mean'] * 100:.1f} ± {cells[t]['std'] * 100:.1f}"
+                                                  for t in val_tasks) + " |")
     paper = report.get("paper_cost_model")
     if paper:
         ratio = paper["relative_to_one_model"]

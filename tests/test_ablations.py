@@ -23,7 +23,9 @@ def ablated(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation_eval")  # the run's stages, evaluated with the ablations
     for folder in ("embed", "cluster", "split", "train", "ablations"):
         os.symlink(tiny_run["run_dir"] / folder, out / folder)
-    run_section("evaluate", dataclasses.replace(cfg.evaluate, ablations=["random", "one_step"]), out, cfg.data)
+    # the test tasks stand in for a validation split here, only to exercise the path that reads one
+    run_section("evaluate", dataclasses.replace(cfg.evaluate, ablations=["random", "one_step"]), out,
+                dataclasses.replace(cfg.data, val_tasks=cfg.data.eval_tasks))
     return cfg, tiny_run["run_dir"], out / "evaluate"
 
 
@@ -61,6 +63,19 @@ def test_report_has_ablation_rows_for_every_task(ablated):
         assert 0 <= task["Rand-2 uniform ensemble"][metric] <= 1
         assert 0 <= task["one-step routed ensemble"][metric] <= 1
     assert "| Rand-2 uniform ensemble |" in (out / "results.md").read_text()
+
+
+def test_the_single_models_are_scored_on_the_validation_tasks(ablated):
+    """What recipe settings are chosen on: the seed and the baseline on the validation split, with
+    the same metrics as on the test tasks (here the same folders, so the same numbers)."""
+    _, _, out = ablated
+    results = json.loads((out / "results.json").read_text())
+    assert results["lambda"]["MoDE"]["source"] == "validation"
+    assert set(results["validation"]) == set(results["tasks"])
+    for name, task in results["validation"].items():
+        assert set(task) == {"kind", "seed", "baseline"}
+        metric = "top1" if task["kind"] == "classification" else "i2t_r1"
+        assert task["baseline"][metric] == results["tasks"][name]["baseline"][metric]
 
 
 def test_unknown_ablation_is_rejected():

@@ -18,7 +18,8 @@ from routing.evaluate import PER_SAMPLE_SCHEMA
 ROWS = ["seed", "baseline", "expert_000", "expert_001", "uniform ensemble", "routed ensemble"]
 
 
-def fake_evaluation(layout: RunLayout, hits: dict[str, dict[str, np.ndarray]], fingerprint: str) -> None:
+def fake_evaluation(layout: RunLayout, hits: dict[str, dict[str, np.ndarray]], fingerprint: str,
+                    validation: dict | None = None) -> None:
     """An evaluate stage's files: per task and row, the hits on 100 samples (results.json from them)."""
     tasks, table = {}, []
     for task, by_row in hits.items():
@@ -27,7 +28,8 @@ def fake_evaluation(layout: RunLayout, hits: dict[str, dict[str, np.ndarray]], f
         table += [{"task": task, "row": row, "metric": "top1", "sample": i, "hit": bool(v)}
                   for row, h in by_row.items() for i, v in enumerate(h)]
     atomic_write_json(layout.results, {"routing": "paper", "lam": 0.2, "rows": ROWS, "tasks": tasks,
-                                       "lambda": {"MoDE": {"value": 0.2, "source": "validation"}}})
+                                       "lambda": {"MoDE": {"value": 0.2, "source": "validation"}},
+                                       "validation": validation or {}})
     pq.write_table(pa.Table.from_pylist(table, schema=PER_SAMPLE_SCHEMA), layout.per_sample)
     write_manifest(layout.evaluate, stage="evaluate", fingerprint=fingerprint, config_hash="x", inputs={},
                    outputs={}, counts={}, started=time.time())
@@ -44,7 +46,9 @@ def run(tmp_path):
     for k, replica in enumerate([layout, layout.replicate(1)]):
         rows = dict.fromkeys(ROWS, base)
         fake_evaluation(replica, {"a": {**rows, "routed ensemble": better},
-                                  "b": {**rows, "routed ensemble": better if k == 0 else worse}}, f"e{k}")
+                                  "b": {**rows, "routed ensemble": better if k == 0 else worse}}, f"e{k}",
+                        {"a_val": {"kind": "classification", "seed": {"top1": 0.3},
+                                   "baseline": {"top1": 0.4 + 0.2 * k}}})
     atomic_write_json(layout.cluster_report, {"fine_sizes": [30, 10, 40, 20],
                                               "expert_fine_clusters": [[0, 1], [2, 3]]})
     atomic_write_json(layout.registry, {"seed": {"epochs": 2}, "epochs_total": 3, "experts": [{}, {}]})
@@ -97,3 +101,11 @@ def test_a_missing_replicate_says_what_to_run(run):
     (run.replicate(1).evaluate / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="trainer seed 1"):
         run_section("report", ReportConfig(seeds=2, resamples=400), run)
+
+
+def test_the_validation_split_is_reported_for_the_single_models(run):
+    """Recipe settings are chosen on these numbers, so the report shows them, averaged over seeds."""
+    report = json.loads(run.report_json.read_text())
+    assert report["validation"]["baseline"]["a_val"]["mean"] == pytest.approx(0.5)
+    assert report["validation"]["seed"]["a_val"]["std"] == pytest.approx(0.0)
+    assert "| baseline | 50.0 ± 14.1 |" in run.report_markdown.read_text()
