@@ -31,7 +31,7 @@ from clustering.encoder import encode, load_encoder, model_fingerprint
 from clustering.simcse import adapt_encoder
 from pipelines.core.config import EmbedConfig, section_hash
 from pipelines.core.devices import cpu_threads, pick_device, usable_cores
-from pipelines.core.layout import RunLayout
+from pipelines.core.layout import RunLayout, shard_id
 from pipelines.core.manifest import (
     atomic_path,
     atomic_write_json,
@@ -63,8 +63,8 @@ GROUP_SHARDS = 8
 
 def shard_is_done(layout: RunLayout, shard_path: Path, config_hash: str, source_hash: str) -> dict | None:
     """The shard's completion marker when its output exists under this config and input."""
-    marker = layout.embed_marker(shard_path.stem)
-    if marker.is_file() and layout.embeddings(shard_path.stem).is_file():
+    marker = layout.embed_marker(shard_id(shard_path))
+    if marker.is_file() and layout.embeddings(shard_id(shard_path)).is_file():
         info = json.loads(marker.read_text(encoding="utf-8"))
         if info.get("config") == config_hash and info.get("source_sha256") == source_hash:
             return info
@@ -105,10 +105,10 @@ def embed_shards(cfg: EmbedConfig, groups: list[list[Path]], source_hashes: dict
             seconds = round((time.time() - t0) / len(read), 3)
             offset = 0
             for path, (keys, texts, rejects) in read:  # each shard's file, then its marker
-                table = embedding_table(keys, path.stem, texts, vectors[offset:offset + len(texts)], cfg.storage)
+                table = embedding_table(keys, shard_id(path), texts, vectors[offset:offset + len(texts)], cfg.storage)
                 offset += len(texts)
-                write_shard_output(layout, path.stem, table, {
-                    "config": config_hash, "source_sha256": source_hashes[path.stem], "embedded": table.num_rows,
+                write_shard_output(layout, shard_id(path), table, {
+                    "config": config_hash, "source_sha256": source_hashes[shard_id(path)], "embedded": table.num_rows,
                     "rejects": rejects, "seconds": seconds, "device": device,
                 })
             bar.update(len(read))
@@ -170,7 +170,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     """Embed every input shard, resuming at the groups not done under this config."""
     cfg: EmbedConfig = ctx.section
     layout, shards, hashes = ctx.layout, fp.details["shards"], fp.inputs
-    stems = [p.stem for p in shards]
+    stems = [shard_id(p) for p in shards]
     if len(set(stems)) != len(stems):
         raise ValueError("input shards must have distinct file names (their stems name the outputs)")
     encoder_path = None
@@ -178,7 +178,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         encoder_path = str(adapt_encoder(cfg, shards, layout.encoder, layout.encoder_marker, fp.config_hash))
     groups = [shards[i:i + GROUP_SHARDS] for i in range(0, len(shards), GROUP_SHARDS)]
     todo_groups = [g for g in groups
-                   if not all(shard_is_done(layout, p, fp.config_hash, hashes[p.stem]) for p in g)]
+                   if not all(shard_is_done(layout, p, fp.config_hash, hashes[shard_id(p)]) for p in g)]
     todo = {p for g in todo_groups for p in g}
     t_embed = time.time()
     if todo:
@@ -186,7 +186,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     embed_seconds = time.time() - t_embed
     markers = []
     for p in shards:
-        info = shard_is_done(layout, p, fp.config_hash, hashes[p.stem])
+        info = shard_is_done(layout, p, fp.config_hash, hashes[shard_id(p)])
         if info is None:
             raise RuntimeError(f"{p}: embedding finished without its output; rerun the embed stage")
         markers.append(info)

@@ -38,7 +38,8 @@ def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[byte
     """
     ext = next((e for e in IMAGE_EXTS if e in files), None)
     if ext is None:
-        return None, "missing_image"
+        dotted = any(e.rpartition(".")[2] in IMAGE_EXTS for e in files if "." in e)
+        return None, "key_contains_dot" if dotted else "missing_image"
     raw = files[ext]
     if not raw:
         return None, "empty_image"
@@ -49,24 +50,25 @@ def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[byte
             # header and end-of-image marker, passed through byte for byte.
             if frame[2] * frame[3] > MAX_PIXELS:
                 return None, "huge_image"
-            if not ends_with_eoi(raw):
-                return None, "corrupt_image"
-            return raw, None
+            if ends_with_eoi(raw):
+                return raw, None
+            # No end marker at the very end: truncated, or bytes after it that decoders skip
+            # (a camera's trailer): decoded below, and passed through if it decodes.
     try:
         with Image.open(io.BytesIO(raw)) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 return None, "huge_image"
             if image.format == "JPEG" and image.mode == "RGB":
-                if validate == "decode":
-                    image.load()
-                elif not ends_with_eoi(raw):
-                    return None, "corrupt_image"
+                if validate == "decode" or not ends_with_eoi(raw):
+                    image.load()  # raises on a truncated image (PIL's LOAD_TRUNCATED_IMAGES is off)
                 return raw, None
             image.load()
             if image.mode.startswith("I"):  # 16/32-bit integer greyscale
                 image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
             return jpeg_bytes(image.convert("RGB")), None
+    except Image.DecompressionBombError:  # over PIL's own pixel limit: it refuses to open it
+        return None, "huge_image"
     except Exception:  # PIL raises many types for damaged data
         return None, "corrupt_image"
 
@@ -74,6 +76,10 @@ def clean_image(files: dict[str, bytes], validate: str = "header") -> tuple[byte
 def sample_output(sample: Sample, validate: str) -> tuple[memoryview | dict | None, str | None]:
     """What the split writes for a sample: its tar bytes as they lie (a memoryview) when its jpg,
     txt and json need no change, else its files rebuilt around the cleaned image; or (None, reason)."""
+    if sample.problem:
+        return None, sample.problem
+    if "txt" not in sample.files:  # never written without its caption, whatever the embed saw
+        return None, "missing_caption"
     image, reason = clean_image(sample.files, validate)
     if reason is not None:
         return None, reason

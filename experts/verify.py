@@ -3,7 +3,8 @@
 Re-reads the input shards named in the split manifest and every expert
 shard, and checks:
   - every expert shard holds as many samples as sizes.json says, with the
-    sha256 its expert manifest records;
+    sha256 its expert manifest records, and every sample in it has its
+    caption (txt) and its image;
   - every key in an expert is either assigned to that expert by the cluster
     stage or one of its deterministic out-of-cluster copies;
   - input keys == own-expert keys + rejected keys, as multisets: no sample
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from experts import ooc
+from experts.images import IMAGE_EXTS
 from experts.shard_sets import shard_set, shard_set_manifest
 from pipelines.core.layout import MANIFEST, RunLayout, expert_name
 from pipelines.core.manifest import file_sha256, require_manifest
@@ -38,11 +40,16 @@ _WRITTEN = np.dtype(_KEY + [("shard", "<i4"), ("expert", "<i4"), ("ooc_ok", "?")
 _REJECTED = np.dtype(_KEY)
 
 
-def _keys(path: Path) -> tuple[list[str], bool]:
+def _keys(path: Path, incomplete: list[str] | None = None) -> tuple[list[str], bool]:
+    """A shard's sample keys, and whether it is damaged; with `incomplete`, the keys of samples that
+    lack their caption or image are appended to it (every member is read)."""
     keys, truncated = [], False
     try:
         for sample in iter_samples(path):
             keys.append(sample.key)
+            if incomplete is not None and ("txt" not in sample.files
+                                           or not any(e in sample.files for e in IMAGE_EXTS)):
+                incomplete.append(sample.key)
     except ShardError:
         truncated = True
     return keys, truncated
@@ -92,9 +99,13 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
             paths, sizes = shard_set(layout.expert_shards(e))
             recorded = shard_set_manifest(layout.expert_shards(e))["shards_sha256"]
             for path in paths:
-                keys, truncated = _keys(path)
+                incomplete: list[str] = []
+                keys, truncated = _keys(path, incomplete)
                 if truncated:
                     problems.append(f"{path} is truncated")
+                if incomplete:
+                    problems.append(f"{path}: {len(incomplete)} sample(s) without their caption or image, "
+                                    f"e.g. {incomplete[:EXAMPLES]}")
                 if len(keys) != sizes[path.name]:
                     problems.append(f"{path}: {len(keys)} samples, sizes.json says {sizes[path.name]}")
                 if file_sha256(path) != recorded.get(path.name):

@@ -24,7 +24,7 @@ FLOORS = [
 # every moda module, is imported at the top of the file.
 LAZY = {"torch", "open_clip", "open_clip_train", "faiss", "dask", "distributed", "prefect_dask",
         "sentence_transformers", "safetensors", "matplotlib", "transformers", "scipy", "sklearn",
-        "clip_benchmark", "fsspec"}
+        "clip_benchmark", "fsspec", "zstandard"}
 # moda modules that may be imported inside a function, and why.
 LAZY_INTERNAL = {"pipelines.run.flows": "the Prefect layer: its import costs ~2 s, paid only by commands that "
                                         "start a flow (moda run, add-expert), not by moda stage/verify/predict"}

@@ -20,6 +20,7 @@ from experts.images import clean_image, sample_output, sample_outputs
 from experts.shard_sets import shard_set
 from experts.verify import verify_split
 from pipelines.core.config import DataConfig, SplitConfig, load_config
+from pipelines.core.layout import shard_id
 from pipelines.core.manifest import atomic_path, file_sha256, hash_outputs, write_manifest
 from pipelines.run.stages import run_section, run_stage
 from pipelines.shardio.shards import Sample, ShardSetWriter, iter_samples, write_rejects
@@ -72,11 +73,14 @@ def fake_cluster_stage(stage_dir, expert_of_key, num_experts, shard_of_key):
                    started=time.time(), extra={"num_experts": num_experts})
 
 
-def fake_embed_rejects(stage_dir, rejects):
-    """rejects.parquet + manifest, as the embed stage writes them."""
+def fake_embed_rejects(stage_dir, rejects, shards=None):
+    """rejects.parquet + manifest, as the embed stage writes them, with the sha256 of the input shards
+    it read (by default every tar in the folder `in` beside it): the split checks them."""
     stage_dir.mkdir(parents=True)
     write_rejects(stage_dir / "rejects.parquet", rejects)
-    write_manifest(stage_dir, stage="embed", fingerprint="e" * 16, config_hash="x", inputs={},
+    shards = sorted((stage_dir.parent / "in").glob("*.tar")) if shards is None else shards
+    write_manifest(stage_dir, stage="embed", fingerprint="e" * 16, config_hash="x",
+                   inputs={shard_id(p): file_sha256(p) for p in shards},
                    outputs=hash_outputs(stage_dir, [stage_dir / "rejects.parquet"]), counts={},
                    started=time.time())
 
@@ -490,9 +494,9 @@ def split_both_ways(monkeypatch, split):
     taken = []
     array_path = module._split_plain
 
-    def recorded(tar, shard, *rest):
+    def recorded(tar, table, shard, *rest):
         taken.append(shard)
-        return array_path(tar, shard, *rest)
+        return array_path(tar, table, shard, *rest)
 
     monkeypatch.setattr(module, "_split_plain", recorded)
     fast = split("split_arrays")

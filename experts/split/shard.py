@@ -19,8 +19,9 @@ from experts.images import HUGE, PASS, plain_jpeg_verdicts, sample_output, sampl
 from experts.split.outputs import OutputShards
 from experts.split.rows import AssignmentRows
 from pipelines.core.config import SplitConfig
+from pipelines.core.layout import shard_id
 from pipelines.shardio.sample_table import SampleTable, key_bytes, sample_table
-from pipelines.shardio.shards import TRUNCATED, ShardError, iter_samples
+from pipelines.shardio.shards import IGNORED_NAMES, ShardError, iter_samples, shard_notes, split_member_name
 from pipelines.shardio.tar_read import PlainTar, index_plain_tar
 from pipelines.shardio.tar_write import named_thread
 
@@ -35,13 +36,50 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: AssignmentRows,
     same output, byte for byte (tested). `threads`: how many images the array
     path may decode at once.
     """
-    shard = shard_path.stem
+    shard = shard_id(shard_path)
     rows = assignments.of(shard)
     earlier = plan.get("earlier_shard_keys", {}).get(shard, [])  # kept where first seen
     tar = index_plain_tar(shard_path)
-    if tar is not None:
-        return _split_plain(tar, shard, rows, earlier, plan, caption_rejects, outputs, cfg, threads)
+    table = sample_table(tar) if tar is not None else None
+    if table is not None and grouped_as_read(tar, table):
+        return _split_plain(tar, table, shard, rows, earlier, plan, caption_rejects, outputs, cfg, threads)
     return _split_streamed(shard_path, shard, rows, earlier, plan, caption_rejects, outputs, cfg)
+
+
+def grouped_as_read(tar: PlainTar, table: SampleTable) -> bool:
+    """Whether the array path's samples (runs of adjacent members sharing a key) are exactly the
+    samples `iter_samples` yields (members grouped by key wherever they lie). They are when no
+    file is to be skipped, every name is UTF-8, no run repeats an extension, and a key that comes
+    back later comes back as a repeat of its sample (its first file's extension is one the earlier
+    run has). Else the tar (made by extension, carrying `._*` files) is read sample by sample."""
+    names = tar.names
+    skip = np.strings.startswith(names, b".") | (np.strings.find(names, b"/.") >= 0) \
+        | np.strings.startswith(names, b"__MACOSX/")
+    for name in IGNORED_NAMES:
+        skip |= (names == name.encode()) | np.strings.endswith(names, b"/" + name.encode())
+    if skip.any() or not table.distinct.all():
+        return False
+    try:
+        b"\0".join(names.tolist()).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    _, first_run, which = np.unique(table.keys, return_index=True, return_inverse=True)
+    later = np.flatnonzero(first_run[which] != np.arange(len(table.keys)))
+    if not later.size:
+        return True
+    last_run = {bytes(table.keys[i]): int(i) for i in first_run[which[later]].tolist()}
+    for i in later.tolist():  # rare: a repeated key; compare its run with the key's run before it
+        key = bytes(table.keys[i])
+        before = last_run[key]
+        exts = {_ext(names[m]) for m in range(table.first[before], table.first[before] + table.count[before])}
+        if _ext(names[table.first[i]]) not in exts:
+            return False
+        last_run[key] = i
+    return True
+
+
+def _ext(name: bytes) -> bytes:
+    return split_member_name(name.decode("utf-8"))[1].encode()
 
 
 def _split_streamed(shard_path: Path, shard: str, rows, earlier: list[str], plan: dict,
@@ -60,12 +98,13 @@ def _split_streamed(shard_path: Path, shard: str, rows, earlier: list[str], plan
     samples_in, own_written, ooc_written = 0, 0, 0
     rejects: list[dict] = []
     seen_here: set[str] = set()
+    skipped: list[str] = []
 
     def reject(key: str, reason: str) -> None:
         rejects.append({"key": key, "shard": shard, "reason": reason})
 
     try:
-        for sample in iter_samples(shard_path, views=True):
+        for sample in iter_samples(shard_path, views=True, skipped=skipped):
             samples_in += 1
             key = sample.key
             if key in seen_here or key in earlier:
@@ -91,11 +130,12 @@ def _split_streamed(shard_path: Path, shard: str, rows, earlier: list[str], plan
             own_written += 1
             ooc_written += len(slots) - 1
     except ShardError as err:
-        reject("", f"{TRUNCATED}: {err}")
+        rejects.append(err.row(shard))
+    rejects += shard_notes(shard, skipped)
     return {"samples_in": samples_in, "own": own_written, "ooc": ooc_written, "rejects": rejects}
 
 
-def _split_plain(tar: PlainTar, shard: str, rows, earlier: list[str], plan: dict,
+def _split_plain(tar: PlainTar, table: SampleTable, shard: str, rows, earlier: list[str], plan: dict,
                  caption_rejects: dict[str, str], outputs: OutputShards, cfg: SplitConfig, threads: int = 1) -> dict:
     """`_split_streamed`'s decisions for all samples of an intact plain tar at once (numpy).
 
@@ -104,7 +144,6 @@ def _split_plain(tar: PlainTar, shard: str, rows, earlier: list[str], plan: dict
     `threads` threads; the rest are written as runs of their tar bytes,
     several samples a piece where they lie next to each other in the input.
     """
-    table = sample_table(tar)
     keys, count = table.keys, len(table.keys)
     own = _own_experts(keys, rows)
     found = own >= 0

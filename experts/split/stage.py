@@ -52,7 +52,7 @@ from experts.split.rows import AssignmentRows
 from experts.split.shard import PREFETCH_SHARDS, prefetch, split_input_shard
 from pipelines.core.config import SplitConfig, section_hash
 from pipelines.core.devices import usable_cores
-from pipelines.core.layout import RunLayout, expert_name, shard_name
+from pipelines.core.layout import RunLayout, expert_name, shard_id, shard_name
 from pipelines.core.manifest import atomic_write_json, combine, hash_outputs, input_stats, read_manifest, source_hashes
 from pipelines.core.stage import Fingerprint, Stage, StageContext, StageResult
 from pipelines.shardio.shards import count_reasons, expand_shards, write_rejects
@@ -83,7 +83,7 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
     rows = AssignmentRows(layout.assignments, plan.get("assignment_rows"))
     requested = 0  # input shards [0, requested) of the chunk asked of the disk ahead of time
     for i, shard_path in enumerate(tqdm(chunk, desc=f"split {worker}", unit="shard", position=worker)):
-        s = shard_path.stem
+        s = shard_id(shard_path)
         touched = [(e, k) for e in range(num_experts) for k in output_shards_of(plan, s, e)]
         record = layout.input_record(s)
         if record.is_file() and all(outputs.is_final(e, k) for e, k in touched):
@@ -128,10 +128,35 @@ def fingerprint(ctx: StageContext) -> Fingerprint:
     """
     shards = expand_shards(ctx.data.train_shards)
     hashes = source_hashes(shards, ctx.upstream["embed"], read_manifest(ctx.layout.split))
+    check_inputs_unchanged(hashes, ctx.upstream["embed"], shards)
     config_hash = split_config_hash(ctx.section)
     cluster_fp = ctx.upstream["cluster"]["fingerprint"]
     return Fingerprint(combine("split", config_hash, cluster_fp, hashes), config_hash,
                        {"cluster": cluster_fp, **hashes}, {"shards": shards})
+
+
+class InputChanged(ValueError):
+    """An input shard differs from the one the embed stage read: its clustered samples would vanish."""
+
+
+def check_inputs_unchanged(hashes: dict[str, str], embed: dict, shards: list[Path]) -> None:
+    """Refuse to split shards that are not the ones embedded (replaced, rewritten, added, removed
+    since the embed stage ran): the assignments describe the old ones."""
+    embedded = embed.get("inputs", {})
+    by_id = {shard_id(p): p for p in shards}
+    changed = [i for i, digest in hashes.items() if i in embedded and embedded[i] != digest]
+    added = [i for i in hashes if i not in embedded]
+    removed = [i for i in embedded if i not in hashes]
+    if not (changed or added or removed):
+        return
+    first = changed or added or removed
+    what = ("changed since the embed stage read it (sha256 " + embedded[first[0]][:12] + " then, "
+            + hashes[first[0]][:12] + " now)" if changed else
+            "was not there when the embed stage ran" if added else "was embedded but is no longer listed")
+    name = by_id.get(first[0], first[0])
+    raise InputChanged(f"input shard {name} {what}; {len(changed)} changed, {len(added)} new, {len(removed)} "
+                       "missing in all. Rerun from the embed stage (`moda run <config>`, or `--stages "
+                       "embed,cluster,split,...`), or restore the shards the run embedded.")
 
 
 def _start_or_resume(layout: RunLayout, fp: Fingerprint, num_experts: int, order: list[str],
@@ -159,12 +184,12 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     cfg: SplitConfig = ctx.section
     layout, shards = ctx.layout, fp.details["shards"]
     num_experts = ctx.upstream["cluster"]["num_experts"]
-    order = [p.stem for p in shards]
+    order = [shard_id(p) for p in shards]
     plan = _start_or_resume(layout, fp, num_experts, order, cfg)
     completes = completing_shard(plan, order)
     layout.input_records.mkdir(parents=True, exist_ok=True)
     chunks = input_runs(shards, cfg.processes)
-    boundary = boundary_shards(plan, [[p.stem for p in chunk] for chunk in chunks], num_experts)
+    boundary = boundary_shards(plan, [[shard_id(p) for p in chunk] for chunk in chunks], num_experts)
     job = dict(plan=plan, order=order, layout=layout, caption_rejects=load_embed_rejects(layout),
                cfg=cfg, boundary=boundary, num_experts=num_experts,
                threads=max(1, usable_cores() // len(chunks)))
@@ -189,7 +214,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
 
 def _finish(cfg: SplitConfig, layout: RunLayout, shards: list[Path], plan: dict, num_experts: int) -> StageResult:
     """Per-expert shard-set files, rejects.parquet, the conservation check."""
-    records = [json.loads(layout.input_record(p.stem).read_text()) for p in shards]
+    records = [json.loads(layout.input_record(shard_id(p)).read_text()) for p in shards]
     expert_counts = []
     for e in range(num_experts):
         sizes, hashes = {}, {}
@@ -197,7 +222,7 @@ def _finish(cfg: SplitConfig, layout: RunLayout, shards: list[Path], plan: dict,
             out = json.loads(layout.output_record(e, k).read_text())
             sizes[shard_name(k)] = out["samples"]
             hashes[shard_name(k)] = out["sha256"]
-        sources = sorted(p.stem for p in shards if plan["counts"][p.stem][e] > 0)
+        sources = sorted(shard_id(p) for p in shards if plan["counts"][shard_id(p)][e] > 0)
         write_shard_set(layout.expert_shards(e), sizes, hashes, expert=e, source_shards=sources,
                         shard_size=plan["shard_sizes"][e], ooc_ratio=cfg.ooc_ratio)
         expert_counts.append(sum(sizes.values()))

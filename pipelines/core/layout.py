@@ -41,6 +41,20 @@ def expert_id(name: str) -> int:
     return int(name.split("_")[1])
 
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+"""What an input shard's file name may end with (the compressed ones are decompressed to read)."""
+
+
+def shard_id(path: str | Path) -> str:
+    """An input shard's name without its tar suffix (`00007.tar.gz` -> `00007`): what its outputs
+    and manifest entries are named by."""
+    name = Path(path).name
+    for suffix in sorted(SHARD_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return Path(path).stem
+
+
 def shard_name(index: int) -> str:
     """The file name of output shard `index` of a shard set (`00007.tar`)."""
     return f"{index:05d}.tar"

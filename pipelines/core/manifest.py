@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core.devices import usable_cores
-from pipelines.core.layout import MANIFEST
+from pipelines.core.layout import MANIFEST, shard_id
 
 
 @contextlib.contextmanager
@@ -38,6 +38,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        if err.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -85,14 +89,14 @@ def source_hashes(paths: list[Path], *manifests: dict[str, Any] | None) -> dict[
     hashes: dict[str, str] = {}
     todo = []
     for path in map(Path, paths):
-        cached = known.get(path.stem)
+        cached = known.get(shard_id(path))
         if cached and cached[1] == file_stat(path):
-            hashes[path.stem] = cached[0]
+            hashes[shard_id(path)] = cached[0]
         else:
-            hashes[path.stem] = ""
+            hashes[shard_id(path)] = ""
             todo.append(path)
     for path, digest in zip(todo, hash_files(todo)):
-        hashes[path.stem] = digest
+        hashes[shard_id(path)] = digest
     return hashes
 
 
@@ -107,7 +111,7 @@ def hash_files(paths: list[Path]) -> list[str]:
 
 def input_stats(paths: list[Path]) -> dict[str, list[int]]:
     """[size, mtime_ns] per input file stem, for a manifest's `input_stats` (see `source_hashes`)."""
-    return {Path(p).stem: file_stat(Path(p)) for p in paths}
+    return {shard_id(p): file_stat(Path(p)) for p in paths}
 
 
 def combine(*parts: Any) -> str:

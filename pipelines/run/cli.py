@@ -14,9 +14,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from PIL import Image
 
@@ -25,6 +28,7 @@ from pipelines.core.config import ConfigError, load_config, merge_settings, pars
 from pipelines.run.add_expert import AddRequest
 from pipelines.run.demo import main as demo_main
 from pipelines.run.stages import NAMES, run_stage
+from pipelines.shardio.shards import ShardError
 from pipelines.synth.generate import generate
 from routing.predict import MoDESystem
 
@@ -131,6 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moda", description="Mixture of Data Experts CLIP pipeline")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="generate the synthetic demo data set")
     p.add_argument("config")
@@ -178,9 +183,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"moda: error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, ShardError, OSError) as err:  # a user's mistake or the machine's state
+        if args.debug:
+            raise
+        print(f"moda: error: {os_error_line(err) if isinstance(err, OSError) and err.errno else err}",
+              file=sys.stderr)
         return 2
+
+
+def os_error_line(err: OSError) -> str:
+    """An operating-system error as one line: what failed, on which path, and what to do."""
+    path = err.filename or "(a file the stage was writing)"
+    where = Path(path).parent if err.filename else Path.cwd()
+    if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
+        free = shutil.disk_usage(where if where.exists() else Path.cwd()).free
+        return (f"no space left writing {path} ({free / 2**30:.2f} GiB free there): free some space or move "
+                "the run folder (--run-dir) to a larger disk, then run the same command again; finished "
+                "work is kept and resumed")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied on {path}: make it writable (or readable) by this user, or use another --run-dir"
+    if err.errno == errno.EROFS:
+        return f"{path} is on a read-only file system: choose a writable --run-dir"
+    if err.errno == errno.ENOENT:
+        return f"{path} does not exist: check the path in the config (data.*) or the command line"
+    return f"{err.strerror or err} ({path})"
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ class SampleTable(NamedTuple):
 
     `keys`: dtype S; `first`/`count`: its members' indices in the tar; `begin`/`end`:
     its bytes in the tar, headers and padding included; `distinct`: no extension
-    repeats; `plain`: its files are a jpg and only txt/json beside it, each once
+    repeats; `plain`: its files are a jpg, a txt and perhaps a json, each once
     (what the split may pass through as it lies); `jpg`: its jpg member, or -1.
     """
 
@@ -80,7 +80,7 @@ def sample_table(tar: PlainTar) -> SampleTable:
     distinct = np.ones(len(first), bool)
     distinct[sample[order][1:][repeated]] = False
     union = np.bitwise_or.reduceat(code, first)
-    plain = distinct & (union & _OTHER == 0) & (union & 1 == 1)
+    plain = distinct & (union & _OTHER == 0) & (union & 3 == 3)  # a jpg and a txt at least
     jpg = np.full(len(first), -1, np.int64)
     jpg_members = np.flatnonzero(code == 1)
     jpg[sample[jpg_members]] = jpg_members

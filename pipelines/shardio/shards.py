@@ -13,6 +13,7 @@ import glob
 import io
 import json
 import os
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +22,29 @@ import braceexpand
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.core.layout import SIZES, shard_name
+from pipelines.core.layout import SHARD_SUFFIXES, SIZES, shard_id, shard_name
 from pipelines.core.manifest import atomic_path, atomic_write_json
-from pipelines.shardio.tar_read import BLOCK, TarDamage, TarIndex, index_tar, padded_end, read_members
+from pipelines.shardio.decompress import TarUnsupported
+from pipelines.shardio.tar_read import BLOCK, index_tar, padded_end
 from pipelines.shardio.tar_write import TarShardWriter
 
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 TRUNCATED = "truncated_tar"
+IGNORED = "ignored_file"
+UNREADABLE = "unreadable_shard"
 
 
 class ShardError(RuntimeError):
-    """A shard that could not be read to its end (truncated or corrupt tar)."""
+    """A shard that could not be read to its end: `reason` is `truncated_tar` (damaged: what came
+    before the damage was read) or `unreadable_shard` (nothing in it could be read)."""
+
+    def __init__(self, message: str, reason: str = "truncated_tar"):
+        super().__init__(message)
+        self.reason = reason
+
+    def row(self, shard: str) -> dict:
+        """The keyless reject row that records it."""
+        return {"key": "", "shard": shard, "reason": f"{self.reason}: {self}"}
 
 
 @dataclass
@@ -43,23 +56,42 @@ class Sample:
     raw: memoryview | None = None
     """With `iter_samples(views=True)`: the sample's members exactly as they lie in the tar
     (headers, payloads, padding), when every one is a plain ustar member; else None."""
+    problem: str | None = None
+    """Why the reader already knows the sample is unusable (`damaged_member`, `non_utf8_name`)."""
 
 
 def expand_shards(spec: str | Path) -> list[Path]:
-    """Resolve a folder, a glob or a brace pattern (`a/{00000..00009}.tar`) to shards."""
+    """Resolve a folder, a glob or a brace pattern (`a/{00000..00009}.tar`) to shards.
+
+    A folder lists its tars, plain or compressed (`layout.SHARD_SUFFIXES`), in name order, and not
+    its hidden files (`.x.tar`, what a copy in progress or macOS leaves); a pattern takes what it
+    names, hidden or not. Two shards with the same name but for the suffix are an error (their
+    outputs would share a name).
+    """
     spec = str(spec)
-    if os.path.isdir(spec):
-        paths = sorted(Path(spec).glob("*.tar"))
+    if os.path.isdir(spec) and not spec.endswith(SHARD_SUFFIXES):
+        paths = sorted(p for p in Path(spec).iterdir()
+                       if p.name.endswith(SHARD_SUFFIXES) and not p.name.startswith(".") and not p.is_dir())
     else:
         paths = []
         for pattern in braceexpand.braceexpand(spec):
             matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             paths.extend(Path(m) for m in matches)
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise FileNotFoundError(f"{folders[0]} is a folder, not a tar shard: name the shards inside it "
+                                f"(e.g. {folders[0]}/*.tar) or the folder that holds them")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"shard(s) not found: {[str(p) for p in missing[:5]]}")
     if not paths:
-        raise FileNotFoundError(f"no .tar shards found at {spec!r}")
+        raise FileNotFoundError(f"no .tar shards found at {spec!r} (looked for names ending in "
+                                f"{', '.join(SHARD_SUFFIXES)})")
+    ids: dict[str, Path] = {}
+    for path in paths:
+        other = ids.setdefault(shard_id(path), path)
+        if other != path:
+            raise ValueError(f"{other} and {path} are both shard {shard_id(path)!r}: keep one of them")
     return paths
 
 
@@ -71,74 +103,137 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext if dot else ""
 
 
-def iter_samples(path: str | Path, *, views: bool = False) -> Iterator[Sample]:
-    """Yield the samples of one shard in order.
+IGNORED_NAMES = (".DS_Store", "Thumbs.db", "desktop.ini")
 
-    Raises ShardError (after yielding every complete sample before the damage)
-    when the tar is truncated or corrupt, so callers can count the loss. The
-    sample being read when the damage shows (a tar cut exactly between two
-    members shows only by its missing end-of-archive blocks) may have lost
-    files, so it is not yielded.
+
+def ignorable(name: str) -> bool:
+    """Files an archiver or a desktop leaves beside the data: macOS AppleDouble `._*` files, hidden
+    files (a base name starting with a dot, which would make an empty key), `.DS_Store` and the like."""
+    base = name.rpartition("/")[2]
+    return base.startswith(".") or base in IGNORED_NAMES or name.startswith("__MACOSX/")
+
+
+def printable_key(key: str) -> str:
+    """A key with its bytes that are not UTF-8 shown escaped (`caf\\xe9`): what rejects name it by."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class _Open:
+    """A sample being gathered: its files, and where its members lie (for `raw`)."""
+
+    __slots__ = ("sample", "first", "end", "plain")
+
+    def __init__(self, sample: Sample, first: int):
+        self.sample, self.first, self.end, self.plain = sample, first, first, True
+
+
+def iter_samples(path: str | Path, *, views: bool = False, skipped: list[str] | None = None) -> Iterator[Sample]:
+    """Yield the samples of one shard, in the order of their first member.
+
+    Members are grouped by key wherever they lie in the tar (a tar made by
+    extension, `tar cf x.tar *.jpg *.txt`, holds every image before every
+    caption); a member whose key already has a file of its extension starts
+    a new sample of that key (a repeated sample, which the stages reject as
+    `duplicate_key`). The tar's index is read once, so memory grows with its
+    member count, not its bytes. Files that are not data (`._*`, hidden
+    files, `.DS_Store`, directories, links) are skipped and their names
+    appended to `skipped`.
+
+    Damage: every sample whose members lie before it is yielded, then
+    ShardError is raised, so callers can count the loss. A sample whose
+    member the damage cut is yielded with `problem = "damaged_member"`, one
+    whose name is not UTF-8 with `problem = "non_utf8_name"` and its key
+    escaped; neither is ever written to an expert.
 
     `views=True` gives payloads as memoryviews of the mapped file instead of
-    bytes, and each sample's `raw` bytes, so a caller that passes samples
-    through (the split) copies each byte once. The views are valid until the
-    generator is closed and no longer referenced.
+    bytes, and each sample's `raw` bytes (its members exactly as they lie,
+    when they are plain, adjacent and distinct), so a caller that passes
+    samples through (the split) copies each byte once. The views are valid
+    until the generator is closed and no longer referenced.
     """
-    index = index_tar(path)
-    if index is None:  # compressed: streamed through tarfile, no views and no raw bytes
-        view, members = None, ((name, data, -1, -1) for name, data in read_members(path))
-    else:
-        view, members = index.view, _mapped_members(index, views)
-    current: Sample | None = None
-    first = end = 0
-    plain = False
     try:
-        for name, payload, header, stop in members:
-            key, ext = split_member_name(name)
-            if current is not None and current.key != key:
-                if views and plain:
-                    current.raw = view[first:end]
-                yield current
-                current = None
-            if current is None:
-                current, first, end, plain = Sample(key=key), header, header, True
-            # raw bytes stand for the sample only if its members are plain, adjacent and distinct
-            plain = plain and header >= 0 and header == end and ext not in current.files
-            current.files[ext] = payload
-            end = stop
-    except TarDamage as err:
-        raise ShardError(f"{err}; unreadable after sample {current.key if current else None!r}") from err
-    if current is not None:
-        if views and plain:
-            current.raw = view[first:end]
-        yield current
-
-
-def _mapped_members(index: TarIndex, views: bool) -> Iterator[tuple[str, bytes | memoryview, int, int]]:
-    """(name, payload, header offset or -1 when not a plain member, end offset), then the damage."""
+        index = index_tar(path)
+    except TarUnsupported as err:
+        raise ShardError(str(err), UNREADABLE) from err
+    if skipped is not None:
+        skipped.extend(index.skipped)
     view = index.view
+    order: list[_Open] = []
+    latest: dict[str, _Open] = {}
     for name, header, start, size, is_plain in index.members:
-        payload = view[start:start + size]
-        end = padded_end(start - BLOCK, size)  # the payload starts one block after its (last) header
-        yield name, payload if views else payload.tobytes(), header if is_plain else -1, end
+        if ignorable(name):
+            if skipped is not None:
+                skipped.append(name)
+            continue
+        key, ext = split_member_name(name)
+        entry = latest.get(key)
+        if entry is None or ext in entry.sample.files:
+            entry = latest[key] = _Open(Sample(key=key), header)
+            order.append(entry)
+        entry.sample.files[ext] = view[start:start + size]  # bytes only when yielded: memory stays the map's
+        entry.plain = entry.plain and is_plain and header == entry.end
+        entry.end = padded_end(start - BLOCK, size)  # the payload starts one block after its (last) header
+    if index.cut_member is not None and not ignorable(index.cut_member):
+        key = split_member_name(index.cut_member)[0]
+        entry = latest.get(key)
+        if entry is None:
+            entry = _Open(Sample(key=key), -1)
+            order.append(entry)
+        entry.sample.problem = "damaged_member"
+    for entry in order:
+        sample = entry.sample
+        if not _utf8(sample.key):
+            sample.key, sample.problem = printable_key(sample.key), "non_utf8_name"
+        if not views:
+            sample.files = {ext: payload.tobytes() for ext, payload in sample.files.items()}
+        elif entry.plain and entry.first >= 0:
+            sample.raw = view[entry.first:entry.end]
+        yield sample
+        entry.sample = None  # yielded: the caller holds it, or lets it go
     if index.damage:
-        raise TarDamage(index.damage)
+        raise ShardError(f"{index.damage}; {len(order)} sample(s) before the damage were read, "
+                         "anything after it is lost")
+
+
+def _utf8(key: str) -> bool:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_caption(sample: Sample) -> tuple[str | None, str | None]:
-    """The sample's caption, or (None, reason) when it has none usable."""
+    """The sample's caption, or (None, reason) when it has none usable.
+
+    A caption that is empty once Unicode whitespace, control and format
+    characters (NUL, zero-width spaces, BOMs) are removed is `empty_caption`;
+    the text kept is the caption stripped of surrounding whitespace only.
+    """
+    if sample.problem:
+        return None, sample.problem
     raw = sample.files.get("txt")
     if raw is None:
-        return None, "missing_caption"
+        return None, "key_contains_dot" if dotted(sample, ("txt",)) else "missing_caption"
     try:
-        text = raw.decode("utf-8")
+        text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         return None, "non_utf8_caption"
     text = text.strip()
-    if not text:
+    if not visible(text):
         return None, "empty_caption"
     return text, None
+
+
+def visible(text: str) -> bool:
+    """Whether any character is neither whitespace nor a control, format or unassigned one."""
+    return any(not ch.isspace() and unicodedata.category(ch)[0] != "C" for ch in text)
+
+
+def dotted(sample: Sample, wanted: tuple[str, ...]) -> bool:
+    """Whether the sample lacks `wanted` only because its files' names have more dots than the key
+    rule expects (`photo.v1.jpg` is key `photo`, extension `v1.jpg`, as in webdataset)."""
+    return any(ext.rpartition(".")[2] in wanted for ext in sample.files if "." in ext)
 
 
 class ShardSetWriter:
@@ -206,17 +301,30 @@ def jpeg_bytes(image, quality: int = 90) -> bytes:
 
 
 def write_rejects(path: Path, rejects: list[dict]) -> None:
-    """rejects.parquet: one row per rejected sample (key, shard, reason), plus one row
-    with an empty key per truncated shard."""
+    """rejects.parquet: one row per rejected sample (key, shard, reason), plus rows with an empty
+    key for what is not a sample: a damaged shard (`truncated_tar: ...`), an unreadable one
+    (`unreadable_shard: ...`), a skipped file (`ignored_file: <name>`)."""
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp)
 
 
+def reason_class(reason: str) -> str:
+    """A keyless row's reason without its details (`truncated_tar: a.tar: ...` -> `truncated_tar`)."""
+    return reason.split(":", 1)[0]
+
+
 def count_reasons(rejects: list[dict]) -> tuple[dict[str, int], int]:
-    """(count per reason, number of rejected samples): truncated-shard rows are counted
-    by reason but are not samples (the damaged sample's key is unknown)."""
+    """(count per reason, number of rejected samples): keyless rows (a damaged shard, a skipped
+    file) are counted by their reason's class but are not samples."""
     by_reason: dict[str, int] = {}
+    samples = 0
     for r in rejects:
-        reason = TRUNCATED if r["reason"].startswith(TRUNCATED) else r["reason"]
+        reason = r["reason"] if r["key"] else reason_class(r["reason"])
         by_reason[reason] = by_reason.get(reason, 0) + 1
-    return by_reason, sum(n for reason, n in by_reason.items() if reason != TRUNCATED)
+        samples += bool(r["key"])
+    return by_reason, samples
+
+
+def shard_notes(shard: str, skipped: list[str]) -> list[dict]:
+    """The keyless reject rows of a shard's skipped files."""
+    return [{"key": "", "shard": shard, "reason": f"{IGNORED}: {printable_key(name)}"} for name in skipped]

@@ -9,28 +9,31 @@ verified), and the payload is a slice of a read-only map of the file.
 Reading is strict, because a damaged shard must be reported, not half-read:
 a bad header checksum, a member cut short, or a missing end-of-archive
 block raises `TarDamage` after every complete member before it was yielded.
-Compressed tars (gzip, bzip2) go through `tarfile` instead (`read_members`
-falls back by itself). The writer is `tar_write.py`.
+Data after an end-of-archive marker (two tars joined with `cat`) is read on,
+as `tar --ignore-zeros` does. Compressed tars (gzip, bzip2, xz; zstd when the
+`zstandard` package is installed) are decompressed into an unnamed temporary
+file and mapped like any other (`decompress.py`), so every read path sees the
+same members; a compression moda cannot read is refused by name
+(`TarUnsupported`). The writer is `tar_write.py`.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from pipelines.shardio.decompress import TarDamage, compression, decompressed
+
 BLOCK = 512
 RECORD = 20 * BLOCK
 ZEROS = bytes(RECORD)
 
 
-class TarDamage(RuntimeError):
-    """The tar cannot be read to its end (truncated or corrupt)."""
 
 
 def _octal(field: bytes) -> int:
@@ -80,40 +83,44 @@ class TarIndex(NamedTuple):
     view: memoryview
     members: list[tuple[str, int, int, int, bool]]
     damage: str | None
-
-
-_COMPRESSED = (b"\x1f\x8b", b"BZ")
+    cut_member: str | None = None
+    """The name of the member whose payload the damage cut (its header was intact), if any."""
+    skipped: tuple[str, ...] = ()
+    """Entries that are not regular files (directories, links, devices): no sample's data."""
 
 
 def _map(path: str | Path) -> mmap.mmap | bytes | None:
-    """The file mapped read-only; b"" when empty, None when compressed (gzip, bzip2)."""
+    """The file mapped read-only; b"" when empty, None when compressed."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             return b""
-        if handle.read(2) in _COMPRESSED:
+        if compression(handle.read(6)) is not None:
             return None
         return mmap.mmap(handle.fileno(), size, flags=mmap.MAP_SHARED,
                          prot=mmap.PROT_READ)
 
 
-def index_tar(path: str | Path) -> TarIndex | None:
-    """Index an uncompressed tar without copying its payloads; None for a compressed one.
+def index_tar(path: str | Path) -> TarIndex:
+    """Index a tar without copying its payloads (a compressed one after decompressing it).
 
     The file is mapped, not read: payloads are slices of the map, so a caller
     that passes samples through unchanged never copies them into Python
     objects. Header checksums are verified for all members at once (numpy),
     and the member list is cut before the first bad header.
     """
-    mapped = _map(path)
+    mapped, stream_damage = _map(path), None
     if mapped is None:
-        return None
+        with open(path, "rb") as handle:
+            kind = compression(handle.read(6))
+        mapped, stream_damage = decompressed(path, kind)
     if not mapped:
-        return TarIndex(memoryview(b""), [], f"{path}: no end-of-archive marker (cut after a member)")
+        return TarIndex(memoryview(b""), [], f"{path}: {stream_damage or 'no end-of-archive marker (empty file)'}")
     size = len(mapped)
     members: list[tuple[str, int, int, int, bool]] = []
     heads: list[int] = []
-    pos, long_name, damage = 0, None, None
+    pos, long_name, damage, cut = 0, None, None, None
+    skipped: list[str] = []
     zero_block = ZEROS[:BLOCK]
     while True:
         if pos + BLOCK > size:
@@ -122,9 +129,13 @@ def index_tar(path: str | Path) -> TarIndex | None:
             break
         header = mapped[pos:pos + BLOCK]
         if header == zero_block:
-            if mapped[pos + BLOCK:pos + 2 * BLOCK] != zero_block:
-                damage = "the end-of-archive marker is incomplete"
-            break
+            after = _after_zeros(mapped, pos)
+            if after == size:
+                if size - pos < 2 * BLOCK:
+                    damage = "the end-of-archive marker is incomplete"
+                break
+            pos = after  # another archive follows (joined with `cat`): read on, as tar --ignore-zeros
+            continue
         try:
             length = _size(header)
         except ValueError as err:
@@ -138,6 +149,8 @@ def index_tar(path: str | Path) -> TarIndex | None:
         following = padded_end(pos, length)
         if following > size:
             damage = "a member is cut short (truncated tar)"
+            if header[156] in (0x30, 0, 0x37):
+                cut = long_name or _ustar_name(header)
             break
         kind = header[156]
         if kind in (0x30, 0, 0x37):  # regular file ("0", NUL in old tars, "7" contiguous)
@@ -145,23 +158,44 @@ def index_tar(path: str | Path) -> TarIndex | None:
                 members.append((long_name, pos, start, length, False))
                 long_name = None
             else:
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if header[257:262] == b"ustar" and header[345] != 0:
-                    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    name = f"{prefix}/{name}"
-                members.append((name, pos, start, length, True))
+                members.append((_ustar_name(header), pos, start, length, True))
         elif kind == 0x78:  # "x": PAX extended header for the next member
             long_name = _pax_path(mapped[start:start + length])
         elif kind == 0x4C:  # "L": GNU long name for the next member
             long_name = mapped[start:start + length].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         else:  # directories, links, global PAX headers: no payload for a sample
+            if kind in b"123456":
+                skipped.append(long_name or _ustar_name(header))
             long_name = None
         pos = following
     first_bad = _first_bad_checksum(mapped, heads)
     if first_bad is not None:
         members = [m for m in members if m[1] < first_bad]
-        damage = "bad header checksum (corrupt tar)"
-    return TarIndex(memoryview(mapped), members, f"{path}: {damage}" if damage else None)
+        damage, cut = "bad header checksum (corrupt tar)", None
+    if stream_damage:
+        damage = f"{stream_damage}; {damage}" if damage else stream_damage
+    return TarIndex(memoryview(mapped), members, f"{path}: {damage}" if damage else None, cut, tuple(skipped))
+
+
+def _ustar_name(header: bytes) -> str:
+    """A member's name from its ustar header (prefix joined); bytes that are not UTF-8 kept as
+    surrogates, for the reader to reject by name."""
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if header[257:262] == b"ustar" and header[345] != 0:
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        name = f"{prefix}/{name}"
+    return name
+
+
+def _after_zeros(mapped, pos: int) -> int:
+    """The offset of the first block at or after `pos` that is not all zeros (the file's size if none)."""
+    size = len(mapped)
+    whole = (size - pos) // BLOCK * BLOCK
+    blocks = np.frombuffer(mapped, np.uint8, count=whole, offset=pos).reshape(-1, BLOCK)
+    nonzero = np.flatnonzero(blocks.any(1))
+    if nonzero.size:
+        return pos + int(nonzero[0]) * BLOCK
+    return pos + whole if mapped[pos + whole:size].count(0) != size - pos - whole else size
 
 
 def _blocks(mapped: mmap.mmap) -> np.ndarray:
@@ -253,6 +287,8 @@ def index_plain_tar(path: str | Path) -> PlainTar | None:
     if chain is None:
         return None
     heads, lengths = chain
+    if _after_zeros(mapped, int(padded_end(heads[-1], lengths[-1]))) != len(mapped):
+        return None  # another archive after the end marker: `index_tar` reads on
     rows = _header_rows(mapped, heads)
     names = np.ascontiguousarray(rows[:, :100]).view("S100").ravel()
     size_fields = rows[:, 124:136]
@@ -331,23 +367,8 @@ def read_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
     two members is damaged too: only its missing end-of-archive blocks tell.
     """
     index = index_tar(path)
-    if index is None:
-        yield from _tarfile_members(path)
-        return
     view = index.view
     for name, _, start, size, _ in index.members:
         yield name, view[start:start + size].tobytes()
     if index.damage:
         raise TarDamage(index.damage)
-
-
-def _tarfile_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """Compressed tars, through `tarfile` (streaming)."""
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if member.isfile():
-                    handle = tar.extractfile(member)
-                    yield member.name, handle.read() if handle is not None else b""
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise TarDamage(f"{path}: {err}") from err

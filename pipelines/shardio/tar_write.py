@@ -231,6 +231,10 @@ class TarShardWriter:
             hashes, self._hashes = self._hashes, []  # all submitted once the writes are done
             for future in hashes:
                 future.result()
+        except OSError as err:
+            if err.filename is None:  # a failed write names no file: name the shard being written
+                raise OSError(err.errno, err.strerror, str(self.path)) from err
+            raise
         finally:
             self._handle.close()
         return self._sha.hexdigest()
