@@ -365,3 +365,14 @@ def test_an_image_that_decodes_is_checked_in_both_paths_the_same(tmp_path, monke
     assert case["written"] == 2 and [(r["key"], r["reason"]) for r in case["rejects"]] == [("b", "huge_image")]
     with Image.open(io.BytesIO(JPG)) as image:
         assert image.size == (16, 16)
+
+
+def test_the_array_paths_rule_for_files_to_skip_is_the_readers_rule():
+    import numpy as np
+
+    from pipelines.shardio.shards import ignorable, ignorable_mask
+
+    names = ["a.jpg", "d/._a.jpg", "._b.txt", ".DS_Store", "d/.DS_Store", "x.DS_Store", "__MACOSX/d/a.jpg",
+             "d/.hidden.txt", "Thumbs.db", "d/e.f.txt", "d.x/a.jpg"]
+    mask = ignorable_mask(np.array([n.encode() for n in names], dtype="S100"))
+    assert mask.tolist() == [ignorable(n) for n in names]

@@ -21,7 +21,7 @@ from experts.split.rows import AssignmentRows
 from pipelines.core.config import SplitConfig
 from pipelines.core.layout import shard_id
 from pipelines.shardio.sample_table import SampleTable, key_bytes, sample_table
-from pipelines.shardio.shards import IGNORED_NAMES, ShardError, iter_samples, shard_notes, split_member_name
+from pipelines.shardio.shards import ShardError, ignorable_mask, iter_samples, shard_notes, split_member_name
 from pipelines.shardio.tar_read import PlainTar, index_plain_tar
 from pipelines.shardio.tar_write import named_thread
 
@@ -53,11 +53,7 @@ def grouped_as_read(tar: PlainTar, table: SampleTable) -> bool:
     back later comes back as a repeat of its sample (its first file's extension is one the earlier
     run has). Else the tar (made by extension, carrying `._*` files) is read sample by sample."""
     names = tar.names
-    skip = np.strings.startswith(names, b".") | (np.strings.find(names, b"/.") >= 0) \
-        | np.strings.startswith(names, b"__MACOSX/")
-    for name in IGNORED_NAMES:
-        skip |= (names == name.encode()) | np.strings.endswith(names, b"/" + name.encode())
-    if skip.any() or not table.distinct.all():
+    if ignorable_mask(names).any() or not table.distinct.all():
         return False
     try:
         b"\0".join(names.tolist()).decode("utf-8")

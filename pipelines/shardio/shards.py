@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -111,6 +112,16 @@ def ignorable(name: str) -> bool:
     files (a base name starting with a dot, which would make an empty key), `.DS_Store` and the like."""
     base = name.rpartition("/")[2]
     return base.startswith(".") or base in IGNORED_NAMES or name.startswith("__MACOSX/")
+
+
+def ignorable_mask(names: np.ndarray) -> np.ndarray:
+    """`ignorable` of every member name of a tar at once (names as a numpy bytes array): the split's
+    array path asks it for a whole shard."""
+    skip = np.strings.startswith(names, b".") | (np.strings.find(names, b"/.") >= 0) \
+        | np.strings.startswith(names, b"__MACOSX/")
+    for name in IGNORED_NAMES:
+        skip |= (names == name.encode()) | np.strings.endswith(names, b"/" + name.encode())
+    return skip
 
 
 def printable_key(key: str) -> str:
