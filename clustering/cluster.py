@@ -26,8 +26,18 @@ import pyarrow.parquet as pq
 
 from clustering.assign import assign_files, choose_sample, read_sample, write_assignments
 from clustering.embeddings import embedding_files
-from clustering.kmeans import balanced_kmeans, coarse_cluster, imbalance_factor, inertia, normalize_rows, spread
+from clustering.kmeans import (
+    balanced_kmeans,
+    coarse_cluster,
+    imbalance_factor,
+    inertia,
+    normalize_rows,
+    set_cpu_threads,
+    spread,
+    use_gpu,
+)
 from pipelines.core.config import ClusterConfig, section_hash
+from pipelines.core.devices import cpu_threads
 from pipelines.core.manifest import atomic_path, atomic_write_json, combine, hash_outputs
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 
@@ -87,6 +97,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     """Fit on a sample, assign everything file by file, group fine centres into experts."""
     cfg: ClusterConfig = ctx.section
     layout = ctx.layout
+    if not use_gpu():
+        set_cpu_threads(cpu_threads())
     files = embedding_files(layout, ctx.upstream["embed"])
     rows_per_file = [pq.read_metadata(path).num_rows for path in files]
     n = sum(rows_per_file)
