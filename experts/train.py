@@ -64,6 +64,7 @@ from pipelines.core.devices import cpu_threads, pick_device
 from pipelines.core.layout import RunLayout, expert_name
 from pipelines.core.manifest import atomic_write_json, combine, file_sha256, remove_stale_temps
 from pipelines.core.stage import Fingerprint, Hooks, Stage, StageContext, StageResult
+from pipelines.shardio.brace import compact_shards
 
 PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
 
@@ -220,7 +221,7 @@ def expert_job(cfg: TrainConfig, name: str, shards: list[Path], start: tuple[Pat
                fingerprint: str) -> Job:
     """An expert's job: its shards from the seed's start, `expert_epochs` more, the last ones unmasked."""
     start_ckpt, start_epoch = start
-    return Job(name, "::".join(str(p.resolve()) for p in shards), None, start_epoch + cfg.expert_epochs,
+    return Job(name, compact_shards([str(p.resolve()) for p in shards]), None, start_epoch + cfg.expert_epochs,
                start_epoch, start_ckpt, fingerprint, tune_epochs(cfg, cfg.expert_epochs))
 
 
@@ -291,7 +292,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     else:
         seed_fp = combine("seed", run_key, data_hashes)
         seed_epochs = cfg.seed_epochs
-        seed_job = Job("seed", "::".join(all_paths), all_samples, seed_epochs, 0, None, seed_fp,
+        seed_job = Job("seed", compact_shards(all_paths), all_samples, seed_epochs, 0, None, seed_fp,
                        schedule=seed_schedule_epochs(cfg))
         seed_ckpt = train_job(cfg, seed_job, gpus=gpus or None, **common)
     timings = {"seed": round(time.time() - t0, 2)}
@@ -339,7 +340,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         # The fair single model: the seed continued on all data for as many samples as
         # all experts together saw (expert_epochs passes over the union of their data).
         t0 = time.time()
-        job = Job("baseline", "::".join(all_paths), expert_samples, start[1] + cfg.expert_epochs, start[1],
+        job = Job("baseline", compact_shards(all_paths), expert_samples, start[1] + cfg.expert_epochs, start[1],
                   start[0], combine("baseline", run_key, seed_fp), tune_epochs(cfg, cfg.expert_epochs))
         ckpt = train_job(cfg, job, gpus=gpus or None, **common)
         timings["baseline"] = round(time.time() - t0, 2)

@@ -136,3 +136,41 @@ def test_weights_only_experts_start_a_fresh_schedule_from_a_local_dir_seed(tiny_
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 1  # counted from 0, not from the seed's
     log = (run / "train" / "expert_000.log").read_text()
     assert "loaded checkpoint" in log and "seed_weights.pt" in log and "Start epoch 0" in log
+
+
+def test_the_seed_of_a_41000_shard_run_launches_with_a_short_command_naming_every_shard(tmp_path, monkeypatch):
+    """The seed and the baseline train on every expert shard; at LAION size (41,000 shards) the
+    trainer still gets one --train-data of brace patterns that expands to all of them, in order."""
+    from webdataset.shardlists import expand_urls
+
+    import experts.train as train
+    from experts.shard_sets import write_shard_set
+    from pipelines.core.config import DataConfig, TrainConfig
+    from pipelines.core.layout import RunLayout
+    from pipelines.core.stage import StageContext
+
+    layout = RunLayout(tmp_path / "run")
+    per_expert = [10_250] * 4
+    for e, count in enumerate(per_expert):
+        sizes = {f"{i:05d}.tar": 1000 for i in range(count)}
+        write_shard_set(layout.expert_shards(e), sizes, dict.fromkeys(sizes, "0" * 64))
+    launched = []
+
+    class Launched(Exception):
+        pass
+
+    def record(cmd, *args, **kwargs):
+        launched.append(cmd)
+        raise Launched
+
+    monkeypatch.setattr(train, "run_trainer", record)
+    cfg = TrainConfig(device="cpu")
+    ctx = StageContext(cfg, DataConfig(), layout,
+                       {"split": {"fingerprint": "f", "num_experts": 4, "counts": {"written": 41_000_000}}})
+    with pytest.raises(Launched):
+        train.work(ctx, train.fingerprint(ctx))
+    cmd = launched[0]
+    assert sum(len(arg.encode()) + 1 for arg in cmd) < 64 * 1024  # Linux: 128 KiB per argument
+    every_shard = [str((layout.expert_shards(e) / f"{i:05d}.tar").resolve())
+                   for e, count in enumerate(per_expert) for i in range(count)]
+    assert expand_urls(cmd[cmd.index("--train-data") + 1]) == every_shard
