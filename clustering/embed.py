@@ -42,7 +42,7 @@ from pipelines.core.manifest import (
     source_hashes,
 )
 from pipelines.core.stage import Fingerprint, Stage, StageContext, StageResult
-from pipelines.shardio.shards import count_reasons, expand_shards, write_rejects
+from pipelines.shardio.shards import count_reasons, select_shards, write_rejects
 
 
 def encode_distinct(encoder, texts: list[str], batch_size: int) -> np.ndarray:
@@ -160,10 +160,11 @@ def fingerprint(ctx: StageContext) -> Fingerprint:
     shards keep their size and modification time.
     """
     cfg: EmbedConfig = ctx.section
-    shards = expand_shards(ctx.data.train_shards)
+    shards, missing = select_shards(ctx.data.train_shards, ctx.data.missing_shards)
     hashes = source_hashes(shards, read_manifest(ctx.layout.embed))
     config_hash = combine(section_hash(cfg), model_fingerprint(cfg.model))
-    return Fingerprint(combine("embed", config_hash, hashes), config_hash, hashes, {"shards": shards})
+    return Fingerprint(combine("embed", config_hash, hashes), config_hash, hashes,
+                       {"shards": shards, "missing": missing})
 
 
 def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
@@ -203,10 +204,11 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         counts={
             "samples_in": embedded + rejected,
             "embedded": embedded, "rejected": by_reason,
+            "shards_missing": len(fp.details["missing"]),
             # wall clock over the shards embedded by this run, all workers together
             "captions_per_second": round(done_now / embed_seconds, 1) if todo and embed_seconds else None,
         },
-        extra={"input_stats": input_stats(shards), "shards": stems,
+        extra={"input_stats": input_stats(shards), "shards": stems, "missing_shards": fp.details["missing"],
                "model": cfg.model, "pooling": cfg.pooling, "precision": cfg.precision,
                "dim": embedding_dim(layout.embeddings(stems[0])) if stems else 0,
                "encoder": layout.encoder.name if encoder_path else None},

@@ -55,7 +55,7 @@ from pipelines.core.devices import usable_cores
 from pipelines.core.layout import RunLayout, expert_name, shard_id, shard_name
 from pipelines.core.manifest import atomic_write_json, combine, hash_outputs, input_stats, read_manifest, source_hashes
 from pipelines.core.stage import Fingerprint, Stage, StageContext, StageResult
-from pipelines.shardio.shards import count_reasons, expand_shards, write_rejects
+from pipelines.shardio.shards import count_reasons, select_shards, write_rejects
 
 
 def _die_with_parent() -> None:
@@ -126,13 +126,13 @@ def fingerprint(ctx: StageContext) -> Fingerprint:
     The shards' hashes the embed stage (or this stage's last run) recorded are
     reused while the files keep their size and modification time.
     """
-    shards = expand_shards(ctx.data.train_shards)
+    shards, missing = select_shards(ctx.data.train_shards, ctx.data.missing_shards)
     hashes = source_hashes(shards, ctx.upstream["embed"], read_manifest(ctx.layout.split))
     check_inputs_unchanged(hashes, ctx.upstream["embed"], shards)
     config_hash = split_config_hash(ctx.section)
     cluster_fp = ctx.upstream["cluster"]["fingerprint"]
     return Fingerprint(combine("split", config_hash, cluster_fp, hashes), config_hash,
-                       {"cluster": cluster_fp, **hashes}, {"shards": shards})
+                       {"cluster": cluster_fp, **hashes}, {"shards": shards, "missing": missing})
 
 
 class InputChanged(ValueError):
@@ -209,11 +209,12 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         if not outputs.is_final(e, k):
             outputs.finalize(e, k)
     outputs.wait()
-    return _finish(cfg, layout, shards, plan, num_experts)
+    return _finish(cfg, layout, shards, plan, num_experts, fp.details["missing"])
 
 
-def _finish(cfg: SplitConfig, layout: RunLayout, shards: list[Path], plan: dict, num_experts: int) -> StageResult:
-    """Per-expert shard-set files, rejects.parquet, the conservation check."""
+def _finish(cfg: SplitConfig, layout: RunLayout, shards: list[Path], plan: dict, num_experts: int,
+            missing: list[str]) -> StageResult:
+    """Per-expert shard-set files, rejects.parquet, the conservation check (absent shards counted)."""
     records = [json.loads(layout.input_record(shard_id(p)).read_text()) for p in shards]
     expert_counts = []
     for e in range(num_experts):
@@ -243,8 +244,9 @@ def _finish(cfg: SplitConfig, layout: RunLayout, shards: list[Path], plan: dict,
     return StageResult(
         outputs=dict(sorted(outputs.items())),
         counts={"samples_in": samples_in, "written": own, "ooc_copies": ooc_copies, "experts": expert_counts,
-                "rejected": by_reason},
+                "rejected": by_reason, "shards_in": len(shards), "shards_missing": len(missing)},
         extra={"num_experts": num_experts, "input_shards": [str(p.resolve()) for p in shards],
+               "missing_shards": missing,
                "input_stats": input_stats(shards)},
     )
 

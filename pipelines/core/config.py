@@ -60,11 +60,17 @@ class DataConfig:
     is stated on them. `val_tasks` (optional, "" for none) holds tasks of the
     same kind from the training domains, on which settings such as the routing
     lambda are chosen: never on the test tasks.
+
+    `missing_shards`: what a shard that `train_shards` names but that is not
+    there does (img2dataset leaves a few unwritten at LAION size): `skip`
+    leaves it out, counted and named in the embed and split manifests;
+    `error` stops the run before any work.
     """
 
     train_shards: str = "data/demo/train"
     eval_tasks: str = "data/demo/eval"
     val_tasks: str = "data/demo/val"
+    missing_shards: str = "skip"
 
 
 @dataclass(frozen=True)

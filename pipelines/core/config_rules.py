@@ -60,6 +60,7 @@ def validate(cfg: Any) -> None:
     _positive(c.balance_topk, "cluster.balance_topk")
     if c.max_expert_ratio < 1:
         raise ConfigError("cluster.max_expert_ratio must be >= 1")
+    _choice(cfg.data.missing_shards, ("skip", "error"), "data.missing_shards")
     e = cfg.embed
     _choice(e.pooling, ("model", "mean", "cls"), "embed.pooling")
     _positive(e.batch_size, "embed.batch_size")

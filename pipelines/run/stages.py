@@ -71,6 +71,6 @@ def stage_done(name: str, cfg: Config, run_dir: str | Path | RunLayout | None) -
 
 def check_inputs(cfg: Config) -> None:
     """Fail before any work when the config points at data that is not there."""
-    expand_shards(cfg.data.train_shards)
+    expand_shards(cfg.data.train_shards, cfg.data.missing_shards)
     if not Path(cfg.data.eval_tasks).is_dir():
         raise FileNotFoundError(f"data.eval_tasks: folder {cfg.data.eval_tasks} not found")

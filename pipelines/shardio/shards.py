@@ -61,13 +61,14 @@ class Sample:
     """Why the reader already knows the sample is unusable (`damaged_member`, `non_utf8_name`)."""
 
 
-def expand_shards(spec: str | Path) -> list[Path]:
-    """Resolve a folder, a glob or a brace pattern (`a/{00000..00009}.tar`) to shards.
+def find_shards(spec: str | Path) -> tuple[list[Path], list[Path]]:
+    """(shards found, shards named but absent) for a folder, a glob or a brace pattern.
 
     A folder lists its tars, plain or compressed (`layout.SHARD_SUFFIXES`), in name order, and not
     its hidden files (`.x.tar`, what a copy in progress or macOS leaves); a pattern takes what it
-    names, hidden or not. Two shards with the same name but for the suffix are an error (their
-    outputs would share a name).
+    names, hidden or not. Only a brace pattern or a plain name can name a shard that is not there
+    (a folder or a glob lists what exists). Two shards with the same name but for the suffix are an
+    error (their outputs would share a name), as is a pattern that names a folder.
     """
     spec = str(spec)
     if os.path.isdir(spec) and not spec.endswith(SHARD_SUFFIXES):
@@ -82,18 +83,36 @@ def expand_shards(spec: str | Path) -> list[Path]:
     if folders:
         raise FileNotFoundError(f"{folders[0]} is a folder, not a tar shard: name the shards inside it "
                                 f"(e.g. {folders[0]}/*.tar) or the folder that holds them")
+    found = [p for p in paths if p.is_file()]
     missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"shard(s) not found: {[str(p) for p in missing[:5]]}")
-    if not paths:
-        raise FileNotFoundError(f"no .tar shards found at {spec!r} (looked for names ending in "
-                                f"{', '.join(SHARD_SUFFIXES)})")
     ids: dict[str, Path] = {}
-    for path in paths:
+    for path in found:
         other = ids.setdefault(shard_id(path), path)
         if other != path:
             raise ValueError(f"{other} and {path} are both shard {shard_id(path)!r}: keep one of them")
-    return paths
+    return found, missing
+
+
+def expand_shards(spec: str | Path, missing: str = "error") -> list[Path]:
+    """The shards `spec` names that are there (see `select_shards`)."""
+    return select_shards(spec, missing)[0]
+
+
+def select_shards(spec: str | Path, missing: str = "error") -> tuple[list[Path], list[str]]:
+    """(the shards `spec` names that are there, the names of those that are not). An absent shard is
+    an error, or with `missing="skip"` left out, for the caller to count and name (img2dataset leaves
+    a few shards unwritten at LAION size). No shard at all is always an error.
+    """
+    found, absent = find_shards(spec)
+    if absent and missing != "skip":
+        raise FileNotFoundError(
+            f"{len(absent)} shard(s) not found: {[str(p) for p in absent[:5]]}; set data.missing_shards: skip "
+            "to train on the others (they are counted and named in the manifests)")
+    if not found:
+        what = f"none of the {len(absent)} shards named exist" if absent else (
+            f"no .tar shards found (looked for names ending in {', '.join(SHARD_SUFFIXES)})")
+        raise FileNotFoundError(f"{spec!r}: {what}")
+    return found, [str(p) for p in absent]
 
 
 def split_member_name(name: str) -> tuple[str, str]:
