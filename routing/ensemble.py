@@ -49,11 +49,18 @@ def ensemble_per_query(expert_scores: np.ndarray, query_weights: np.ndarray) -> 
     return np.einsum("qc,cqk->qk", query_weights.astype(np.float64), expert_scores.astype(np.float64))
 
 
-def recall_hits(similarity: np.ndarray, k: int) -> np.ndarray:
-    """(rows,) bool: whether each row's matching column (row i <-> column i) is among its k highest."""
-    return topk_hits(similarity, np.arange(similarity.shape[0]), k)
+def text_hits(i2t: np.ndarray, caption_image: np.ndarray, k: int) -> np.ndarray:
+    """(images,) bool: whether any of each image's captions is among its k most similar captions.
+
+    i2t: (images, captions) similarities; caption_image[j]: the image caption j describes. With
+    several captions per image (clip_benchmark's retrieval sets, 5 for COCO) a hit is any of them,
+    as CLIP papers and clip_benchmark count recall@k.
+    """
+    k = min(k, i2t.shape[1])
+    top = np.argsort(-i2t, axis=1, kind="stable")[:, :k]
+    return (np.asarray(caption_image)[top] == np.arange(i2t.shape[0])[:, None]).any(axis=1)
 
 
-def recall_at_k(similarity: np.ndarray, k: int) -> float:
-    """Share of rows whose matching column (row i <-> column i) is among the k highest."""
-    return float(recall_hits(similarity, k).mean())
+def image_hits(t2i: np.ndarray, caption_image: np.ndarray, k: int) -> np.ndarray:
+    """(captions,) bool: whether each caption's image is among its k most similar images."""
+    return topk_hits(t2i, np.asarray(caption_image), k)

@@ -27,10 +27,12 @@ each row's hit or miss on every test sample, which the report stage
 resamples for paired intervals.
 
 Classification tasks: class names (with prompt templates) are embedded with
-the clustering's caption encoder and routed; metrics top-1, top-5 and mean
-per-class accuracy. Retrieval tasks (image-caption pairs): image-to-text uses
+the clustering's caption encoder and routed; metrics top-1, top-5 (with at
+least 5 classes) and mean per-class recall, as clip_benchmark defines them.
+Retrieval tasks (images with one or several captions): image-to-text uses
 one weight vector routed from the whole caption set, text-to-image routes
-every query caption on its own (the paper's definitions); metrics R@1, R@5.
+every query caption on its own (the paper's definitions); metrics R@1, R@5,
+R@10 both ways, an image-to-text hit being any of the image's captions.
 
 Task folders: routing/tasks.py. This evaluation's tables and plots: routing/tables.py; the comparison
 over trainer seeds with intervals: the report stage, routing/report.py.
@@ -62,6 +64,7 @@ from pipelines.core.manifest import (
     require_manifest,
 )
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
+from routing.clip_benchmark_format import cb_metrics, cb_result, main_metric
 from routing.clip_features import classifier_weights, image_features, load_clip, text_features
 from routing.metadata import classname_embeddings
 from routing.systems import HEADLINE, Router, TaskView, choose_lambda, ensemble, single
@@ -93,7 +96,7 @@ def task_metadata(task: Task, encoder) -> tuple[np.ndarray, list[str]]:
 
 
 def view(task: Task) -> TaskView:
-    return TaskView(task.name, task.kind, task.labels)
+    return TaskView(task.name, task.kind, task.labels, task.caption_image)
 
 
 def ablation_rows(variant: str, experts: int) -> list[tuple[str, bool]]:
@@ -265,16 +268,18 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         results["tasks"][task.name] = {
             "kind": task.kind, **rows.metrics[task.name],
             "routing_weights": routings[cfg.routing][t]["weights"].tolist(), "num_images": len(task.images),
-            **({"num_classes": len(task.classnames)} if task.kind == "classification" else {}),
+            **({"num_classes": len(task.classnames)} if task.kind == "classification" else
+               {"num_captions": len(task.captions)}),
         }
     routing_log = {task.name: routing_entry(routings[cfg.routing][t], metas[t], system.router)
                    for t, task in enumerate(tasks)}
     atomic_write_json(layout.results, results)
     atomic_write_json(layout.routing_log, routing_log)
+    exported = write_field_formats(results, layout)
     with atomic_path(layout.per_sample) as tmp:
         pq.write_table(rows.table(), tmp)
     atomic_write_text(layout.results_markdown, markdown_report(results))
-    outputs = [layout.results, layout.routing_log, layout.per_sample, layout.results_markdown,
+    outputs = [layout.results, layout.routing_log, layout.per_sample, layout.results_markdown, *exported,
                *plot_report(results, layout)]
     return StageResult(
         outputs=hash_outputs(layout.evaluate, outputs),
@@ -284,6 +289,24 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
                 "stale_added_experts": len(current_added(layout)[1])},
         extra={"device": device},
     )
+
+
+def write_field_formats(results: dict, layout: RunLayout) -> list[Path]:
+    """Every (row, task) result as clip_benchmark's JSON, and all of them in results.jsonl; return
+    the files written. The tools that read clip_benchmark's or DataComp's outputs read these."""
+    lines, paths = [], []
+    for task, entry in results["tasks"].items():
+        kind = entry["kind"]
+        for row in results["rows"]:
+            metrics = {k: v for k, v in entry[row].items() if k != "expert"}
+            path = layout.clip_benchmark_result(task, row)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, cb_result(task, kind, row, metrics))
+            paths.append(path)
+            field = {**cb_metrics(kind, metrics), "main_metric": main_metric(kind, metrics)}
+            lines.append(json.dumps({"key": task, "dataset": task, "model": row, "metrics": field}))
+    atomic_write_text(layout.results_jsonl, "\n".join(lines) + "\n")
+    return [layout.results_jsonl, *paths]
 
 
 def routing_entry(routing: dict, meta: tuple[np.ndarray, list[str]], router: Router) -> dict:

@@ -2,8 +2,12 @@
 experts (uniform, or routed by one of three rules), their metrics and per-sample hits, and the
 routing lambda chosen on validation tasks.
 
-A task's scores are (N, C) class logits for classification and (N, N)
-image-to-caption similarities for retrieval (pair i matches pair i). An
+A task's scores are (N, C) class logits for classification and (N, T)
+image-to-caption similarities for retrieval (caption j describes image
+`caption_image[j]`; one caption per image in moda's own tasks, several in
+clip_benchmark's). Metrics are clip_benchmark's: top-5 only with at least 5
+classes (with fewer it is 100% whatever the model), recall@1/5/10 both ways
+(each only with at least k candidates). An
 ensemble is n experts' scores stacked (n, N, K) with weights (n,); for
 text-to-image retrieval each query caption has its own weights (Q, n), as
 the paper defines it.
@@ -18,9 +22,9 @@ import numpy as np
 from routing.ensemble import (
     ensemble_logits,
     ensemble_per_query,
+    image_hits,
     mean_per_class_accuracy,
-    recall_at_k,
-    recall_hits,
+    text_hits,
     topk_accuracy,
     topk_hits,
 )
@@ -28,6 +32,7 @@ from routing.weights import route, route_each
 
 # The metric a task's verdict (and the oracle's choice) is stated in, and the per-sample hits kept.
 HEADLINE = {"classification": "top1", "retrieval": "i2t_r1"}
+RECALL_KS = (1, 5, 10)
 HITS = {"classification": ("top1",), "retrieval": ("i2t_r1", "t2i_r1")}
 # Lambdas tried on the validation tasks (the paper's 0.2 among them).
 LAMBDAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
@@ -36,11 +41,12 @@ ROUTINGS = ("paper", "released", "coarse")
 
 @dataclass(frozen=True)
 class TaskView:
-    """What scoring a task needs: its kind and labels (classification)."""
+    """What scoring a task needs: its kind, labels (classification) or each caption's image (retrieval)."""
 
     name: str
     kind: str
     labels: np.ndarray
+    caption_image: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,18 @@ def ensemble(task: TaskView, stacked: np.ndarray, routing: dict | None) -> tuple
 
 def _scored(task: TaskView, main: np.ndarray, t2i: np.ndarray | None) -> tuple[dict, dict]:
     if task.kind == "classification":
-        metrics = {"top1": topk_accuracy(main, task.labels, 1), "top5": topk_accuracy(main, task.labels, 5),
+        metrics = {"top1": topk_accuracy(main, task.labels, 1),
+                   "top5": topk_accuracy(main, task.labels, 5) if main.shape[1] >= 5 else None,
                    "mean_per_class": mean_per_class_accuracy(main, task.labels)}
         return metrics, {"top1": topk_hits(main, task.labels, 1)}
-    metrics = {"i2t_r1": recall_at_k(main, 1), "i2t_r5": recall_at_k(main, 5),
-               "t2i_r1": recall_at_k(t2i, 1), "t2i_r5": recall_at_k(t2i, 5)}
-    return metrics, {"i2t_r1": recall_hits(main, 1), "t2i_r1": recall_hits(t2i, 1)}
+    owner = task.caption_image if task.caption_image is not None else np.arange(main.shape[0])
+    # recall@k over fewer than k candidates is left out (clip_benchmark cannot compute it either)
+    hits, metrics = {}, {}
+    for k in RECALL_KS:
+        hits[f"i2t_r{k}"] = text_hits(main, owner, k) if k <= main.shape[1] else None
+        hits[f"t2i_r{k}"] = image_hits(t2i, owner, k) if k <= t2i.shape[1] else None
+    metrics = {name: None if h is None else float(h.mean()) for name, h in hits.items()}
+    return metrics, {"i2t_r1": hits["i2t_r1"], "t2i_r1": hits["t2i_r1"]}
 
 
 def choose_lambda(tasks: list[TaskView], stacked: list[np.ndarray], metas: list[np.ndarray], router: Router,

@@ -31,13 +31,15 @@ def markdown_report(results: dict) -> str:
             vals = [results["tasks"][t][row]["top1"] * 100 for t in cls]
             out.append(f"| {row} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {np.mean(vals):.1f} |")
         out.append("")
+    recalls = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     for t in ret:
-        out += [f"Retrieval `{t}` (recall %):", "", "| model | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |",
-                "|---|---:|---:|---:|---:|"]
+        out += [f"Retrieval `{t}` (recall %):", "",
+                "| model | " + " | ".join(m.replace("_r", " R@") for m in recalls) + " |",
+                "|---|" + "---:|" * len(recalls)]
         for row in rows:
             r = results["tasks"][t][row]
-            out.append(f"| {row} | {r['i2t_r1'] * 100:.1f} | {r['i2t_r5'] * 100:.1f} | "
-                       f"{r['t2i_r1'] * 100:.1f} | {r['t2i_r5'] * 100:.1f} |")
+            out.append(f"| {row} | " + " | ".join(f"{r[m] * 100:.1f}" if r.get(m) is not None else "-"
+                                                   for m in recalls) + " |")
         out.append("")
     lam = results.get("lambda", {}).get("MoDE", {})
     out += [f"One trainer seed; the comparisons with intervals are in the report stage (report/report.md). "

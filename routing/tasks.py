@@ -1,8 +1,15 @@
-"""Held-out evaluation tasks: moda's own task folders, read into memory.
+"""Held-out evaluation tasks, read into memory: moda's own task folders and clip_benchmark's.
 
-A task folder holds `task.json` ({"name", "kind": "classification",
+A moda task folder holds `task.json` ({"name", "kind": "classification",
 "classnames", "templates"} or {"name", "kind": "retrieval"}) and tar shards
-with `<key>.jpg` and `<key>.cls` (class index) or `<key>.txt` (caption).
+with `<key>.jpg` (or webp/png/jpeg) and `<key>.cls` (class index) or
+`<key>.txt` (caption). `"classnames": "imagenet1k"` takes open_clip's
+ImageNet class names, with OpenAI's 80 templates (`"templates": "openai"`,
+the default there) or the simple set (`"simple"`).
+
+A clip_benchmark folder (`test/{0..n-1}.tar`, classnames.txt, ...; see
+routing/clip_benchmark_format.py) is read as it is; its retrieval captions are
+one per line, several per image.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from PIL import Image
 
 from pipelines.core.layout import TASK_FILE
 from pipelines.shardio.shards import ShardError, expand_shards, iter_samples
+from routing import clip_benchmark_format as cb
+
+IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order: a sample's first one is its image
 
 
 @dataclass
@@ -29,19 +39,27 @@ class Task:
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
+    caption_image: np.ndarray | None = None  # retrieval: the image each caption describes
+
+
+def is_task(folder: Path) -> bool:
+    return (folder / TASK_FILE).is_file() or cb.is_clip_benchmark(folder)
 
 
 def task_folders(tasks_dir: Path) -> list[Path]:
-    """The task folders under `tasks_dir`: every folder not hidden. One without a task.json is an
+    """The task folders under `tasks_dir` (every folder not hidden), or `tasks_dir` itself when it
+    is one task. A folder that is neither a moda task (task.json) nor a clip_benchmark set is an
     error, not skipped: a task lost without a word changes the report's mean (a generator killed
     mid-way leaves only hidden temporary folders)."""
     if not tasks_dir.is_dir():
         raise FileNotFoundError(f"evaluation tasks folder {tasks_dir} not found (data.eval_tasks)")
+    if is_task(tasks_dir):
+        return [tasks_dir]
     folders = sorted(p for p in tasks_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    broken = [str(p) for p in folders if not (p / TASK_FILE).is_file()]
+    broken = [str(p) for p in folders if not is_task(p)]
     if broken:
-        raise ValueError(f"task folder(s) without a {TASK_FILE}: {broken}; regenerate them (moda synth) "
-                         f"or move them out of {tasks_dir}")
+        raise ValueError(f"task folder(s) with neither a {TASK_FILE} nor clip_benchmark's test/ split: {broken}; "
+                         f"regenerate them (moda synth) or move them out of {tasks_dir}")
     return folders
 
 
@@ -66,6 +84,7 @@ def read_spec(folder: Path) -> dict:
     if "name" in spec and not isinstance(spec["name"], str):
         raise TaskError(f"{path}: name must be a string, got {spec['name']!r}")
     if kind == "classification":
+        spec = builtin_metadata(spec, path)
         names = spec.get("classnames")
         if not isinstance(names, list) or not names or not all(isinstance(c, str) and c.strip() for c in names):
             raise TaskError(f"{path}: classnames must be a non-empty list of non-empty strings")
@@ -78,6 +97,27 @@ def read_spec(folder: Path) -> dict:
 
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
+BUILTIN_CLASSNAMES = ("imagenet1k",)
+
+
+def builtin_metadata(spec: dict, path: Path) -> dict:
+    """`"classnames": "imagenet1k"` -> open_clip's 1,000 ImageNet class names, with OpenAI's 80
+    templates (`"templates": "openai"`, the default) or its simple set (`"simple"`)."""
+    names = spec.get("classnames")
+    if not isinstance(names, str):
+        return spec
+    if names not in BUILTIN_CLASSNAMES:
+        raise TaskError(f"{path}: classnames {names!r} is not a built-in set ({', '.join(BUILTIN_CLASSNAMES)}); "
+                        "give a list of class names")
+    from open_clip import zero_shot_metadata as meta
+
+    templates = spec.get("templates", "openai")
+    sets = {"openai": meta.OPENAI_IMAGENET_TEMPLATES, "simple": meta.SIMPLE_IMAGENET_TEMPLATES}
+    if isinstance(templates, str):
+        if templates not in sets:
+            raise TaskError(f"{path}: templates {templates!r} is not a built-in set (openai, simple)")
+        templates = [t("{c}") for t in sets[templates]]
+    return {**spec, "classnames": list(meta.IMAGENET_CLASSNAMES), "templates": templates}
 
 
 def check_template(template: str, where: Path | str) -> None:
@@ -97,35 +137,52 @@ def load_tasks(tasks_dir: Path) -> list[Task]:
     target, an image that does not decode, a class index that is not one of the task's classes
     are errors naming the task, the shard and the key (a test set must be whole: a dropped image
     would change the number being compared)."""
-    tasks = []
-    for folder in task_folders(tasks_dir):
-        spec = read_spec(folder)
-        kind = spec["kind"]
-        need = "cls" if kind == "classification" else "txt"
-        images, targets, keys = [], [], []
-        for shard in expand_shards(folder):
-            try:
-                for sample in iter_samples(shard):
-                    raw = sample.files.get("jpg") or sample.files.get("png")
-                    if raw is None or need not in sample.files:
-                        raise TaskError(f"{shard}: sample {sample.key!r} needs an image and a .{need}")
-                    images.append(_image(raw, shard, sample.key))
-                    targets.append(_text(sample.files[need], shard, sample.key, need))
-                    keys.append(f"{shard.name}:{sample.key}")
-            except ShardError as err:
-                raise TaskError(f"{folder}: {err}; regenerate or replace the shard") from None
-        if not images:
-            raise TaskError(f"{folder}: task has no samples")
-        name = spec.get("name", folder.name)
-        if kind == "classification":
-            labels = _labels(targets, keys, len(spec["classnames"]), folder)
-            tasks.append(Task(name, kind, images, labels=labels, classnames=spec["classnames"],
-                              templates=spec.get("templates", DEFAULT_TEMPLATES)))
-        else:
-            tasks.append(Task(name, kind, images, captions=targets))
+    tasks = [load_task(folder) for folder in task_folders(tasks_dir)]
     if not tasks:
-        raise TaskError(f"{tasks_dir}: no task folders (with a task.json) found")
+        raise TaskError(f"{tasks_dir}: no task folders (with a task.json or clip_benchmark's test/) found")
     return tasks
+
+
+def load_task(folder: Path) -> Task:
+    """One task folder, moda's or clip_benchmark's."""
+    own = (folder / TASK_FILE).is_file()
+    try:
+        spec = read_spec(folder) if own else cb.read_spec(folder)
+        shards = expand_shards(folder) if own else cb.shard_paths(folder)
+    except cb.FormatError as err:
+        raise TaskError(str(err)) from None
+    if not own and spec["kind"] == "classification":
+        for template in spec["templates"]:
+            check_template(template, folder / cb.TEMPLATES)
+    kind = spec["kind"]
+    need = "cls" if kind == "classification" else "txt"
+    images, targets, keys = [], [], []
+    for shard in shards:
+        try:
+            for sample in iter_samples(shard):
+                raw = next((sample.files[e] for e in IMAGE_EXTS if e in sample.files), None)
+                if raw is None or need not in sample.files:
+                    raise TaskError(f"{shard}: sample {sample.key!r} needs an image and a .{need} "
+                                    f"(images: {', '.join(IMAGE_EXTS)})")
+                images.append(_image(raw, shard, sample.key))
+                targets.append(_text(sample.files[need], shard, sample.key, need))
+                keys.append(f"{shard.name}:{sample.key}")
+        except ShardError as err:
+            raise TaskError(f"{folder}: {err}; regenerate or replace the shard") from None
+    if not images:
+        raise TaskError(f"{folder}: task has no samples")
+    name = spec.get("name", folder.name)
+    if kind == "classification":
+        labels = _labels(targets, keys, len(spec["classnames"]), folder)
+        return Task(name, kind, images, labels=labels, classnames=spec["classnames"],
+                    templates=spec.get("templates", DEFAULT_TEMPLATES))
+    # moda's own retrieval sets pair image i with caption i; clip_benchmark's give each image
+    # several captions, one per line of its .txt (5 for COCO and Flickr).
+    per_image = [[target] for target in targets] if own else [target.splitlines() for target in targets]
+    per_image = [[c.strip() for c in group if c.strip()] for group in per_image]
+    captions = [c for group in per_image for c in group]
+    caption_image = np.repeat(np.arange(len(per_image)), [len(group) for group in per_image])
+    return Task(name, kind, images, captions=captions, caption_image=caption_image)
 
 
 def _image(raw: bytes, shard: Path, key: str) -> Image.Image:

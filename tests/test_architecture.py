@@ -132,7 +132,7 @@ def test_no_source_file_is_over_400_lines_without_a_reason_at_its_top():
 
 RUN_FILES = ("manifest.json", "registry.json", "fine_centroids.npy", "expert_of_fine.npy",
              "expert_centroids.npy", "assignments.parquet", "rejects.parquet", "plan.json",
-             "results.json", "results.md", "routing.json", "report.json", "request.json", "sizes.json")
+             "results.json", "results.md", "results.jsonl", "routing.json", "report.json", "request.json", "sizes.json")
 
 
 def test_only_the_run_layout_spells_run_folder_file_names():

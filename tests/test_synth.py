@@ -90,7 +90,7 @@ def test_a_failed_task_leaves_no_half_written_task_folder(tmp_path, monkeypatch)
     assert list((tmp_path / "d" / "eval").iterdir()) == []  # neither a folder nor a temporary one
     assert not (tmp_path / "d" / "synth.json").exists()
     (tmp_path / "d" / "eval" / "broken").mkdir()  # as an older generator left it
-    with pytest.raises(ValueError, match="without a task.json"):
+    with pytest.raises(ValueError, match="with neither a task.json nor clip_benchmark"):
         load_tasks(tmp_path / "d" / "eval")
 
 

@@ -232,6 +232,16 @@ class RunLayout:
         return self.evaluate / "results.md"
 
     @property
+    def results_jsonl(self) -> Path:
+        """One line per (model, task), DataComp-style (key, dataset, model, metrics with main_metric)."""
+        return self.evaluate / "results.jsonl"
+
+    def clip_benchmark_result(self, task: str, row: str) -> Path:
+        """A (model, task) result in clip_benchmark's JSON format."""
+        slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{task}__{row}")
+        return self.evaluate / "clip_benchmark" / f"{slug}.json"
+
+    @property
     def routing_log(self) -> Path:
         return self.evaluate / "routing.json"
 
