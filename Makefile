@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo test test-gpu lint repro-cpu clean
+.PHONY: venv demo ui test test-gpu lint repro-cpu clean
 
 # The venv is (re)built when the dependency pins change. constraints.txt pins
 # every transitive package of a set known to install offline (pip freeze).
@@ -22,6 +22,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/moda demo --config configs/demo.yaml
+
+# After `make demo`: browse its flow runs and artifacts (Ctrl-C stops the server).
+ui: $(STAMP)
+	$(VENV)/bin/moda ui
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -27,6 +27,7 @@ from experts.verify import verify_split
 from pipelines.core.config import ConfigError, load_config, merge_settings, parse_setting
 from pipelines.run.add_expert import AddRequest
 from pipelines.run.demo import main as demo_main
+from pipelines.run.demo import ui as demo_ui
 from pipelines.run.stages import NAMES, run_stage
 from pipelines.shardio.shards import ShardError
 from pipelines.synth.generate import generate
@@ -133,6 +134,10 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.config)
 
 
+def _ui(args: argparse.Namespace) -> int:
+    return demo_ui(args.port)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moda", description="Mixture of Data Experts CLIP pipeline")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -180,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the demo through a local Prefect server and worker")
     p.add_argument("--config", default="configs/demo.yaml")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("ui", help="start the Prefect server on the demo's database and print its address")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    p.set_defaults(func=_ui)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -139,3 +139,23 @@ def main(config_path: str = "configs/demo.yaml") -> int:
 
 if __name__ == "__main__":
     sys.exit(main(*sys.argv[1:]))
+
+
+def ui(port: int = 0) -> int:
+    """`moda ui` / `make ui`: the Prefect server on the demo's database (`.prefect/` here), in the
+    foreground, so the flow runs, logs and artifacts of `make demo` can be browsed; Ctrl-C stops it."""
+    root = Path.cwd()
+    state = root / ".prefect"
+    state.mkdir(exist_ok=True)
+    port = port or free_port()
+    env = demo_env(root, port)
+    log = state / "ui-server.log"
+    server = start_server(env, root, log)
+    print(f"[ui] Prefect UI at http://127.0.0.1:{port} (database {state}/, log {log}); Ctrl-C stops it",
+          flush=True)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(server, "server")
