@@ -65,27 +65,40 @@ from pipelines.core.manifest import (
 )
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 from routing.clip_benchmark_format import cb_metrics, cb_result, main_metric
-from routing.clip_features import classifier_weights, image_features, load_clip, text_features
+from routing.clip_features import classifier_weights, load_clip, text_features
+from routing.image_stream import cached_image_features
 from routing.metadata import classname_embeddings
 from routing.systems import HEADLINE, Router, TaskView, choose_lambda, ensemble, single
 from routing.tables import markdown_report, plot_report
-from routing.tasks import Task, load_tasks
+from routing.tasks import Task, load_tasks, task_folders, task_roots
 from routing.weights import nearest_fine
 
 PER_SAMPLE_SCHEMA = pa.schema([("task", pa.string()), ("row", pa.string()), ("metric", pa.string()),
                                ("sample", pa.int32()), ("hit", pa.bool_())])
 
 
-def model_scores(clip, tasks: list[Task], batch_size: int) -> list[np.ndarray]:
-    """Per task: (N, C) class logits, or (N, N) image-caption similarities."""
-    out = []
-    for task in tasks:
-        images = image_features(clip, task.images, batch_size)
-        if task.kind == "classification":
-            out.append(images @ classifier_weights(clip, task.classnames, task.templates).T)
-        else:
-            out.append(images @ text_features(clip, task.captions, batch_size).T)
-    return out
+class Scorer:
+    """Scores models on tasks: images streamed from the shards (image features cached per model and
+    task fingerprint under `cache`), class names and captions through the model's text tower."""
+
+    def __init__(self, device: str, batch_size: int, workers: int, cache: Path | None,
+                 task_hashes: dict[str, str]):
+        self.device, self.batch_size, self.workers, self.cache = device, batch_size, workers, cache
+        self.task_hashes = task_hashes
+
+    def model_scores(self, model_dir: Path, tasks: list[Task]) -> list[np.ndarray]:
+        """Per task: (N, C) class logits, or (N, T) image-caption similarities."""
+        clip = load_clip(model_dir, self.device)
+        out = []
+        for task in tasks:
+            task_hash = self.task_hashes.get(str(Path(task.folder).resolve()))
+            images = cached_image_features(clip, model_dir, task.images, task_hash,
+                                           self.cache if task_hash else None, self.batch_size, self.workers)
+            if task.kind == "classification":
+                out.append(images @ classifier_weights(clip, task.classnames, task.templates).T)
+            else:
+                out.append(images @ text_features(clip, task.captions, self.batch_size).T)
+        return out
 
 
 def task_metadata(task: Task, encoder) -> tuple[np.ndarray, list[str]]:
@@ -117,9 +130,9 @@ class System:
     def __init__(self, name: str, models: list[Path], router: Router):
         self.name, self.models, self.router = name, models, router
 
-    def scores(self, tasks: list[Task], device: str, batch_size: int) -> list[np.ndarray]:
+    def scores(self, tasks: list[Task], scorer: Scorer) -> list[np.ndarray]:
         """(n, N, K) stacked expert scores per task."""
-        per_model = [model_scores(load_clip(m, device), tasks, batch_size) for m in self.models]
+        per_model = [scorer.model_scores(m, tasks) for m in self.models]
         return [np.stack([p[t] for p in per_model]) for t in range(len(tasks))]
 
 
@@ -176,12 +189,12 @@ def routed_rows(rows: Rows, name: str, system: System, tasks: list[Task], metas:
     return routings
 
 
-def lambda_on_validation(system: System, val_tasks: list[Task], val_metas: list[np.ndarray], device: str,
-                         batch_size: int, default: float) -> dict:
+def lambda_on_validation(system: System, val_tasks: list[Task], val_metas: list[np.ndarray], scorer: Scorer,
+                         default: float) -> dict:
     """The paper-formula lambda that routes `system` best on the validation tasks, or the config's."""
     if not val_tasks:
         return {"value": default, "source": "config (no validation tasks)"}
-    stacked = system.scores(val_tasks, device, batch_size)
+    stacked = system.scores(val_tasks, scorer)
     lam, scores = choose_lambda([view(t) for t in val_tasks], stacked, val_metas, system.router)
     return {"value": lam, "source": "validation", "validation_scores": {str(k): v for k, v in scores.items()}}
 
@@ -190,14 +203,16 @@ def fingerprint(ctx: StageContext) -> Fingerprint:
     """Config, the embed, cluster and train stages, the task files (test and validation), ablations and
     added experts."""
     layout = ctx.layout
-    task_hash = combine([folder_hash(Path(d)) for d in (ctx.data.eval_tasks, ctx.data.val_tasks) if d])
+    hashes = task_hashes([d for d in (ctx.data.eval_tasks, ctx.data.val_tasks) if d])
+    task_hash = combine(sorted(hashes.values()))
     ablation_fps = [(v, require_manifest(layout.ablation(v).train, f"train ({v} ablation)")["fingerprint"])
                     for v in ctx.section.ablations]
     config_hash = section_hash(ctx.section)
     up = {name: ctx.upstream[name]["fingerprint"] for name in ("embed", "train", "cluster")}
     value = combine("evaluate", config_hash, up["embed"], up["train"], up["cluster"], task_hash, ablation_fps,
                     added_fingerprint(layout))
-    return Fingerprint(value, config_hash, {"train": up["train"], "cluster": up["cluster"], "tasks": task_hash})
+    return Fingerprint(value, config_hash, {"train": up["train"], "cluster": up["cluster"], "tasks": task_hash},
+                       {"task_hashes": hashes})
 
 
 def folder_hash(folder: Path) -> str:
@@ -205,13 +220,20 @@ def folder_hash(folder: Path) -> str:
     return combine([(p.relative_to(folder).as_posix(), file_sha256(p)) for p in files])
 
 
+def task_hashes(specs: list[str]) -> dict[str, str]:
+    """Each task folder's content hash (resolved path -> hash), for the stage's fingerprint and the
+    image-feature cache. A root that does not exist holds no tasks (validation tasks are optional)."""
+    return {str(f.resolve()): folder_hash(f) for spec in specs for root in task_roots(spec) if root.is_dir()
+            for f in task_folders(root)}
+
+
 def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     cfg: EvaluateConfig = ctx.section
     layout = ctx.layout
     device = pick_device(cfg.device)
-    tasks = load_tasks(Path(ctx.data.eval_tasks))
-    val_dir = Path(ctx.data.val_tasks) if ctx.data.val_tasks else None
-    val_tasks = load_tasks(val_dir) if val_dir is not None and val_dir.is_dir() else []
+    tasks = load_tasks(ctx.data.eval_tasks)
+    val_roots = [r for r in task_roots(ctx.data.val_tasks) if r.is_dir()] if ctx.data.val_tasks else []
+    val_tasks = load_tasks("::".join(map(str, val_roots))) if val_roots else []
     encoder = load_run_encoder(layout.embed, device)
     metas = [task_metadata(t, encoder) for t in tasks]
     val_metas = [task_metadata(t, encoder)[0] for t in val_tasks]
@@ -222,19 +244,19 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     experts = [e.name for e in expert_list]
     singles = {"seed": layout.model("seed")} | ({"baseline": layout.model("baseline")} if registry.get("baseline")
                                                 else {})
+    scorer = Scorer(device, cfg.batch_size, cfg.workers, layout.feature_cache, fp.details["task_hashes"])
     rows, validation = Rows(), {}
     for name, path in tqdm(list(singles.items()), desc="evaluate", unit="model"):
-        clip = load_clip(path, device)
-        for task, scores in zip(tasks, model_scores(clip, tasks, cfg.batch_size)):
+        for task, scores in zip(tasks, scorer.model_scores(path, tasks)):
             rows.add(task, name, single(view(task), scores))
-        for task, scores in zip(val_tasks, model_scores(clip, val_tasks, cfg.batch_size)):
+        for task, scores in zip(val_tasks, scorer.model_scores(path, val_tasks)):
             validation.setdefault(task.name, {"kind": task.kind})[name] = single(view(task), scores)[0]
-    stacked = system.scores(tasks, device, cfg.batch_size)
+    stacked = system.scores(tasks, scorer)
     for t, task in enumerate(tasks):
         for e, name in enumerate(experts):
             rows.add(task, name, single(view(task), stacked[t][e]))
         rows.add(task, "uniform ensemble", ensemble(view(task), stacked[t], None))
-    lambdas = {"MoDE": lambda_on_validation(system, val_tasks, val_metas, device, cfg.batch_size, cfg.lam)}
+    lambdas = {"MoDE": lambda_on_validation(system, val_tasks, val_metas, scorer, cfg.lam)}
     routings = routed_rows(rows, "MoDE", system, tasks, [m for m, _ in metas], stacked, lambdas["MoDE"]["value"],
                            {"routed ensemble": cfg.routing, "routed, released formula": "released",
                             "routed by coarse centres": "coarse"} if cfg.routing == "paper" else
@@ -246,13 +268,12 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     ablation_names, ablation_variants = [], {}
     for variant in cfg.ablations:
         v_system = ablation_system(layout, variant)
-        v_stacked = v_system.scores(tasks, device, cfg.batch_size)
+        v_stacked = v_system.scores(tasks, scorer)
         for row, routed in ablation_rows(variant, v_system.router.experts):
             ablation_names.append(row)
             ablation_variants[row] = variant
             if routed:
-                lambdas[variant] = lambda_on_validation(v_system, val_tasks, val_metas, device, cfg.batch_size,
-                                                        cfg.lam)
+                lambdas[variant] = lambda_on_validation(v_system, val_tasks, val_metas, scorer, cfg.lam)
                 routed_rows(rows, variant, v_system, tasks, [m for m, _ in metas], v_stacked,
                             lambdas[variant]["value"], {row: cfg.routing})
             else:
@@ -267,7 +288,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     for t, task in enumerate(tasks):
         results["tasks"][task.name] = {
             "kind": task.kind, **rows.metrics[task.name],
-            "routing_weights": routings[cfg.routing][t]["weights"].tolist(), "num_images": len(task.images),
+            "routing_weights": routings[cfg.routing][t]["weights"].tolist(), "num_images": task.images.total,
             **({"num_classes": len(task.classnames)} if task.kind == "classification" else
                {"num_captions": len(task.captions)}),
         }
@@ -284,7 +305,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     return StageResult(
         outputs=hash_outputs(layout.evaluate, outputs),
         counts={"tasks": len(tasks), "validation_tasks": len(val_tasks),
-                "images": int(sum(len(t.images) for t in tasks)), "models": len(singles) + len(experts),
+                "images": int(sum(t.images.total for t in tasks)), "models": len(singles) + len(experts),
                 "added_experts": sum(e.added for e in expert_list),
                 "stale_added_experts": len(current_added(layout)[1])},
         extra={"device": device},

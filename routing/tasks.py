@@ -1,4 +1,7 @@
-"""Held-out evaluation tasks, read into memory: moda's own task folders and clip_benchmark's.
+"""Held-out evaluation tasks, checked as they are read: moda's own task folders and clip_benchmark's.
+
+A task keeps its labels or captions and where its images are (routing/image_stream.py streams
+them for each model), never the decoded images: memory does not grow with a task's size.
 
 A moda task folder holds `task.json` ({"name", "kind": "classification",
 "classnames", "templates"} or {"name", "kind": "retrieval"}) and tar shards
@@ -26,20 +29,20 @@ from PIL import Image
 from pipelines.core.layout import TASK_FILE
 from pipelines.shardio.shards import ShardError, expand_shards, iter_samples
 from routing import clip_benchmark_format as cb
-
-IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order: a sample's first one is its image
+from routing.image_stream import IMAGE_EXTS, ImageError, TaskImages, image_bytes
 
 
 @dataclass
 class Task:
     name: str
     kind: str  # "classification" or "retrieval"
-    images: list[Image.Image]
+    images: TaskImages
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     caption_image: np.ndarray | None = None  # retrieval: the image each caption describes
+    folder: Path | None = None
 
 
 def is_task(folder: Path) -> bool:
@@ -63,7 +66,7 @@ def task_folders(tasks_dir: Path) -> list[Path]:
     return folders
 
 
-class TaskError(ValueError):
+class TaskError(ImageError):
     """A task folder that cannot be evaluated as it is; the message names the file, the key and the fix."""
 
 
@@ -132,14 +135,26 @@ def check_template(template: str, where: Path | str) -> None:
                         f"(found {['{' + f + '}' for f in fields] or 'no placeholder'})")
 
 
-def load_tasks(tasks_dir: Path) -> list[Task]:
-    """Every task folder under `tasks_dir`, checked as it is read: a sample without its image or
-    target, an image that does not decode, a class index that is not one of the task's classes
-    are errors naming the task, the shard and the key (a test set must be whole: a dropped image
-    would change the number being compared)."""
-    tasks = [load_task(folder) for folder in task_folders(tasks_dir)]
+def task_roots(spec: str | Path) -> list[Path]:
+    """`data.eval_tasks` / `data.val_tasks`: one folder, or several joined by `::` (moda's own tasks
+    next to a folder of clip_benchmark sets, as open_clip joins training sources)."""
+    return [Path(part) for part in str(spec).split("::") if part]
+
+
+def load_tasks(spec: str | Path) -> list[Task]:
+    """Every task folder under the root(s) `spec` names, checked as it is read: a sample without its
+    image or target, an image that does not decode, a class index that is not one of the task's
+    classes are errors naming the task, the shard and the key (a test set must be whole: a dropped
+    image would change the number being compared). Two tasks of one name are an error."""
+    tasks = [load_task(folder) for root in task_roots(spec) for folder in task_folders(root)]
     if not tasks:
-        raise TaskError(f"{tasks_dir}: no task folders (with a task.json or clip_benchmark's test/) found")
+        raise TaskError(f"{spec}: no task folders (with a task.json or clip_benchmark's test/) found")
+    seen: dict[str, Path | None] = {}
+    for task in tasks:
+        if task.name in seen:
+            raise TaskError(f"two evaluation tasks are named {task.name!r} ({seen[task.name]} and {task.folder}): "
+                            "rename one (its task.json's name, or its folder)")
+        seen[task.name] = task.folder
     return tasks
 
 
@@ -156,39 +171,44 @@ def load_task(folder: Path) -> Task:
             check_template(template, folder / cb.TEMPLATES)
     kind = spec["kind"]
     need = "cls" if kind == "classification" else "txt"
-    images, targets, keys = [], [], []
+    counts, targets, keys = [], [], []
     for shard in shards:
+        counts.append(0)
         try:
             for sample in iter_samples(shard):
-                raw = next((sample.files[e] for e in IMAGE_EXTS if e in sample.files), None)
+                raw = image_bytes(sample.files)
                 if raw is None or need not in sample.files:
                     raise TaskError(f"{shard}: sample {sample.key!r} needs an image and a .{need} "
                                     f"(images: {', '.join(IMAGE_EXTS)})")
-                images.append(_image(raw, shard, sample.key))
+                _check_image(raw, shard, sample.key)
                 targets.append(_text(sample.files[need], shard, sample.key, need))
                 keys.append(f"{shard.name}:{sample.key}")
+                counts[-1] += 1
         except ShardError as err:
             raise TaskError(f"{folder}: {err}; regenerate or replace the shard") from None
-    if not images:
+    if not keys:
         raise TaskError(f"{folder}: task has no samples")
+    images = TaskImages(tuple(shards), tuple(counts))
     name = spec.get("name", folder.name)
     if kind == "classification":
         labels = _labels(targets, keys, len(spec["classnames"]), folder)
         return Task(name, kind, images, labels=labels, classnames=spec["classnames"],
-                    templates=spec.get("templates", DEFAULT_TEMPLATES))
+                    templates=spec.get("templates", DEFAULT_TEMPLATES), folder=folder)
     # moda's own retrieval sets pair image i with caption i; clip_benchmark's give each image
     # several captions, one per line of its .txt (5 for COCO and Flickr).
     per_image = [[target] for target in targets] if own else [target.splitlines() for target in targets]
     per_image = [[c.strip() for c in group if c.strip()] for group in per_image]
     captions = [c for group in per_image for c in group]
     caption_image = np.repeat(np.arange(len(per_image)), [len(group) for group in per_image])
-    return Task(name, kind, images, captions=captions, caption_image=caption_image)
+    return Task(name, kind, images, captions=captions, caption_image=caption_image, folder=folder)
 
 
-def _image(raw: bytes, shard: Path, key: str) -> Image.Image:
+def _check_image(raw: bytes, shard: Path, key: str) -> None:
+    """An image PIL recognises, with a size (its header; the pixels are decoded when it is evaluated, where
+    a truncated one is an error naming the same shard and key)."""
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            return image.convert("RGB")
+            image.size  # noqa: B018 - reading the header is the check
     except Exception as err:  # PIL raises many types for damaged data
         raise TaskError(f"{shard}: sample {key!r}: the image does not decode ({type(err).__name__}: {err}); "
                         "replace it or remove the sample") from None

@@ -51,15 +51,15 @@ def cb_from_moda(moda_eval: Path, root: Path) -> dict:
     digits, retrieval = tasks["digits"], tasks["retrieval"]
     write_cb(root / "cb_digits",
              [[(f"s{i:07d}.webp", webp(im)), (f"s{i:07d}.cls", str(int(y)).encode())]
-              for i, (im, y) in enumerate(zip(digits.images, digits.labels))],
+              for i, (im, y) in enumerate(zip(digits.images.decoded(), digits.labels))],
              **{"classnames.txt": digits.classnames,
                 "zeroshot_classification_templates.txt": [t.replace("{}", "{c}") for t in digits.templates]})
     rewordings = ("{}", "a picture: {}", "{}, in a photo", "here is {}", "an image of {}")
     write_cb(root / "cb_retrieval",
              [[(f"s{i:07d}.webp", webp(im)), (f"s{i:07d}.txt", "\n".join(r.format(c) for r in rewordings).encode())]
-              for i, (im, c) in enumerate(zip(retrieval.images, retrieval.captions))],
+              for i, (im, c) in enumerate(zip(retrieval.images.decoded(), retrieval.captions))],
              **{"dataset_type.txt": ["retrieval"]})
-    return {"digits": len(digits.images), "retrieval": len(retrieval.images)}
+    return {"digits": digits.images.total, "retrieval": retrieval.images.total}
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +79,12 @@ def cb_eval(tiny_run, tiny_data, tmp_path_factory):
 @pytest.mark.slow
 def test_clip_benchmark_sets_are_read_as_they_are_with_several_captions_per_image(cb_eval):
     tasks = {t.name: t for t in load_tasks(cb_eval["root"] / "tasks")}
-    assert len(tasks["cb_digits"].images) == cb_eval["sizes"]["digits"]
+    assert tasks["cb_digits"].images.total == cb_eval["sizes"]["digits"]
+    assert len(tasks["cb_digits"].images.shards) == 2  # test/0.tar, test/1.tar, in number order
     assert tasks["cb_digits"].templates[0].count("{c}") == 1
     retrieval = tasks["cb_retrieval"]
-    assert len(retrieval.captions) == CAPTIONS_PER_IMAGE * len(retrieval.images)
-    np.testing.assert_array_equal(retrieval.caption_image, np.repeat(np.arange(len(retrieval.images)), 5))
+    assert len(retrieval.captions) == CAPTIONS_PER_IMAGE * retrieval.images.total
+    np.testing.assert_array_equal(retrieval.caption_image, np.repeat(np.arange(retrieval.images.total), 5))
 
 
 @pytest.mark.slow
@@ -162,3 +163,28 @@ def test_builtin_imagenet_metadata_comes_from_open_clip(tmp_path):
     (tmp_path / "task.json").write_text(json.dumps({"kind": "classification", "classnames": "imagenet1k",
                                                     "templates": "simple"}))
     assert len(read_spec(tmp_path)["templates"]) == 7
+
+
+def test_several_task_roots_joined_by_double_colons_are_read_together_and_names_stay_unique(cb_sets_small):
+    moda_root, cb_root = cb_sets_small
+    tasks = load_tasks(f"{moda_root}::{cb_root}")
+    assert sorted(t.name for t in tasks) == ["cars", "pets"]
+    with pytest.raises(TaskError, match="two evaluation tasks are named 'pets'"):
+        load_tasks(f"{moda_root}::{moda_root}")
+
+
+@pytest.fixture
+def cb_sets_small(tmp_path):
+    """A moda task folder (pets) under one root, a clip_benchmark set (cars) under another."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="png")
+    moda_root = tmp_path / "moda" / "pets"
+    moda_root.mkdir(parents=True)
+    (moda_root / "task.json").write_text(json.dumps({"name": "pets", "kind": "classification",
+                                                     "classnames": ["cat"], "templates": ["a {}."]}))
+    write_tar(moda_root / "00000.tar", [("a.png", buf.getvalue()), ("a.cls", b"0")])
+    write_cb(tmp_path / "cb" / "cars", [[("s0.png", buf.getvalue()), ("s0.cls", b"0")]], shards=1,
+             **{"classnames.txt": ["sedan"], TEMPLATES: ["a {c}."]})
+    return tmp_path / "moda", tmp_path / "cb"

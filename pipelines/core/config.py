@@ -56,7 +56,8 @@ class DataConfig:
 
     `train_shards` is a folder of img2dataset-style `*.tar` shards or a brace
     pattern such as `data/laion/{00000..00999}.tar`. `eval_tasks` is a folder
-    with one sub-folder per task (see README, "Evaluation tasks"); the report
+    with one sub-folder per task, moda's or clip_benchmark's (see README,
+    "Evaluation tasks"), or several such folders joined by `::`; the report
     is stated on them. `val_tasks` (optional, "" for none) holds tasks of the
     same kind from the training domains, on which settings such as the routing
     lambda are chosen: never on the test tasks.
@@ -244,12 +245,14 @@ class EvaluateConfig:
     routes it best on them (routing/systems.py LAMBDAS), never one chosen on
     the test tasks. `ablations`: the paper's ablations, each continuing the
     run's seed: `random` (Rand-n), `one_step` (m = n), `experts=<k>` (MoDE-k),
-    `fine=<m>` (m fine clusters).
+    `fine=<m>` (m fine clusters). `workers`: threads that decode and preprocess
+    the evaluation images, streamed from their shards (0: the stage's own).
     """
 
     routing: str = "paper"
     lam: float = 0.2
     batch_size: int = run_only(256)
+    workers: int = run_only(2)
     device: str = run_only("auto")
     ablations: list[str] = field(default_factory=list)
 

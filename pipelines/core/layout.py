@@ -232,6 +232,12 @@ class RunLayout:
         return self.evaluate / "results.md"
 
     @property
+    def feature_cache(self) -> Path:
+        """Image features per (model, task) content fingerprint: outside evaluate/, which a rerun
+        clears, so rerunning evaluate or adding an expert encodes only the pairs not seen."""
+        return self.root / "cache" / "image_features"
+
+    @property
     def results_jsonl(self) -> Path:
         """One line per (model, task), DataComp-style (key, dataset, model, metrics with main_metric)."""
         return self.evaluate / "results.jsonl"
