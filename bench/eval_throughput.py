@@ -8,7 +8,8 @@ Peer, named: clip_benchmark 1.6.2's `eval` (zeroshot_classification, `--no_amp`,
 set (`test/{0..n-1}.tar` of 10,000 samples, its default). Ours: moda's evaluation
 path on the same folder (load_tasks, then the image features streamed from the
 shards with W decode threads, the zero-shot classifier, the logits), batch 64.
-Both time from the model on disk to the metrics, in a fresh process each, on
+Both time from the model on disk to the metrics, in a fresh process each (the
+libraries, torch and open_clip, imported before the clock on both sides), on
 the same CPU threads; repeats are interleaved (moda, peer, moda, ...) at
 the sizes both run (once elsewhere) and the medians' ratio is printed. The model is moda-small (a
 randomly initialised local-dir folder: throughput does not depend on the
@@ -78,6 +79,8 @@ def make_set(folder: Path, n: int, seed: int = 0) -> None:
 
 
 def child_moda(data: Path, model: Path, workers: int) -> dict:
+    import open_clip  # noqa: F401 - imported before the clock, as the peer's `clip_benchmark.cli` imports it
+
     from routing.clip_features import classifier_weights, load_clip
     from routing.image_stream import stream_image_features
     from routing.tasks import load_tasks
@@ -167,7 +170,7 @@ def main() -> None:
              f"usable cores, CPU. Command: `.venv/bin/python bench/eval_throughput.py --sizes "
              f"{' '.join(map(str, args.sizes))} --peer-sizes {' '.join(map(str, args.peer_sizes))} "
              f"--workers {args.workers} --repeats {args.repeats}`. Medians of interleaved repeats at the sizes "
-             "both ran (per-run img/s in brackets). Model moda-small (random init), 256 px JPEGs, batch {BATCH}, "
+             f"both ran (per-run img/s in brackets). Model moda-small (random init), 256 px JPEGs, batch {BATCH}, "
              f"{args.workers} decode workers each (moda: threads; clip_benchmark: DataLoader processes).", "",
              "| images | moda img/s | clip_benchmark img/s | ratio (moda / clip_benchmark) | moda peak RSS MiB "
              "| clip_benchmark peak RSS MiB (main / workers) | acc1 moda / clip_benchmark |",
