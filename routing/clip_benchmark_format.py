@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SPLIT = "test"
+TRAIN_SPLIT = "train"  # optional: the samples a linear probe is fitted on
 NSHARDS = "nshards.txt"
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
@@ -73,10 +74,11 @@ def read_spec(folder: Path) -> dict:
     return spec
 
 
-def shard_paths(folder: Path) -> list[Path]:
-    """`test/0.tar` .. `test/(n-1).tar` in number order (n from nshards.txt, else the numbered tars there).
-    A shard that nshards.txt counts but that is not there is an error: a test set must be whole."""
-    split = folder / SPLIT
+def shard_paths(folder: Path, split_name: str = SPLIT) -> list[Path]:
+    """`test/0.tar` .. `test/(n-1).tar` in number order (n from nshards.txt, else the numbered tars there);
+    `split_name="train"` for the train split a linear probe fits on. A shard that nshards.txt counts but
+    that is not there is an error: a split must be whole."""
+    split = folder / split_name
     if (split / NSHARDS).is_file():
         lines = _lines(split / NSHARDS)
         if len(lines) != 1 or not lines[0].isdigit() or int(lines[0]) < 1:

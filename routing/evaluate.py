@@ -67,6 +67,7 @@ from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, Stage
 from routing.clip_benchmark_format import cb_metrics, cb_result, main_metric
 from routing.clip_features import classifier_weights, load_clip, text_features
 from routing.image_stream import cached_image_features
+from routing.linear_probe import probe
 from routing.metadata import classname_embeddings
 from routing.systems import HEADLINE, Router, TaskView, choose_lambda, ensemble, single
 from routing.tables import markdown_report, plot_report
@@ -86,14 +87,20 @@ class Scorer:
         self.device, self.batch_size, self.workers, self.cache = device, batch_size, workers, cache
         self.task_hashes = task_hashes
 
+    def image_features(self, clip, model_dir: Path, task: Task, split: str = "test") -> np.ndarray:
+        """(N, D) image features of a task's test (or train) split, from the cache when seen before."""
+        task_hash = self.task_hashes.get(str(Path(task.folder).resolve()))
+        images = task.images if split == "test" else task.train_images
+        key = None if task_hash is None else (task_hash if split == "test" else combine(task_hash, split))
+        return cached_image_features(clip, model_dir, images, key, self.cache if key else None,
+                                     self.batch_size, self.workers)
+
     def model_scores(self, model_dir: Path, tasks: list[Task]) -> list[np.ndarray]:
         """Per task: (N, C) class logits, or (N, T) image-caption similarities."""
         clip = load_clip(model_dir, self.device)
         out = []
         for task in tasks:
-            task_hash = self.task_hashes.get(str(Path(task.folder).resolve()))
-            images = cached_image_features(clip, model_dir, task.images, task_hash,
-                                           self.cache if task_hash else None, self.batch_size, self.workers)
+            images = self.image_features(clip, model_dir, task)
             if task.kind == "classification":
                 out.append(images @ classifier_weights(clip, task.classnames, task.templates).T)
             else:
@@ -187,6 +194,28 @@ def routed_rows(rows: Rows, name: str, system: System, tasks: list[Task], metas:
         for t, task in enumerate(tasks):
             rows.add(task, row, ensemble(view(task), stacked[t], routings[rule][t]))
     return routings
+
+
+def linear_probes(tasks: list[Task], models: dict[str, Path], experts: list[str], scorer: Scorer,
+                  shots: tuple[int, ...]) -> dict:
+    """Per classification task with a train split: each model's probe (routing/linear_probe.py), and
+    one on the experts' features concatenated ("MoDE vision ensemble", the paper's section 5.4)."""
+    probed = [t for t in tasks if t.kind == "classification" and t.train_images is not None]
+    out: dict = {}
+    for name, path in tqdm(list(models.items()), desc="linear probe", unit="model") if probed else []:
+        clip = load_clip(path, scorer.device)
+        for task in probed:
+            out.setdefault(task.name, {"_features": {}})["_features"][name] = (
+                scorer.image_features(clip, path, task, "train"), scorer.image_features(clip, path, task))
+    for task in probed:
+        feats = out[task.name].pop("_features")
+        for name, (train_x, test_x) in feats.items():
+            out[task.name][name] = probe(train_x, task.train_labels, test_x, task.labels, shots)
+        if experts:
+            out[task.name]["MoDE vision ensemble"] = probe(
+                np.concatenate([feats[e][0] for e in experts], axis=1), task.train_labels,
+                np.concatenate([feats[e][1] for e in experts], axis=1), task.labels, shots)
+    return out
 
 
 def lambda_on_validation(system: System, val_tasks: list[Task], val_metas: list[np.ndarray], scorer: Scorer,
@@ -285,6 +314,9 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     results: dict = {"routing": cfg.routing, "lam": lambdas["MoDE"]["value"], "lambda": lambdas, "tasks": {},
                      "rows": main + ["oracle best expert"] + ablation_names, "ablation_rows": ablation_variants,
                      "validation": validation}
+    if cfg.linear_probe:
+        results["linear_probe"] = linear_probes(tasks, singles | dict(zip(experts, system.models)), experts,
+                                                scorer, tuple(cfg.probe_shots))
     for t, task in enumerate(tasks):
         results["tasks"][task.name] = {
             "kind": task.kind, **rows.metrics[task.name],

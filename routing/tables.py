@@ -41,6 +41,15 @@ def markdown_report(results: dict) -> str:
             out.append(f"| {row} | " + " | ".join(f"{r[m] * 100:.1f}" if r.get(m) is not None else "-"
                                                    for m in recalls) + " |")
         out.append("")
+    for t, rows_of in results.get("linear_probe", {}).items():
+        shots = sorted({k for r in rows_of.values() for k in r if k.startswith("k")}, key=lambda k: int(k[1:]))
+        out += [f"Linear probe `{t}` (top-1 %, logistic regression on frozen image features; C chosen on the "
+                "train split):", "", "| model | full | " + " | ".join(f"{k[1:]}-shot" for k in shots) + " |",
+                "|---|---:|" + "---:|" * len(shots)]
+        for row, r in rows_of.items():
+            out.append(f"| {row} | {r['full']['top1'] * 100:.1f} | "
+                       + " | ".join(f"{r[k]['top1'] * 100:.1f}" if k in r else "-" for k in shots) + " |")
+        out.append("")
     lam = results.get("lambda", {}).get("MoDE", {})
     out += [f"One trainer seed; the comparisons with intervals are in the report stage (report/report.md). "
             f"Routing lambda {results['lam']:g} ({lam.get('source', 'config')}).", ""]

@@ -43,6 +43,8 @@ class Task:
     captions: list[str] = field(default_factory=list)
     caption_image: np.ndarray | None = None  # retrieval: the image each caption describes
     folder: Path | None = None
+    train_images: TaskImages | None = None  # classification: a train split for the linear probe
+    train_labels: np.ndarray | None = None
 
 
 def is_task(folder: Path) -> bool:
@@ -159,18 +161,44 @@ def load_tasks(spec: str | Path) -> list[Task]:
 
 
 def load_task(folder: Path) -> Task:
-    """One task folder, moda's or clip_benchmark's."""
+    """One task folder, moda's or clip_benchmark's, with its train split when it has one (a
+    classification task's `train/`: the samples a linear probe is fitted on, never scored)."""
     own = (folder / TASK_FILE).is_file()
     try:
         spec = read_spec(folder) if own else cb.read_spec(folder)
         shards = expand_shards(folder) if own else cb.shard_paths(folder)
+        train_dir = folder / cb.TRAIN_SPLIT
+        has_train = spec["kind"] == "classification" and train_dir.is_dir() and any(train_dir.glob("*.tar*"))
+        train_shards = (expand_shards(train_dir) if own else cb.shard_paths(folder, cb.TRAIN_SPLIT)) \
+            if has_train else []
     except cb.FormatError as err:
         raise TaskError(str(err)) from None
     if not own and spec["kind"] == "classification":
         for template in spec["templates"]:
             check_template(template, folder / cb.TEMPLATES)
     kind = spec["kind"]
-    need = "cls" if kind == "classification" else "txt"
+    images, targets, keys = _read_split(folder, shards, "cls" if kind == "classification" else "txt")
+    name = spec.get("name", folder.name)
+    if kind == "classification":
+        classes = len(spec["classnames"])
+        task = Task(name, kind, images, labels=_labels(targets, keys, classes, folder),
+                    classnames=spec["classnames"], templates=spec.get("templates", DEFAULT_TEMPLATES),
+                    folder=folder)
+        if train_shards:
+            task.train_images, train_targets, train_keys = _read_split(train_dir, train_shards, "cls")
+            task.train_labels = _labels(train_targets, train_keys, classes, train_dir)
+        return task
+    # moda's own retrieval sets pair image i with caption i; clip_benchmark's give each image
+    # several captions, one per line of its .txt (5 for COCO and Flickr).
+    per_image = [[target] for target in targets] if own else [target.splitlines() for target in targets]
+    per_image = [[c.strip() for c in group if c.strip()] for group in per_image]
+    captions = [c for group in per_image for c in group]
+    caption_image = np.repeat(np.arange(len(per_image)), [len(group) for group in per_image])
+    return Task(name, kind, images, captions=captions, caption_image=caption_image, folder=folder)
+
+
+def _read_split(folder: Path, shards: list[Path], need: str) -> tuple[TaskImages, list[str], list[str]]:
+    """A split's images (where they are), targets and keys, every sample checked."""
     counts, targets, keys = [], [], []
     for shard in shards:
         counts.append(0)
@@ -188,19 +216,7 @@ def load_task(folder: Path) -> Task:
             raise TaskError(f"{folder}: {err}; regenerate or replace the shard") from None
     if not keys:
         raise TaskError(f"{folder}: task has no samples")
-    images = TaskImages(tuple(shards), tuple(counts))
-    name = spec.get("name", folder.name)
-    if kind == "classification":
-        labels = _labels(targets, keys, len(spec["classnames"]), folder)
-        return Task(name, kind, images, labels=labels, classnames=spec["classnames"],
-                    templates=spec.get("templates", DEFAULT_TEMPLATES), folder=folder)
-    # moda's own retrieval sets pair image i with caption i; clip_benchmark's give each image
-    # several captions, one per line of its .txt (5 for COCO and Flickr).
-    per_image = [[target] for target in targets] if own else [target.splitlines() for target in targets]
-    per_image = [[c.strip() for c in group if c.strip()] for group in per_image]
-    captions = [c for group in per_image for c in group]
-    caption_image = np.repeat(np.arange(len(per_image)), [len(group) for group in per_image])
-    return Task(name, kind, images, captions=captions, caption_image=caption_image, folder=folder)
+    return TaskImages(tuple(shards), tuple(counts)), targets, keys
 
 
 def _check_image(raw: bytes, shard: Path, key: str) -> None:

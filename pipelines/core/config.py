@@ -247,6 +247,10 @@ class EvaluateConfig:
     run's seed: `random` (Rand-n), `one_step` (m = n), `experts=<k>` (MoDE-k),
     `fine=<m>` (m fine clusters). `workers`: threads that decode and preprocess
     the evaluation images, streamed from their shards (0: the stage's own).
+    `linear_probe`: also fit logistic-regression probes on frozen image
+    features for every classification task with a train split (`train/`):
+    the seed, the baseline, each expert and the experts' features
+    concatenated, on the whole split and with `probe_shots` images per class.
     """
 
     routing: str = "paper"
@@ -255,6 +259,8 @@ class EvaluateConfig:
     workers: int = run_only(2)
     device: str = run_only("auto")
     ablations: list[str] = field(default_factory=list)
+    linear_probe: bool = False
+    probe_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
 
 
 @dataclass(frozen=True)
