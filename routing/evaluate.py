@@ -64,6 +64,7 @@ from pipelines.core.manifest import (
     require_manifest,
 )
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
+from pipelines.shardio.remote import is_url, mirror
 from routing.clip_benchmark_format import cb_metrics, cb_result, main_metric
 from routing.clip_features import classifier_weights, load_clip, text_features
 from routing.image_stream import cached_image_features
@@ -232,7 +233,7 @@ def fingerprint(ctx: StageContext) -> Fingerprint:
     """Config, the embed, cluster and train stages, the task files (test and validation), ablations and
     added experts."""
     layout = ctx.layout
-    hashes = task_hashes([d for d in (ctx.data.eval_tasks, ctx.data.val_tasks) if d])
+    hashes = task_hashes([local_roots(d, layout) for d in (ctx.data.eval_tasks, ctx.data.val_tasks) if d])
     task_hash = combine(sorted(hashes.values()))
     ablation_fps = [(v, require_manifest(layout.ablation(v).train, f"train ({v} ablation)")["fingerprint"])
                     for v in ctx.section.ablations]
@@ -249,6 +250,13 @@ def folder_hash(folder: Path) -> str:
     return combine([(p.relative_to(folder).as_posix(), file_sha256(p)) for p in files])
 
 
+def local_roots(spec: str, layout: RunLayout) -> str:
+    """`spec` with every URL root (s3://, https://, ...) replaced by its local mirror (fetched when the
+    remote changed; pipelines/shardio/remote.py)."""
+    return "::".join(str(mirror(str(root), layout.remote_cache)) if is_url(root) else str(root)
+                     for root in str(spec).split("::") if root)
+
+
 def task_hashes(specs: list[str]) -> dict[str, str]:
     """Each task folder's content hash (resolved path -> hash), for the stage's fingerprint and the
     image-feature cache. A root that does not exist holds no tasks (validation tasks are optional)."""
@@ -260,8 +268,9 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     cfg: EvaluateConfig = ctx.section
     layout = ctx.layout
     device = pick_device(cfg.device)
-    tasks = load_tasks(ctx.data.eval_tasks)
-    val_roots = [r for r in task_roots(ctx.data.val_tasks) if r.is_dir()] if ctx.data.val_tasks else []
+    tasks = load_tasks(local_roots(ctx.data.eval_tasks, layout))
+    val_roots = [r for r in task_roots(local_roots(ctx.data.val_tasks, layout)) if r.is_dir()] \
+        if ctx.data.val_tasks else []
     val_tasks = load_tasks("::".join(map(str, val_roots))) if val_roots else []
     encoder = load_run_encoder(layout.embed, device)
     metas = [task_metadata(t, encoder) for t in tasks]

@@ -238,6 +238,11 @@ class RunLayout:
         return self.root / "cache" / "image_features"
 
     @property
+    def remote_cache(self) -> Path:
+        """Local copies of evaluation folders named by URL (s3://, https://, ...)."""
+        return self.root / "cache" / "remote"
+
+    @property
     def results_jsonl(self) -> Path:
         """One line per (model, task), DataComp-style (key, dataset, model, metrics with main_metric)."""
         return self.evaluate / "results.jsonl"

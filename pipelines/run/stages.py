@@ -17,9 +17,9 @@ from pipelines.core.config import Config, DataConfig
 from pipelines.core.layout import RunLayout
 from pipelines.core.stage import Hooks, Stage, StageContext, is_stage_done, upstream_manifests
 from pipelines.core.stage import run_stage as run_one
+from pipelines.shardio.remote import is_url
 from pipelines.shardio.shards import expand_shards
 from routing import evaluate, report
-from routing.tasks import task_roots
 
 STAGES: tuple[Stage, ...] = (embed.STAGE, cluster.STAGE, split.STAGE, train.STAGE, evaluate.STAGE, report.STAGE)
 BY_NAME = {stage.name: stage for stage in STAGES}
@@ -73,6 +73,6 @@ def stage_done(name: str, cfg: Config, run_dir: str | Path | RunLayout | None) -
 def check_inputs(cfg: Config) -> None:
     """Fail before any work when the config points at data that is not there."""
     expand_shards(cfg.data.train_shards, cfg.data.missing_shards)
-    for root in task_roots(cfg.data.eval_tasks):
-        if not root.is_dir():
+    for root in str(cfg.data.eval_tasks).split("::"):
+        if root and not is_url(root) and not Path(root).is_dir():
             raise FileNotFoundError(f"data.eval_tasks: folder {root} not found")
