@@ -25,8 +25,9 @@ from clustering.captions import shard_captions
 from experts.images import IMAGE_EXTS, clean_image
 from experts.split.stage import InputChanged
 from experts.verify import verify_split
-from pipelines.core.config import DataConfig, SplitConfig
+from pipelines.core.config import DataConfig, SplitConfig, TrainConfig
 from pipelines.core.layout import shard_id
+from pipelines.core.stage import UpstreamChanged
 from pipelines.run.stages import run_section
 from pipelines.shardio.shards import Sample, expand_shards, iter_samples, read_caption
 
@@ -252,6 +253,19 @@ def test_a_shard_replaced_after_embed_stops_the_split_naming_it(tmp_path, monkey
     with pytest.raises(InputChanged, match=r"00001.tar changed since the embed stage read it"):
         run_section("split", SplitConfig(shard_size=3, min_shards=1, processes=1), tmp_path / "split_arrays",
                     DataConfig(train_shards=str(tmp_path / "in")))
+
+
+@pytest.mark.parametrize("damage", ["edited", "deleted"])
+def test_an_expert_shard_changed_after_the_split_stops_the_train_stage_naming_it(tmp_path, monkeypatch, damage):
+    split_case(tmp_path, monkeypatch, {"00000.tar": tar_bytes(samples(["a", "b", "c", "d"]))})
+    shard = sorted((tmp_path / "split_arrays" / "split").glob("expert_*/*.tar"))[0]
+    if damage == "edited":
+        shard.write_bytes(shard.read_bytes()[:-512])
+    else:
+        shard.unlink()
+    what = "differs from the sha256 its manifest recorded" if damage == "edited" else "is missing"
+    with pytest.raises(UpstreamChanged, match=rf"{shard.parent.name}/{shard.name} {what}.*Rerun the split stage"):
+        run_section("train", TrainConfig(), tmp_path / "split_arrays")
 
 
 # --- images: reasons that say what happened -----------------------------------------------------

@@ -144,7 +144,13 @@ def file_stat(path: Path) -> list[int]:
 
 
 def outputs_intact(stage_dir: str | Path, manifest: dict[str, Any]) -> bool:
-    """True when every output the manifest lists exists with its recorded hash.
+    """True when every output the manifest lists exists with its recorded hash."""
+    return first_changed_output(stage_dir, manifest) is None
+
+
+def first_changed_output(stage_dir: str | Path, manifest: dict[str, Any]) -> str | None:
+    """The first output (relative path) the manifest lists that is missing or no longer has its
+    recorded hash; None when all are intact.
 
     A file whose size and modification time are those recorded when the
     manifest was written is taken as unchanged without reading it (a rerun
@@ -156,12 +162,12 @@ def outputs_intact(stage_dir: str | Path, manifest: dict[str, Any]) -> bool:
     for rel, digest in manifest.get("outputs", {}).items():
         path = root / rel
         if not path.is_file():
-            return False
+            return rel
         if stats.get(rel) == file_stat(path):
             continue
         if file_sha256(path) != digest:
-            return False
-    return True
+            return rel
+    return None
 
 
 def is_done(stage_dir: str | Path, fingerprint: str) -> bool:

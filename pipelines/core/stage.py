@@ -5,7 +5,9 @@ A stage is a name, the stages it reads, its fingerprint and its work.
 repeats it:
 
 1. read the manifests of the stages it reads (a clear error says which to run
-   first when one is missing);
+   first when one is missing) and check that their outputs are still the ones
+   they recorded (an expert shard edited or deleted after the split is refused
+   by name, not trained on);
 2. work out the fingerprint: a hash of what the stage's outputs depend on
    (its config section's result-changing fields, upstream fingerprints, input
    file hashes); never of how the stage runs (processes, devices, executor);
@@ -32,7 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.core.layout import RunLayout
-from pipelines.core.manifest import is_done, read_manifest, remove_stale_temps, require_manifest, write_manifest
+from pipelines.core.manifest import (
+    first_changed_output,
+    is_done,
+    read_manifest,
+    remove_stale_temps,
+    require_manifest,
+    write_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,24 @@ def upstream_manifests(stage: Stage, layout: RunLayout) -> dict[str, dict]:
     return {name: require_manifest(layout.stage(name), name) for name in stage.reads}
 
 
+class UpstreamChanged(ValueError):
+    """An upstream stage's output is missing or differs from what its manifest recorded."""
+
+
+def check_upstream_intact(stage: Stage, ctx: StageContext) -> None:
+    """Refuse to build on an upstream output that changed after its stage wrote it: the upstream
+    manifest (and every fingerprint keyed on it) would describe files that are no longer there."""
+    for name, manifest in ctx.upstream.items():
+        rel = first_changed_output(ctx.layout.stage(name), manifest)
+        if rel is not None:
+            path = ctx.layout.stage(name) / rel
+            what = "is missing" if not path.is_file() else "differs from the sha256 its manifest recorded"
+            raise UpstreamChanged(
+                f"{path} {what}: it changed after the {name} stage wrote it, so the {stage.name} stage "
+                f"will not use it. Rerun the {name} stage (`moda run <config>` reruns it and what "
+                f"depends on it; or `moda stage {name} <config>`), or restore the file.")
+
+
 def is_stage_done(stage: Stage, ctx: StageContext) -> bool:
     """Whether `run_stage` would skip it: its outputs match its fingerprint."""
     return is_done(ctx.layout.stage(stage.name), stage.fingerprint(ctx).value)
@@ -130,6 +157,7 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict:
     """Run `stage` unless its outputs match its fingerprint; return its manifest ("skipped" when
     it did nothing)."""
     started = time.time()
+    check_upstream_intact(stage, ctx)
     stage_dir = ctx.layout.stage(stage.name)
     fingerprint = stage.fingerprint(ctx)
     if is_done(stage_dir, fingerprint.value):
