@@ -32,12 +32,11 @@ from clustering.kmeans import (
     imbalance_factor,
     inertia,
     normalize_rows,
-    set_cpu_threads,
     spread,
     use_gpu,
 )
 from pipelines.core.config import ClusterConfig, section_hash
-from pipelines.core.devices import cpu_threads
+from pipelines.core.devices import pin_cpu_threads
 from pipelines.core.manifest import atomic_path, atomic_write_json, combine, hash_outputs
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 
@@ -98,7 +97,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     cfg: ClusterConfig = ctx.section
     layout = ctx.layout
     if not use_gpu():
-        set_cpu_threads(cpu_threads())
+        pin_cpu_threads()  # again, now that FAISS is loaded (run_stage pinned torch's)
     files = embedding_files(layout, ctx.upstream["embed"])
     rows_per_file = [pq.read_metadata(path).num_rows for path in files]
     n = sum(rows_per_file)

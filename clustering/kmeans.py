@@ -53,21 +53,6 @@ def use_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def set_cpu_threads(threads: int) -> None:
-    """FAISS's (and its OpenBLAS's) and torch's CPU threads, set rather than inherited.
-
-    Each library sizes its pool from the environment when it is first loaded, so a
-    process that ran Dask's local cluster (OMP_NUM_THREADS=1 left behind) or any
-    earlier torch.set_num_threads would otherwise run the fit with another count
-    than a fresh one; fixing it removes one way for a rerun to differ.
-    """
-    import faiss
-    import torch
-
-    faiss.omp_set_num_threads(threads)
-    torch.set_num_threads(threads)
-
-
 def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
                      weights: np.ndarray | None = None) -> np.ndarray:
     """Plain FAISS spherical k-means: (N, d) unit rows -> (k, d) unit centroids.

@@ -7,8 +7,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 from pipelines.core.config import load_config
+from pipelines.core.devices import cpu_threads
 from pipelines.core.manifest import file_sha256
 from pipelines.run.stages import run_stage
 from pipelines.synth.generate import generate
@@ -104,6 +106,9 @@ def test_a_killed_evaluate_reruns_to_the_same_results(tiny_run, tmp_path):
         shutil.copytree(tiny_run["run_dir"], run, symlinks=True, ignore=shutil.ignore_patterns("evaluate"))
         start = time.time()
         cut_short += kill_when(tiny_run["config"], "evaluate", run, lambda: time.time() - start > delay)
+        # A long-lived process may hold another thread count than the reference ran with (an
+        # earlier stage, Dask's OMP_NUM_THREADS=1): the stage pins its own, so this cannot matter.
+        torch.set_num_threads(1 if cpu_threads() > 1 else 2)
         run_stage("evaluate", load_config(tiny_run["config"]), run)
         assert {name: file_sha256(run / "evaluate" / name) for name in names} == expected
         assert not list((run / "evaluate").glob(".*.tmp"))

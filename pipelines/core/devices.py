@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import psutil
 
@@ -18,6 +19,27 @@ def cpu_threads() -> int:
     it may use (torch's own default: hyper-threads slow its kernels down)."""
     physical = psutil.cpu_count(logical=False) or usable_cores()
     return max(1, min(usable_cores(), physical))
+
+
+def pin_cpu_threads(threads: int | None = None) -> int:
+    """Set torch's (and FAISS's, when it is loaded) CPU threads in the calling thread, rather than
+    inherit them; returns the count.
+
+    A float reduction's result depends on how many threads split it, and each library sizes its
+    pool from whatever the process did before: Dask's local cluster leaves OMP_NUM_THREADS=1,
+    an earlier stage or test may have called torch.set_num_threads. A stage rerun in a
+    long-lived process (a Prefect worker, pytest) then encoded the same class names with another
+    count than a fresh process and wrote results.json and routing.json that differed in the last
+    bits (measured: 1 thread against 2 on the demo's models). OpenMP's setting is per thread,
+    so this runs in the thread that does the work.
+    """
+    import torch
+
+    threads = threads or cpu_threads()
+    torch.set_num_threads(threads)
+    if "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(threads)
+    return threads
 
 
 def pick_device(device: str) -> str:

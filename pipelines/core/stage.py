@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.core.devices import pin_cpu_threads
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import (
     first_changed_output,
@@ -164,6 +165,7 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict:
         return {**read_manifest(stage_dir), "skipped": True}
     stage.clean(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    pin_cpu_threads()
     result = stage.work(ctx, fingerprint)
     return write_manifest(stage_dir, stage=stage.name, fingerprint=fingerprint.value,
                           config_hash=fingerprint.config_hash, inputs=fingerprint.inputs,
