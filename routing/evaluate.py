@@ -34,8 +34,8 @@ one weight vector routed from the whole caption set, text-to-image routes
 every query caption on its own (the paper's definitions); metrics R@1, R@5,
 R@10 both ways, an image-to-text hit being any of the image's captions.
 
-Task folders: routing/tasks.py. This evaluation's tables and plots: routing/tables.py; the comparison
-over trainer seeds with intervals: the report stage, routing/report.py.
+Task folders: routing/tasks.py; models scored on them: routing/scorer.py. This evaluation's tables
+and plots: routing/tables.py; the comparison over trainer seeds with intervals: the report stage, routing/report.py.
 Every number is computed from the run's own files.
 """
 
@@ -66,10 +66,10 @@ from pipelines.core.manifest import (
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 from pipelines.shardio.remote import is_url, mirror
 from routing.clip_benchmark_format import cb_metrics, cb_result, main_metric
-from routing.clip_features import classifier_weights, load_clip, text_features
-from routing.image_stream import cached_image_features
+from routing.clip_features import load_clip
 from routing.linear_probe import probe
 from routing.metadata import classname_embeddings
+from routing.scorer import Scorer, num_images
 from routing.systems import HEADLINE, Router, TaskView, choose_lambda, ensemble, single
 from routing.tables import markdown_report, plot_report
 from routing.tasks import Task, load_tasks, task_folders, task_roots
@@ -77,36 +77,6 @@ from routing.weights import nearest_fine
 
 PER_SAMPLE_SCHEMA = pa.schema([("task", pa.string()), ("row", pa.string()), ("metric", pa.string()),
                                ("sample", pa.int32()), ("hit", pa.bool_())])
-
-
-class Scorer:
-    """Scores models on tasks: images streamed from the shards (image features cached per model and
-    task fingerprint under `cache`), class names and captions through the model's text tower."""
-
-    def __init__(self, device: str, batch_size: int, workers: int, cache: Path | None,
-                 task_hashes: dict[str, str]):
-        self.device, self.batch_size, self.workers, self.cache = device, batch_size, workers, cache
-        self.task_hashes = task_hashes
-
-    def image_features(self, clip, model_dir: Path, task: Task, split: str = "test") -> np.ndarray:
-        """(N, D) image features of a task's test (or train) split, from the cache when seen before."""
-        task_hash = self.task_hashes.get(str(Path(task.folder).resolve()))
-        images = task.images if split == "test" else task.train_images
-        key = None if task_hash is None else (task_hash if split == "test" else combine(task_hash, split))
-        return cached_image_features(clip, model_dir, images, key, self.cache if key else None,
-                                     self.batch_size, self.workers)
-
-    def model_scores(self, model_dir: Path, tasks: list[Task]) -> list[np.ndarray]:
-        """Per task: (N, C) class logits, or (N, T) image-caption similarities."""
-        clip = load_clip(model_dir, self.device)
-        out = []
-        for task in tasks:
-            images = self.image_features(clip, model_dir, task)
-            if task.kind == "classification":
-                out.append(images @ classifier_weights(clip, task.classnames, task.templates).T)
-            else:
-                out.append(images @ text_features(clip, task.captions, self.batch_size).T)
-        return out
 
 
 def task_metadata(task: Task, encoder) -> tuple[np.ndarray, list[str]]:
@@ -268,10 +238,14 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     cfg: EvaluateConfig = ctx.section
     layout = ctx.layout
     device = pick_device(cfg.device)
-    tasks = load_tasks(local_roots(ctx.data.eval_tasks, layout))
+    skip = cfg.unreadable_images == "skip"
+    tasks = load_tasks(local_roots(ctx.data.eval_tasks, layout), check_images=not skip)
     val_roots = [r for r in task_roots(local_roots(ctx.data.val_tasks, layout)) if r.is_dir()] \
         if ctx.data.val_tasks else []
-    val_tasks = load_tasks("::".join(map(str, val_roots))) if val_roots else []
+    val_tasks = load_tasks("::".join(map(str, val_roots)), check_images=not skip) if val_roots else []
+    scorer = Scorer(device, cfg.batch_size, cfg.workers, layout.feature_cache, fp.details["task_hashes"], skip)
+    tasks = scorer.readable_tasks(layout.model("seed"), tasks, cfg.linear_probe)
+    val_tasks = scorer.readable_tasks(layout.model("seed"), val_tasks, False)
     encoder = load_run_encoder(layout.embed, device)
     metas = [task_metadata(t, encoder) for t in tasks]
     val_metas = [task_metadata(t, encoder)[0] for t in val_tasks]
@@ -282,7 +256,6 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     experts = [e.name for e in expert_list]
     singles = {"seed": layout.model("seed")} | ({"baseline": layout.model("baseline")} if registry.get("baseline")
                                                 else {})
-    scorer = Scorer(device, cfg.batch_size, cfg.workers, layout.feature_cache, fp.details["task_hashes"])
     rows, validation = Rows(), {}
     for name, path in tqdm(list(singles.items()), desc="evaluate", unit="model"):
         for task, scores in zip(tasks, scorer.model_scores(path, tasks)):
@@ -329,10 +302,14 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     for t, task in enumerate(tasks):
         results["tasks"][task.name] = {
             "kind": task.kind, **rows.metrics[task.name],
-            "routing_weights": routings[cfg.routing][t]["weights"].tolist(), "num_images": task.images.total,
+            "routing_weights": routings[cfg.routing][t]["weights"].tolist(), "num_images": num_images(task),
+            "unreadable_images": len(task.unreadable),
             **({"num_classes": len(task.classnames)} if task.kind == "classification" else
                {"num_captions": len(task.captions)}),
         }
+    unreadable = {t.name: t.unreadable for t in [*tasks, *val_tasks] if t.unreadable}
+    if unreadable:
+        results["unreadable_images"] = unreadable
     routing_log = {task.name: routing_entry(routings[cfg.routing][t], metas[t], system.router)
                    for t, task in enumerate(tasks)}
     atomic_write_json(layout.results, results)
@@ -347,6 +324,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         outputs=hash_outputs(layout.evaluate, outputs),
         counts={"tasks": len(tasks), "validation_tasks": len(val_tasks),
                 "images": int(sum(t.images.total for t in tasks)), "models": len(singles) + len(experts),
+                "images_scored": int(sum(num_images(t) for t in tasks)),
+                "images_unreadable": int(sum(len(t.unreadable) for t in tasks)),
                 "added_experts": sum(e.added for e in expert_list),
                 "stale_added_experts": len(current_added(layout)[1])},
         extra={"device": device},

@@ -22,6 +22,7 @@ evaluating after one more expert is added, encodes only the pairs not seen.
 from __future__ import annotations
 
 import io
+import json
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.core.manifest import atomic_path, combine, file_sha256
+from pipelines.core.manifest import atomic_path, atomic_write_json, combine, file_sha256
 from pipelines.shardio.shards import iter_samples
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order: a sample's first one is its image
@@ -81,27 +82,59 @@ def _samples(images: TaskImages) -> Iterator[tuple[Path, str, bytes]]:
             yield shard, sample.key, image_bytes(sample.files)
 
 
-def preprocessed_batches(images: TaskImages, preprocess, batch_size: int, workers: int) -> Iterator:
-    """(B, 3, H, W) tensors of the task's images in order: the tar read here, each image decoded and
-    preprocessed on one of `workers` threads (0: here), at most two batches ahead of the consumer."""
+@dataclass
+class Batch:
+    """A batch of the task's images in order: the preprocessed ones stacked, and the ones that did
+    not decode (`unreadable`: position in the batch, shard, key, why)."""
+
+    pixels: object | None  # (B', 3, H, W) tensor of the readable images, None when none is
+    size: int
+    unreadable: list[tuple[int, Path, str, str]]
+
+    @property
+    def readable(self) -> np.ndarray:
+        mask = np.ones(self.size, dtype=bool)
+        mask[[i for i, *_ in self.unreadable]] = False
+        return mask
+
+
+def preprocessed_batches(images: TaskImages, preprocess, batch_size: int, workers: int,
+                         skip_unreadable: bool = False) -> Iterator[Batch]:
+    """The task's images in order, in batches: the tar read here, each image decoded and preprocessed
+    on one of `workers` threads (0: here), at most two batches ahead of the consumer. An image that
+    does not decode raises ImageError, or with `skip_unreadable` is left out of the batch's pixels
+    and listed in its `unreadable`."""
     import torch
 
     def prepare(item):
         shard, key, raw = item
-        return preprocess(decode(raw, shard, key))
+        try:
+            return preprocess(decode(raw, shard, key))
+        except ImageError as err:
+            if not skip_unreadable:
+                raise
+            return err
+
+    def batch(prepared: list, chunk: list) -> Batch:
+        bad = [(i, shard, key, str(out)) for i, (out, (shard, key, _)) in enumerate(zip(prepared, chunk))
+               if isinstance(out, ImageError)]
+        good = [out for out in prepared if not isinstance(out, ImageError)]
+        return Batch(torch.stack(good) if good else None, len(chunk), bad)
 
     if workers <= 0:
         for chunk in _chunks(_samples(images), batch_size):
-            yield torch.stack([prepare(item) for item in chunk])
+            yield batch([prepare(item) for item in chunk], chunk)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="eval-decode") as pool:
         ahead: deque = deque()
         for chunk in _chunks(_samples(images), batch_size):
-            ahead.append([pool.submit(prepare, item) for item in chunk])
+            ahead.append(([pool.submit(prepare, item) for item in chunk], chunk))
             if len(ahead) > 2:
-                yield torch.stack([f.result() for f in ahead.popleft()])
+                futures, done = ahead.popleft()
+                yield batch([f.result() for f in futures], done)
         while ahead:
-            yield torch.stack([f.result() for f in ahead.popleft()])
+            futures, done = ahead.popleft()
+            yield batch([f.result() for f in futures], done)
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
@@ -115,23 +148,40 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def stream_image_features(clip, images: TaskImages, batch_size: int = 256, workers: int = 0) -> np.ndarray:
-    """(N, D) unit image embeddings of every image of a task, in the task's order."""
+def stream_image_features(clip, images: TaskImages, batch_size: int = 256, workers: int = 0,
+                          unreadable: list[dict] | None = None) -> np.ndarray:
+    """(N, D) unit image embeddings of every image of a task, in the task's order.
+
+    An image that does not decode raises ImageError naming its shard and key; when `unreadable` is
+    a list, its row is NaN instead and {"index", "shard", "key", "error"} is appended to the list
+    (the caller leaves it out of every model's scores and reports it)."""
     import torch
 
     out: np.ndarray | None = None
     seen = 0
+    bad: list[dict] = []
     with torch.no_grad():
-        for batch in preprocessed_batches(images, clip.preprocess, batch_size, workers):
-            feats = torch.nn.functional.normalize(clip.model.encode_image(batch.to(clip.device)).float(), dim=-1)
-            if out is None:
-                out = np.zeros((images.total, feats.shape[1]), dtype=np.float32)
-            if seen + len(feats) <= images.total:
-                out[seen:seen + len(feats)] = feats.cpu().numpy()
-            seen += len(feats)
+        for batch in preprocessed_batches(images, clip.preprocess, batch_size, workers, unreadable is not None):
+            bad += [{"index": seen + i, "shard": str(shard), "key": key, "error": why}
+                    for i, shard, key, why in batch.unreadable]
+            if batch.pixels is not None:
+                feats = torch.nn.functional.normalize(clip.model.encode_image(batch.pixels.to(clip.device)).float(),
+                                                      dim=-1)
+                if out is None:
+                    out = np.zeros((images.total, feats.shape[1]), dtype=np.float32)
+                if seen + batch.size <= images.total:
+                    out[seen:seen + batch.size][batch.readable] = feats.cpu().numpy()
+            seen += batch.size
     if seen != images.total:
         raise RuntimeError(f"read {seen} images where the task's shards held {images.total} when it was loaded; "
                            f"a shard changed during evaluation: {[str(p) for p in images.shards[:3]]}")
+    if out is None:
+        raise ImageError(f"none of the {images.total} images in {images.shards[0]}... decodes "
+                         f"(first: {bad[0]['error'] if bad else '?'})")
+    for entry in bad:
+        out[entry["index"]] = np.nan
+    if unreadable is not None:
+        unreadable += bad
     return out
 
 
@@ -148,15 +198,28 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def cached_image_features(clip, model_dir: Path, images: TaskImages, task_fingerprint: str, cache: Path | None,
-                          batch_size: int, workers: int) -> np.ndarray:
-    """`stream_image_features`, read from `cache` when this (model, task) pair was encoded before."""
+                          batch_size: int, workers: int, unreadable: list[dict] | None = None) -> np.ndarray:
+    """`stream_image_features`, read from `cache` when this (model, task) pair was encoded before (the
+    unreadable images it found kept beside the features, `<hash>.unreadable.json`)."""
     if cache is None:
-        return stream_image_features(clip, images, batch_size, workers)
+        return stream_image_features(clip, images, batch_size, workers, unreadable)
     path = cache / f"{combine(model_fingerprint(model_dir), task_fingerprint)[:32]}.npy"
+    bad_path = path.with_suffix(".unreadable.json")
     if path.is_file():
-        return np.load(path)
-    feats = stream_image_features(clip, images, batch_size, workers)
+        feats = np.load(path)
+        bad = json.loads(bad_path.read_text(encoding="utf-8")) if bad_path.is_file() else []
+        if bad and unreadable is None:
+            raise ImageError(f"{bad[0]['shard']}: sample {bad[0]['key']!r}: {bad[0]['error']}")
+        if unreadable is not None:
+            unreadable += bad
+        return feats
+    found: list[dict] = []
+    feats = stream_image_features(clip, images, batch_size, workers, found if unreadable is not None else None)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if found:
+        atomic_write_json(bad_path, found)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, feats)
+    if unreadable is not None:
+        unreadable += found
     return feats

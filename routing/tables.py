@@ -50,6 +50,11 @@ def markdown_report(results: dict) -> str:
             out.append(f"| {row} | {r['full']['top1'] * 100:.1f} | "
                        + " | ".join(f"{r[k]['top1'] * 100:.1f}" if k in r else "-" for k in shots) + " |")
         out.append("")
+    for t, entries in results.get("unreadable_images", {}).items():
+        shown = ", ".join(f"`{Path(e['shard']).name}:{e['key']}`" for e in entries[:5])
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        out += [f"Task `{t}`: {len(entries)} image(s) that do not decode left out of every model's scores "
+                f"({shown}{more}; results.json lists each with its error).", ""]
     lam = results.get("lambda", {}).get("MoDE", {})
     out += [f"One trainer seed; the comparisons with intervals are in the report stage (report/report.md). "
             f"Routing lambda {results['lam']:g} ({lam.get('source', 'config')}).", ""]

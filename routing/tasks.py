@@ -17,6 +17,7 @@ one per line, several per image.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import string
@@ -45,6 +46,33 @@ class Task:
     folder: Path | None = None
     train_images: TaskImages | None = None  # classification: a train split for the linear probe
     train_labels: np.ndarray | None = None
+    # After `without_unreadable`: which of the streamed images decode (the labels and captions above
+    # are then those of the readable ones), and the ones that do not, listed.
+    readable: np.ndarray | None = None
+    train_readable: np.ndarray | None = None
+    unreadable: list[dict] = field(default_factory=list)
+
+
+def without_unreadable(task: Task, bad: list[dict], train_bad: list[dict] | None = None) -> Task:
+    """`task` scored on its readable images only: labels (or captions, with the image each describes
+    renumbered) of the images in `bad` (indices into its test images; `train_bad` into its train split)
+    left out, every one listed in `unreadable` with its split. The images stay where they are: each
+    model's features are streamed for all and the unreadable rows dropped (routing/evaluate.py)."""
+    readable = np.ones(task.images.total, dtype=bool)
+    readable[[b["index"] for b in bad]] = False
+    out = dataclasses.replace(task, readable=readable, unreadable=[{**b, "split": "test"} for b in bad])
+    if task.kind == "classification":
+        out.labels = task.labels[readable]
+    else:
+        keep = readable[task.caption_image]
+        out.captions = [c for c, k in zip(task.captions, keep) if k]
+        out.caption_image = (np.cumsum(readable) - 1)[task.caption_image[keep]]
+    if task.train_images is not None:
+        train_readable = np.ones(task.train_images.total, dtype=bool)
+        train_readable[[b["index"] for b in train_bad or []]] = False
+        out.train_readable, out.train_labels = train_readable, task.train_labels[train_readable]
+        out.unreadable += [{**b, "split": "train"} for b in train_bad or []]
+    return out
 
 
 def is_task(folder: Path) -> bool:
@@ -143,12 +171,13 @@ def task_roots(spec: str | Path) -> list[Path]:
     return [Path(part) for part in str(spec).split("::") if part]
 
 
-def load_tasks(spec: str | Path) -> list[Task]:
+def load_tasks(spec: str | Path, check_images: bool = True) -> list[Task]:
     """Every task folder under the root(s) `spec` names, checked as it is read: a sample without its
-    image or target, an image that does not decode, a class index that is not one of the task's
-    classes are errors naming the task, the shard and the key (a test set must be whole: a dropped
-    image would change the number being compared). Two tasks of one name are an error."""
-    tasks = [load_task(folder) for root in task_roots(spec) for folder in task_folders(root)]
+    image or target, a class index that is not one of the task's classes are errors naming the task,
+    the shard and the key; so is an image whose header PIL does not read, with `check_images` (without
+    it, evaluation finds every image that does not decode, header or pixels, as it streams them, and
+    counts and reports it: `evaluate.unreadable_images`). Two tasks of one name are an error."""
+    tasks = [load_task(folder, check_images) for root in task_roots(spec) for folder in task_folders(root)]
     if not tasks:
         raise TaskError(f"{spec}: no task folders (with a task.json or clip_benchmark's test/) found")
     seen: dict[str, Path | None] = {}
@@ -160,7 +189,7 @@ def load_tasks(spec: str | Path) -> list[Task]:
     return tasks
 
 
-def load_task(folder: Path) -> Task:
+def load_task(folder: Path, check_images: bool = True) -> Task:
     """One task folder, moda's or clip_benchmark's, with its train split when it has one (a
     classification task's `train/`: the samples a linear probe is fitted on, never scored)."""
     own = (folder / TASK_FILE).is_file()
@@ -177,7 +206,8 @@ def load_task(folder: Path) -> Task:
         for template in spec["templates"]:
             check_template(template, folder / cb.TEMPLATES)
     kind = spec["kind"]
-    images, targets, keys = _read_split(folder, shards, "cls" if kind == "classification" else "txt")
+    images, targets, keys = _read_split(folder, shards, "cls" if kind == "classification" else "txt",
+                                        check_images)
     name = spec.get("name", folder.name)
     if kind == "classification":
         classes = len(spec["classnames"])
@@ -185,7 +215,8 @@ def load_task(folder: Path) -> Task:
                     classnames=spec["classnames"], templates=spec.get("templates", DEFAULT_TEMPLATES),
                     folder=folder)
         if train_shards:
-            task.train_images, train_targets, train_keys = _read_split(train_dir, train_shards, "cls")
+            task.train_images, train_targets, train_keys = _read_split(train_dir, train_shards, "cls",
+                                                                             check_images)
             task.train_labels = _labels(train_targets, train_keys, classes, train_dir)
         return task
     # moda's own retrieval sets pair image i with caption i; clip_benchmark's give each image
@@ -197,7 +228,8 @@ def load_task(folder: Path) -> Task:
     return Task(name, kind, images, captions=captions, caption_image=caption_image, folder=folder)
 
 
-def _read_split(folder: Path, shards: list[Path], need: str) -> tuple[TaskImages, list[str], list[str]]:
+def _read_split(folder: Path, shards: list[Path], need: str,
+                check_images: bool = True) -> tuple[TaskImages, list[str], list[str]]:
     """A split's images (where they are), targets and keys, every sample checked."""
     counts, targets, keys = [], [], []
     for shard in shards:
@@ -208,7 +240,8 @@ def _read_split(folder: Path, shards: list[Path], need: str) -> tuple[TaskImages
                 if raw is None or need not in sample.files:
                     raise TaskError(f"{shard}: sample {sample.key!r} needs an image and a .{need} "
                                     f"(images: {', '.join(IMAGE_EXTS)})")
-                _check_image(raw, shard, sample.key)
+                if check_images:
+                    _check_image(raw, shard, sample.key)
                 targets.append(_text(sample.files[need], shard, sample.key, need))
                 keys.append(f"{shard.name}:{sample.key}")
                 counts[-1] += 1

@@ -251,6 +251,10 @@ class EvaluateConfig:
     features for every classification task with a train split (`train/`):
     the seed, the baseline, each expert and the experts' features
     concatenated, on the whole split and with `probe_shots` images per class.
+    `unreadable_images`: `skip` (default) leaves an evaluation image that does
+    not decode out of every model's scores, counted and listed per task in
+    results.json and results.md; `error` stops at load (header) or in the
+    first model's pass (pixels), naming the shard and the key.
     """
 
     routing: str = "paper"
@@ -261,6 +265,7 @@ class EvaluateConfig:
     ablations: list[str] = field(default_factory=list)
     linear_probe: bool = False
     probe_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    unreadable_images: str = "skip"
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ def validate(cfg: Any) -> None:
     _choice(t.executor, ("local", "dask"), "train.executor")
     _positive(t.dask_local_workers, "train.dask_local_workers")
     _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
+    _choice(cfg.evaluate.unreadable_images, ("skip", "error"), "evaluate.unreadable_images")
     if not all(isinstance(k, int) and k >= 1 for k in cfg.evaluate.probe_shots):
         raise ConfigError("evaluate.probe_shots must be whole numbers of images per class, each >= 1")
     _positive(cfg.evaluate.lam, "evaluate.lam")
