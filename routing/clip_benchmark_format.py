@@ -115,6 +115,16 @@ def cb_result(task: str, kind: str, model: str, metrics: dict, pretrained: str =
             "metrics": cb_metrics(kind, metrics), "language": "en"}
 
 
+def cb_probe_result(task: str, model: str, metrics: dict, shots: int, c: float, pretrained: str = "moda") -> dict:
+    """One linear probe's result as clip_benchmark's `eval --task linear_probe` writes it (`fewshot_k`
+    -1: the whole train split). Its probe is trained with SGD and a weight decay; moda's is
+    scikit-learn's logistic regression, whose inverse regularisation `C` is recorded instead."""
+    return {"dataset": task, "model": model, "pretrained": pretrained, "task": "linear_probe",
+            "metrics": {"lp_acc1": metrics["top1"], "lp_acc5": metrics.get("top5"),
+                        "lp_mean_per_class_recall": metrics["mean_per_class"], "fewshot_k": shots, "C": c},
+            "language": "en"}
+
+
 def main_metric(kind: str, metrics: dict) -> float:
     """DataComp's headline per task: acc1, or the mean of the two recall@1 for retrieval."""
     if kind == "classification":

@@ -65,7 +65,7 @@ from pipelines.core.manifest import (
 )
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 from pipelines.shardio.remote import is_url, mirror
-from routing.clip_benchmark_format import cb_metrics, cb_result, main_metric
+from routing.clip_benchmark_format import cb_metrics, cb_probe_result, cb_result, main_metric
 from routing.clip_features import load_clip
 from routing.linear_probe import probe
 from routing.metadata import classname_embeddings
@@ -333,7 +333,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
 
 
 def write_field_formats(results: dict, layout: RunLayout) -> list[Path]:
-    """Every (row, task) result as clip_benchmark's JSON, and all of them in results.jsonl; return
+    """Every (row, task) result as clip_benchmark's JSON (and every linear probe, as its
+    `linear_probe` task writes them), the zero-shot ones also in results.jsonl; return
     the files written. The tools that read clip_benchmark's or DataComp's outputs read these."""
     lines, paths = [], []
     for task, entry in results["tasks"].items():
@@ -346,6 +347,15 @@ def write_field_formats(results: dict, layout: RunLayout) -> list[Path]:
             paths.append(path)
             field = {**cb_metrics(kind, metrics), "main_metric": main_metric(kind, metrics)}
             lines.append(json.dumps({"key": task, "dataset": task, "model": row, "metrics": field}))
+    for task, rows_of in results.get("linear_probe", {}).items():
+        for row, probed in rows_of.items():
+            for shot, metrics in probed.items():
+                if shot == "C":
+                    continue
+                k = -1 if shot == "full" else int(shot[1:])
+                path = layout.clip_benchmark_result(task, f"{row}__linear_probe" + ("" if k < 0 else f"_{k}shot"))
+                atomic_write_json(path, cb_probe_result(task, row, metrics, k, probed["C"]))
+                paths.append(path)
     atomic_write_text(layout.results_jsonl, "\n".join(lines) + "\n")
     return [layout.results_jsonl, *paths]
 

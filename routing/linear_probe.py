@@ -13,7 +13,9 @@ logistic regression on a model's frozen image features classifies. Here:
   probe chose; each k's accuracy is the mean over the draws;
 - the MoDE vision ensemble is one probe on the experts' features concatenated.
 
-Metrics: top-1 accuracy and mean per-class recall on the task's test split.
+Metrics on the task's test split: top-1, top-5 (with at least 5 classes) and mean per-class
+recall; evaluate also writes them as clip_benchmark's `linear_probe` results (lp_acc1, lp_acc5,
+lp_mean_per_class_recall).
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float):
 def _scores(model, x: np.ndarray, y: np.ndarray) -> dict:
     pred = model.predict(x)
     classes = np.unique(y)
-    return {"top1": float((pred == y).mean()),
-            "mean_per_class": float(np.mean([(pred[y == c] == c).mean() for c in classes]))}
+    out = {"top1": float((pred == y).mean()),
+           "mean_per_class": float(np.mean([(pred[y == c] == c).mean() for c in classes])), "top5": None}
+    if len(model.classes_) >= 5:  # as for zero-shot: top-5 of fewer classes would read 100%
+        top5 = model.classes_[np.argsort(-model.predict_proba(x), axis=1, kind="stable")[:, :5]]
+        out["top5"] = float((top5 == y[:, None]).any(axis=1).mean())
+    return out
 
 
 def choose_c(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
@@ -70,5 +76,6 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
                 continue
             runs.append(_scores(_fit(train_x[idx], train_y[idx], c), test_x, test_y))
         if runs:
-            out[f"k{k}"] = {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
+            out[f"k{k}"] = {m: None if runs[0][m] is None else float(np.mean([r[m] for r in runs]))
+                            for m in runs[0]}
     return out
