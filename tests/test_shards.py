@@ -1,6 +1,7 @@
 """Shard reading and writing: grouping by key, damage reported, atomic shards."""
 
 import json
+import os
 
 import pytest
 
@@ -138,3 +139,30 @@ def test_the_sample_table_groups_members_as_iter_samples_does(tmp_path):
     assert [table.key(i) for i in range(len(got))] == ["a", "b", "d/c", "e", "f", "g", "noext", "a"]
     assert table.plain.tolist() == [True, False, False, True, False, False, False, False]  # jpg and txt
     assert table.distinct.tolist() == [True] * 8
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_reading_samples_as_bytes_holds_one_sample_not_the_shards_pages(tmp_path):
+    writer = ShardSetWriter(tmp_path, shard_size=10_000)
+    payload = os.urandom(32_000)
+    for i in range(2_000):  # a 64 MB shard
+        writer.write(f"k{i:05d}", {"jpg": payload, "cls": b"1"})
+    writer.close()
+    (shard,) = expand_shards(tmp_path)
+
+    def growth(views: bool) -> float:
+        start, peak, count = resident_mib(), 0.0, 0
+        for sample in iter_samples(shard, views=views):
+            count += len(bytes(sample.files["jpg"])) == len(payload)
+            peak = max(peak, resident_mib() - start)
+        assert count == 2_000
+        return peak
+
+    mapped, read = growth(views=True), growth(views=False)
+    assert mapped > 32  # the map's pages count while it is open (the control: this measures something)
+    assert read < 16, f"reading as bytes grew the process by {read:.0f} MiB for a 64 MB shard"

@@ -179,10 +179,13 @@ def iter_samples(path: str | Path, *, views: bool = False, skipped: list[str] | 
     bytes, and each sample's `raw` bytes (its members exactly as they lie,
     when they are plain, adjacent and distinct), so a caller that passes
     samples through (the split) copies each byte once. The views are valid
-    until the generator is closed and no longer referenced.
+    until the generator is closed and no longer referenced. Without views the
+    shard is read with pread(), each sample's payloads when it is yielded
+    (`tar_read.FileReader`): the process holds one sample's bytes, not the
+    shard's mapped pages.
     """
     try:
-        index = index_tar(path)
+        index = index_tar(path, mapped=views)
     except TarUnsupported as err:
         raise ShardError(str(err), UNREADABLE) from err
     if skipped is not None:
@@ -200,7 +203,7 @@ def iter_samples(path: str | Path, *, views: bool = False, skipped: list[str] | 
         if entry is None or ext in entry.sample.files:
             entry = latest[key] = _Open(Sample(key=key), header)
             order.append(entry)
-        entry.sample.files[ext] = view[start:start + size]  # bytes only when yielded: memory stays the map's
+        entry.sample.files[ext] = (start, size)  # where it lies: read (or viewed) only when yielded
         entry.plain = entry.plain and is_plain and header == entry.end
         entry.end = padded_end(start - BLOCK, size)  # the payload starts one block after its (last) header
     if index.cut_member is not None and not ignorable(index.cut_member):
@@ -214,8 +217,9 @@ def iter_samples(path: str | Path, *, views: bool = False, skipped: list[str] | 
         sample = entry.sample
         if not _utf8(sample.key):
             sample.key, sample.problem = printable_key(sample.key), "non_utf8_name"
-        if not views:
-            sample.files = {ext: payload.tobytes() for ext, payload in sample.files.items()}
+        sample.files = {ext: view[start:start + size] for ext, (start, size) in sample.files.items()}
+        if not views:  # a reader's slices are bytes already; a decompressed shard's map gives views
+            sample.files = {ext: bytes(payload) for ext, payload in sample.files.items()}
         elif entry.plain and entry.first >= 0:
             sample.raw = view[entry.first:entry.end]
         yield sample

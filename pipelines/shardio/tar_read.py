@@ -28,12 +28,11 @@ from typing import NamedTuple
 import numpy as np
 
 from pipelines.shardio.decompress import TarDamage, compression, decompressed
+from pipelines.shardio.file_reader import FileReader
 
 BLOCK = 512
 RECORD = 20 * BLOCK
 ZEROS = bytes(RECORD)
-
-
 
 
 def _octal(field: bytes) -> int:
@@ -89,27 +88,32 @@ class TarIndex(NamedTuple):
     """Entries that are not regular files (directories, links, devices): no sample's data."""
 
 
-def _map(path: str | Path) -> mmap.mmap | bytes | None:
-    """The file mapped read-only; b"" when empty, None when compressed."""
+def _map(path: str | Path, mapped: bool = True) -> mmap.mmap | FileReader | bytes | None:
+    """The file mapped read-only (or with `mapped=False` a `FileReader`); b"" when empty, None when
+    compressed."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             return b""
         if compression(handle.read(6)) is not None:
             return None
+        if not mapped:
+            return FileReader(path)
         return mmap.mmap(handle.fileno(), size, flags=mmap.MAP_SHARED,
                          prot=mmap.PROT_READ)
 
 
-def index_tar(path: str | Path) -> TarIndex:
+def index_tar(path: str | Path, mapped: bool = True) -> TarIndex:
     """Index a tar without copying its payloads (a compressed one after decompressing it).
 
     The file is mapped, not read: payloads are slices of the map, so a caller
     that passes samples through unchanged never copies them into Python
-    objects. Header checksums are verified for all members at once (numpy),
-    and the member list is cut before the first bad header.
+    objects. With `mapped=False` it is read with pread() (`FileReader`), and
+    `view` slices are bytes read when asked for. Header checksums are verified
+    for all members at once (numpy), and the member list is cut before the
+    first bad header.
     """
-    mapped, stream_damage = _map(path), None
+    mapped, stream_damage = _map(path, mapped), None
     if mapped is None:
         with open(path, "rb") as handle:
             kind = compression(handle.read(6))
@@ -119,6 +123,7 @@ def index_tar(path: str | Path) -> TarIndex:
     size = len(mapped)
     members: list[tuple[str, int, int, int, bool]] = []
     heads: list[int] = []
+    headers: list[bytes] = []  # kept for the checksums: read once, whatever the reader
     pos, long_name, damage, cut = 0, None, None, None
     skipped: list[str] = []
     zero_block = ZEROS[:BLOCK]
@@ -142,6 +147,7 @@ def index_tar(path: str | Path) -> TarIndex:
             damage = f"unreadable member header ({err})"
             break
         heads.append(pos)
+        headers.append(header)
         if length < 0:
             damage = "negative member size"
             break
@@ -168,13 +174,14 @@ def index_tar(path: str | Path) -> TarIndex:
                 skipped.append(long_name or _ustar_name(header))
             long_name = None
         pos = following
-    first_bad = _first_bad_checksum(mapped, heads)
+    first_bad = _first_bad_checksum(headers, heads)
     if first_bad is not None:
         members = [m for m in members if m[1] < first_bad]
         damage, cut = "bad header checksum (corrupt tar)", None
     if stream_damage:
         damage = f"{stream_damage}; {damage}" if damage else stream_damage
-    return TarIndex(memoryview(mapped), members, f"{path}: {damage}" if damage else None, cut, tuple(skipped))
+    view = mapped if isinstance(mapped, FileReader) else memoryview(mapped)
+    return TarIndex(view, members, f"{path}: {damage}" if damage else None, cut, tuple(skipped))
 
 
 def _ustar_name(header: bytes) -> str:
@@ -187,15 +194,18 @@ def _ustar_name(header: bytes) -> str:
     return name
 
 
-def _after_zeros(mapped, pos: int) -> int:
-    """The offset of the first block at or after `pos` that is not all zeros (the file's size if none)."""
+def _after_zeros(mapped, pos: int, chunk: int = 1 << 20) -> int:
+    """The offset of the first block at or after `pos` that is not all zeros (the file's size if none),
+    read a MiB at a time (a map's slice or a reader's: the zeros end a tar, so this is its tail)."""
     size = len(mapped)
-    whole = (size - pos) // BLOCK * BLOCK
-    blocks = np.frombuffer(mapped, np.uint8, count=whole, offset=pos).reshape(-1, BLOCK)
-    nonzero = np.flatnonzero(blocks.any(1))
-    if nonzero.size:
-        return pos + int(nonzero[0]) * BLOCK
-    return pos + whole if mapped[pos + whole:size].count(0) != size - pos - whole else size
+    whole_end = pos + (size - pos) // BLOCK * BLOCK
+    while pos < whole_end:
+        part = mapped[pos:min(whole_end, pos + chunk)]
+        nonzero = np.flatnonzero(np.frombuffer(part, np.uint8).reshape(-1, BLOCK).any(1))
+        if nonzero.size:
+            return pos + int(nonzero[0]) * BLOCK
+        pos += len(part)
+    return pos if mapped[pos:size].count(0) != size - pos else size
 
 
 def _blocks(mapped: mmap.mmap) -> np.ndarray:
@@ -224,11 +234,12 @@ def _checksums_ok(rows: np.ndarray) -> np.ndarray:
     return ok
 
 
-def _first_bad_checksum(mapped: mmap.mmap, heads: list[int]) -> int | None:
-    """Offset of the first header whose checksum does not match, or None."""
+def _first_bad_checksum(headers: list[bytes], heads: list[int]) -> int | None:
+    """Offset of the first header (their bytes `headers`, at offsets `heads`) whose checksum does not
+    match, or None."""
     if not heads:
         return None
-    bad = np.flatnonzero(~_checksums_ok(_header_rows(mapped, heads)))
+    bad = np.flatnonzero(~_checksums_ok(np.frombuffer(b"".join(headers), np.uint8).reshape(-1, BLOCK)))
     return heads[int(bad[0])] if bad.size else None
 
 
