@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from experts.flops import flops_per_sample, pass_flops, samples_per_epoch
+from experts.flops import flop_counter, flops_per_sample, pass_flops, samples_per_epoch
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "experts/model_configs/moda-tiny.json").read_text())
 
@@ -42,3 +42,28 @@ def test_an_epoch_is_whole_batches_for_every_data_loader_worker():
     assert samples_per_epoch(1000, batch_size=64, workers=2) == 1024  # 16 batches, 8 a worker
     assert samples_per_epoch(1000, batch_size=64, workers=3) == 18 * 64  # 16 -> 18 for 3 workers
     assert samples_per_epoch(1000, batch_size=32, world_size=2) == 1024
+
+
+def test_a_one_block_vision_tower_counts_as_a_hand_count_says():
+    """A ViT by hand, per image: the patch embedding 2 P (3 p^2) w; one block 24 T w^2 (qkv 6, out 2,
+    MLP 16) + 4 T^2 w (scores and weighted values); the projection of the class token 2 w e; with
+    P = (S / p)^2 patches and T = P + 1 tokens. Layer norms and softmax are not matmuls and the counter
+    leaves them out, as the scaling-law literature's 6 N D does."""
+    import open_clip
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size, patch, width, embed, batch = 32, 8, 64, 48, 3
+    tower = open_clip.model._build_vision_tower(
+        embed, open_clip.model.CLIPVisionCfg(layers=1, width=width, head_width=32, patch_size=patch, image_size=size))
+    tower.train()  # no fused inference fast path: every matmul is an op the counter sees
+    patches = (size // patch) ** 2
+    tokens = patches + 1
+    per_image = 2 * patches * 3 * patch ** 2 * width + 24 * tokens * width ** 2 + 4 * tokens ** 2 * width \
+        + 2 * width * embed
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        tower(torch.randn(batch, 3, size, size))
+    assert counter.get_total_flops() < batch * per_image  # torch's fused CPU attention kernel goes uncounted
+    with torch.no_grad(), flop_counter() as counter:
+        tower(torch.randn(batch, 3, size, size))
+    assert counter.get_total_flops() == batch * per_image  # moda's counter counts it
