@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo ui test test-gpu lint repro-cpu clean
+.PHONY: venv demo ui test test-gpu lint repro-cpu sweep-cpu clean
 
 # The venv is (re)built when the dependency pins change. constraints.txt pins
 # every transitive package of a set known to install offline (pip freeze).
@@ -34,6 +34,11 @@ test: $(STAMP)
 repro-cpu: $(STAMP)
 	$(VENV)/bin/moda synth configs/repro-cpu.yaml
 	$(VENV)/bin/moda run configs/repro-cpu.yaml
+
+# The scaling-law sweep on 2 CPU cores (<= 45 min): bench/results/sweep_cpu_*.md holds a measured run.
+sweep-cpu: $(STAMP)
+	$(VENV)/bin/moda synth configs/sweep-cpu.yaml
+	$(VENV)/bin/moda sweep configs/sweep-cpu.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

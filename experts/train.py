@@ -265,7 +265,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     layout, hooks, model_cfg = ctx.layout, ctx.hooks, fp.details["model_cfg"]
     split = ctx.upstream["split"]
     device = pick_device(cfg.device)
-    gpus = visible_gpus() if device == "cuda" else []
+    gpus = allowed_gpus(visible_gpus(), cfg.gpus) if device == "cuda" else []
     slots = gpu_slots(gpus, cfg.gpus_per_expert)
     write_model_folder(layout.model_config, model_cfg)
     model_spec = f"local-dir:{layout.model_config.resolve()}"
@@ -358,6 +358,17 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
                 "flops_per_sample": flops_per_sample(model_cfg, cfg.batch_size)},
         extra={"device": device, "gpu_slots": slots},
     )
+
+
+def allowed_gpus(visible: list[str], allowed: list[str]) -> list[str]:
+    """The visible GPUs this run may use (`train.gpus`; empty: all); an id not visible is an error."""
+    if not allowed:
+        return visible
+    unknown = [g for g in allowed if g not in visible]
+    if unknown:
+        raise ValueError(f"train.gpus {allowed}: {unknown} not among the visible GPUs {visible} "
+                         "(CUDA_VISIBLE_DEVICES): list visible ids, or leave train.gpus empty for all")
+    return list(allowed)
 
 
 def clean(stage_dir: Path) -> int:

@@ -10,12 +10,12 @@ curves can be compared where no run was made:
   (A is then the excess error at the smallest budget, and the fit does not
   handle numbers like 1e18), started from a straight line in log-log space,
   alpha kept in (0, 4) and E_inf in [0, the lowest error seen).
-- `bootstrap_fits`: intervals by refitting on resampled errors. With four to
-  six budgets, resampling the points themselves leaves too few distinct ones
-  for a three-parameter fit, so each point's error is redrawn from the
-  binomial its own test set implies (n test samples, error e: k ~ Bin(n, e));
-  this carries the test-set noise behind every point into alpha, the
-  predictions and the crossing.
+- `refit`: intervals by refitting on redrawn errors. With four to six
+  budgets, resampling the points themselves leaves too few distinct ones for
+  a three-parameter fit, so the test samples are redrawn instead (the caller
+  resamples them once per redraw for every point and system alike, so two
+  systems' curves stay paired on the same images): this carries the test-set
+  noise behind every point into alpha, the predictions and the crossing.
 - `holdout_check`: fit on all but the largest budget, predict the largest:
   how far the law can be trusted one step out.
 - `crossing` and `compute_multiplier`: where MoDE-n's curve meets the single
@@ -86,19 +86,22 @@ def fit_power_law(compute, err) -> PowerLaw:
     return PowerLaw(float(params[0]), float(params[1]), float(params[2]), c0)
 
 
-def bootstrap_fits(compute, err, n_test, resamples: int = 200, seed: int = 0) -> list[PowerLaw]:
-    """Fits on `resamples` redraws of every point's error from Bin(n_test, err) / n_test (a redraw
-    whose fit fails is left out; the caller sees how many came back)."""
-    compute, err = np.asarray(compute, dtype=float), np.asarray(err, dtype=float)
-    n = np.broadcast_to(np.asarray(n_test, dtype=int), err.shape)
-    rng = np.random.default_rng(seed)
-    fits = []
-    for _ in range(resamples):
-        drawn = rng.binomial(n, np.clip(err, 0.0, 1.0)) / n
+def fit_frontier(compute, err) -> PowerLaw:
+    """The law through the compute-Pareto frontier of (compute, err) (ValueError: under 3 computes)."""
+    keep = pareto_frontier(compute, err)
+    return fit_power_law(np.asarray(compute, dtype=float)[keep], np.asarray(err, dtype=float)[keep])
+
+
+def refit(compute, draws) -> list[PowerLaw | None]:
+    """The frontier's law of every redraw of the errors (`draws`: redraws x points), None where a
+    redraw leaves under 3 frontier computes or curve_fit does not converge: the caller says how many
+    of the redraws gave a law."""
+    fits: list[PowerLaw | None] = []
+    for err in np.asarray(draws, dtype=float):
         try:
-            fits.append(fit_power_law(compute, drawn))
-        except (RuntimeError, ValueError):  # curve_fit did not converge on this redraw
-            continue
+            fits.append(fit_frontier(compute, err))
+        except (RuntimeError, ValueError):
+            fits.append(None)
     return fits
 
 

@@ -26,8 +26,8 @@ def test_a_deployment_names_a_flow_and_parameters_it_accepts(deployment, monkeyp
     load_config(ROOT / deployment["parameters"]["config_path"])
 
 
-def test_the_moda_deployments_cover_every_stage_and_add_expert():
+def test_the_moda_deployments_cover_every_stage_add_expert_and_the_sweep():
     from pipelines.run.stages import NAMES
 
     names = {d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
-    assert names == {"full", "add-expert", *NAMES}
+    assert names == {"full", "add-expert", "sweep", *NAMES}

@@ -7,13 +7,14 @@ import pytest
 
 from routing.scaling import (
     PowerLaw,
-    bootstrap_fits,
     compute_multiplier,
     crossing,
+    fit_frontier,
     fit_power_law,
     holdout_check,
     interval,
     pareto_frontier,
+    refit,
 )
 
 TRUE = PowerLaw(a=0.6, alpha=0.35, e_inf=0.12, c0=1e15)
@@ -36,17 +37,29 @@ def test_the_fit_recovers_the_law_from_noisy_points_within_tolerance():
     np.testing.assert_allclose(law(BUDGETS), TRUE(BUDGETS), atol=0.01)
 
 
-def test_bootstrap_intervals_cover_the_true_exponent_and_narrow_with_larger_test_sets():
+def test_refit_intervals_cover_the_true_exponent_and_narrow_with_larger_test_sets():
     widths = []
     for n_test in (2_000, 50_000):
         rng = np.random.default_rng(1)
         observed = rng.binomial(n_test, TRUE(BUDGETS)) / n_test
-        fits = bootstrap_fits(BUDGETS, observed, n_test, resamples=150)
+        draws = rng.binomial(n_test, np.broadcast_to(observed, (150, len(BUDGETS)))) / n_test
+        fits = [f for f in refit(BUDGETS, draws) if f is not None]
         assert len(fits) >= 140
         low, high = interval([f.alpha for f in fits])
         assert low <= TRUE.alpha <= high
         widths.append(high - low)
     assert widths[1] < widths[0] / 2
+
+
+def test_the_frontier_fit_ignores_a_point_a_cheaper_one_beats():
+    err = TRUE(BUDGETS)
+    worse = np.append(err, err[0] + 0.2)  # a large model at the top budget that did worse than the smallest
+    assert fit_frontier(np.append(BUDGETS, BUDGETS[-1]), worse).alpha == pytest.approx(TRUE.alpha, rel=1e-3)
+
+
+def test_a_redraw_that_leaves_too_few_frontier_points_gives_no_law():
+    flat = np.array([[0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])  # one frontier point
+    assert refit(BUDGETS, flat) == [None]
 
 
 def test_a_fit_needs_three_budgets():

@@ -198,7 +198,8 @@ class TrainConfig:
     train on several GPU hosts that share the run folder: `dask_address` is
     the scheduler (`tcp://host:8786`; workers started one per GPU with
     `--resources GPU=1`), or empty for a temporary local cluster of
-    `dask_local_workers` processes (for trying it out).
+    `dask_local_workers` processes (for trying it out). `gpus`: the GPU ids this run may use
+    (empty: every visible one); `moda sweep` gives the points it trains at once disjoint shares.
     """
 
     model: str = "experts/model_configs/moda-tiny.json"
@@ -231,6 +232,7 @@ class TrainConfig:
     executor: str = run_only("local")
     dask_address: str = run_only("")
     dask_local_workers: int = run_only(2)
+    gpus: list[str] = run_only(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,35 @@ class AddExpertConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """`moda sweep`: a grid of (model, budget) points, each a whole MoDE run, and the scaling laws
+    of every system's error against its training compute (routing/scaling.py).
+
+    `models`: open_clip models (as `train.model`), smallest first; empty: `train.model` alone.
+    `epochs`: the budgets, each in total epochs over the training data (samples seen = epochs x
+    the data's size), log-spaced for the fit. `seed_share` of a budget's epochs trains the seed
+    (a whole number for every budget); the single model (the fair baseline, which continues the
+    seed's cosine on all data) and every MoDE-n's experts train the rest. `experts`: the n of
+    every MoDE-n the sweep compares (empty: `cluster.num_experts` alone); `cluster.num_experts`
+    is one of them (the points' own experts), each other n an `experts=<n>` ablation continuing
+    the same seed. The fit's intervals come from `resamples` paired redraws of the test
+    samples, at `confidence`.
+    `parallel_points` points train at once, each on its own share of the visible GPUs
+    (`train.gpus`; at least `train.gpus_per_expert` GPUs a point), its experts in parallel on that
+    share's slots or on the Dask workers; 1 (one after another) on a CPU host, whose cores the
+    points would otherwise share.
+    """
+
+    models: list[str] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    seed_share: float = 0.5
+    experts: list[int] = field(default_factory=list)
+    resamples: int = 200
+    confidence: float = 0.95
+    parallel_points: int = run_only(1)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: a name and one section per stage."""
 
@@ -317,6 +348,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     add_expert: AddExpertConfig = field(default_factory=AddExpertConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         validate(self)

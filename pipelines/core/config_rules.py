@@ -117,6 +117,7 @@ def validate(cfg: Any) -> None:
     _positive(cfg.add_expert.fine_per_class, "add_expert.fine_per_class")
     if not 0 < cfg.add_expert.coverage <= 1:
         raise ConfigError("add_expert.coverage must be in (0, 1]")
+    _validate_sweep(cfg)
     s = cfg.synth
     _positive(s.num_train, "synth.num_train")
     _positive(s.shard_size, "synth.shard_size")
@@ -124,3 +125,29 @@ def validate(cfg: Any) -> None:
         raise ConfigError("synth.wrong_caption_rate must be in [0, 1)")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name must be a non-empty folder name, got {cfg.name!r}")
+
+
+def _validate_sweep(cfg: Any) -> None:
+    w = cfg.sweep
+    if not w.epochs or any(e < 2 for e in w.epochs) or len(set(w.epochs)) != len(w.epochs):
+        raise ConfigError(f"sweep.epochs must list distinct budgets of at least 2 epochs, got {w.epochs}")
+    if not 0 < w.seed_share < 1:
+        raise ConfigError(f"sweep.seed_share must be in (0, 1), got {w.seed_share}")
+    for epochs in w.epochs:
+        seed = epochs * w.seed_share
+        if abs(seed - round(seed)) > 1e-9 or not 1 <= round(seed) < epochs:
+            raise ConfigError(f"sweep.seed_share {w.seed_share} of sweep.epochs {epochs} is {seed:g} seed epochs: "
+                              "choose budgets and a share that give a whole number, at least 1 and below the "
+                              "budget (e.g. seed_share 0.5 with even budgets)")
+    if w.experts and cfg.cluster.num_experts not in w.experts:
+        raise ConfigError(f"sweep.experts {w.experts} must include cluster.num_experts ({cfg.cluster.num_experts}): "
+                          "the points' own experts are one of the systems the sweep compares")
+    if len(set(w.experts)) != len(w.experts) or not all(2 <= n <= cfg.cluster.num_fine for n in w.experts):
+        raise ConfigError(f"sweep.experts must list distinct n with 2 <= n <= cluster.num_fine, got {w.experts}")
+    if len(set(w.models)) != len(w.models):
+        raise ConfigError("sweep.models lists a model twice")
+    if w.resamples < 50:
+        raise ConfigError("sweep.resamples must be >= 50")
+    if not 0.5 < w.confidence < 1:
+        raise ConfigError("sweep.confidence must be in (0.5, 1)")
+    _positive(w.parallel_points, "sweep.parallel_points")

@@ -17,6 +17,8 @@ finds the whole layout here and a rename is one edit.
     evaluate/  results.json, results.md, routing.json, routing_weights.png, accuracy.png
     added/     registry.json, expert_<id>/ (request.json and a run folder of its own)
     ablations/ <variant>/ (a run folder of its own)
+    sweep/     <model>-e<epochs>/ (`moda sweep`: one point, a run folder of its own)
+    scaling/   scaling.json, scaling.md, <task>.png (the sweep's fits)
 and every stage folder a manifest.json, written last.
 """
 
@@ -312,3 +314,25 @@ class RunLayout:
     @property
     def report_plot(self) -> Path:
         return self.report / "differences.png"
+
+    # ------------------------------------------------------------ sweep (moda sweep)
+    def sweep_point(self, name: str) -> RunLayout:
+        """A scaling sweep's point (one model at one budget): a run folder of its own, its embed,
+        cluster and split (and its ablations' cluster and split) linked to this run's."""
+        return RunLayout(self.root / "sweep" / name)
+
+    @property
+    def scaling(self) -> Path:
+        return self.stage("scaling")
+
+    @property
+    def scaling_json(self) -> Path:
+        return self.scaling / "scaling.json"
+
+    @property
+    def scaling_markdown(self) -> Path:
+        return self.scaling / "scaling.md"
+
+    def scaling_plot(self, task: str) -> Path:
+        """The log-log plot of every system's points and fitted law on one task."""
+        return self.scaling / f"{task}.png"

@@ -23,18 +23,24 @@ from pipelines.core.stage import Hooks
 from pipelines.run.stages import layout_of, run_stage, stage_done
 
 
-def ablation_config(cfg: Config, layout: RunLayout, variant: str) -> Config:
-    """The run's config changed into one of the paper's ablations, continuing the run's seed."""
+def variant_config(cfg: Config, variant: str) -> Config:
+    """The run's config with the ablation's cluster stage (what its cluster and split depend on)."""
     kind, value = parse_ablation(variant)
     cluster = {"random": dataclasses.replace(cfg.cluster, random_split=True),
                "one_step": dataclasses.replace(cfg.cluster, num_fine=cfg.cluster.num_experts),
                "experts": dataclasses.replace(cfg.cluster, num_experts=value or 0),
                "fine": dataclasses.replace(cfg.cluster, num_fine=value or 0)}[kind]
+    return dataclasses.replace(cfg, name=f"{cfg.name}-{variant}", cluster=cluster,
+                               evaluate=dataclasses.replace(cfg.evaluate, ablations=[]),
+                               sweep=dataclasses.replace(cfg.sweep, experts=[]))
+
+
+def ablation_config(cfg: Config, layout: RunLayout, variant: str) -> Config:
+    """The run's config changed into one of the paper's ablations, continuing the run's seed."""
+    variant_cfg = variant_config(cfg, variant)
     train = dataclasses.replace(cfg.train, seed_checkpoint=read_registry(layout)["seed"]["checkpoint"],
                                 baseline=False)
-    evaluate = dataclasses.replace(cfg.evaluate, ablations=[])
-    return dataclasses.replace(cfg, name=f"{cfg.name}-{variant}", cluster=cluster, train=train,
-                               evaluate=evaluate)
+    return dataclasses.replace(variant_cfg, train=train)
 
 
 def ablation_done(variant: str, cfg: Config, layout: RunLayout) -> bool:
@@ -51,6 +57,14 @@ def link(target: Path, link_path: Path) -> None:
     if not link_path.exists() and not link_path.is_symlink():
         link_path.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.path.relpath(target, link_path.parent), link_path)
+
+
+def cluster_and_split(variant: str, cfg: Config, layout: RunLayout, hooks: Hooks = Hooks()) -> None:
+    """Only the ablation's cluster and split (no seed needed): what a scaling sweep's points share."""
+    ablation = layout.ablation(variant)
+    link(layout.embed, ablation.embed)
+    for stage in ("cluster", "split"):
+        run_stage(stage, variant_config(cfg, variant), ablation, hooks)
 
 
 def run_ablation(variant: str, cfg: Config, run_dir: str | Path | RunLayout | None, hooks: Hooks = Hooks(),

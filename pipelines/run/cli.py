@@ -3,6 +3,7 @@
     moda synth configs/demo.yaml          generate the synthetic demo data
     moda run configs/demo.yaml            run the pipeline in-process (no server)
     moda run configs/demo.yaml --stages cluster,split
+    moda sweep configs/sweep-cpu.yaml     the scaling-law sweep: models x budgets, laws fitted
     moda stage split configs/demo.yaml    one stage, directly (no Prefect)
     moda verify runs/demo                 check the split from the files alone
     moda add-expert configs/demo.yaml --mode split-widest     (or new-data --new-data DIR, task --task DIR)
@@ -46,13 +47,14 @@ def _synth(args: argparse.Namespace) -> int:
 EPHEMERAL_STARTUP_SECONDS = "180"
 
 
-def _moda_flow():
-    """The `moda` flow. The Prefect layer is imported only by the commands that start a flow:
-    Prefect's import takes about 2 s, which `moda stage`, `moda verify` and `moda predict` do not pay."""
+def _moda_flow(name: str = "moda"):
+    """The `moda` flow (or another of pipelines/run/flows.py). The Prefect layer is imported only by
+    the commands that start a flow: Prefect's import takes about 2 s, which `moda stage`, `moda
+    verify` and `moda predict` do not pay."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
-    from pipelines.run.flows import moda
+    import pipelines.run.flows as flows
 
-    return moda
+    return getattr(flows, name)
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -70,6 +72,12 @@ def _run(args: argparse.Namespace) -> int:
                          overrides=overrides(args) or None)
     if table:
         print(table)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    load_config(args.config, overrides(args))  # fail fast, before Prefect starts
+    print(_moda_flow("sweep")(config_path=args.config, run_dir=args.run_dir, overrides=overrides(args) or None))
     return 0
 
 
@@ -153,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="trainer seeds (report.seeds): train everything K times")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=_run)
+    p = sub.add_parser("sweep", help="the scaling-law sweep: every model x budget point, then the fitted laws")
+    p.add_argument("config")
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<name>)")
+    p.add_argument("--seeds", type=int, default=None, help="trainer seeds per point (report.seeds)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_sweep)
     p = sub.add_parser("stage", help="run one stage directly, without Prefect")
     p.add_argument("stage", choices=list(NAMES))
     p.add_argument("config")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -23,13 +23,26 @@ from prefect.artifacts import (
 from prefect.exceptions import MissingContextError
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from experts.launch import visible_gpus
 from pipelines.core.config import Config, load_config
+from pipelines.core.devices import pick_device
 from pipelines.core.stage import Hooks, Report, Stage
-from pipelines.run.ablations import ablation_done, run_ablation
+from pipelines.run.ablations import ablation_done, cluster_and_split, run_ablation
 from pipelines.run.add_expert import AddRequest, run_add_expert
 from pipelines.run.executors import dask_runner, dask_task_runner, logger, on_dask, prefect_runner
 from pipelines.run.replicates import evaluate_replicate, replicate_done, train_replicate
 from pipelines.run.stages import BY_NAME, STAGES, check_inputs, context, layout_of, run_stage, stage_done
+from pipelines.run.sweep import (
+    extra_variants,
+    gpu_shares,
+    on_share,
+    plan,
+    point_config,
+    prepare_point,
+    run_done,
+    run_scaling,
+    waves,
+)
 
 
 def artifact_key(text: str) -> str:
@@ -222,3 +235,56 @@ def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
             log.info("%s\n%s", done, table)
             return table
     return ""
+
+
+def train_point(config_path: str, root: str, point, run_name: str) -> None:
+    """One sweep point: the `moda` flow in the point's folder with its overrides."""
+    moda.with_options(flow_run_name=f"{run_name}-{point.name}")(config_path, root, overrides=point.overrides)
+
+
+point_task = task(name="sweep-point")(train_point)
+
+
+@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=16))
+def sweep(config_path: str = "configs/sweep-cpu.yaml", run_dir: str | None = None,
+          overrides: dict | None = None) -> str:
+    """The scaling-law sweep (pipelines/run/sweep.py): embed, cluster and split once, then every
+    (model, budget) point as a `moda` sub-flow in its own run folder (a finished point is skipped, a
+    killed one resumes), then the laws fitted to them (routing/scaling_stage.py). Returns the
+    scaling summary (markdown)."""
+    cfg = load_config(config_path, overrides)
+    check_inputs(cfg)
+    layout = layout_of(cfg, run_dir)
+    sweep_plan, variants = plan(cfg, overrides), extra_variants(cfg)
+    log = logger()
+    log.info("moda sweep %r into %s: %d points, systems %s", cfg.name, layout.root, len(sweep_plan.points),
+             list(sweep_plan.systems))
+    moda(config_path, str(layout.root), stages=["embed", "cluster", "split"], overrides=overrides)
+    for variant in variants:  # MoDE-n's clusters, shared by every point
+        cluster_and_split(variant, cfg, layout, prefect_hooks(cfg, BY_NAME["cluster"]))
+    pending = []
+    for i, point in enumerate(sweep_plan.points):
+        folder = prepare_point(layout, point, variants)
+        if run_done(point_config(config_path, point), folder):
+            log.info("point %d/%d %s: skipped (every stage matches its fingerprint)", i + 1,
+                     len(sweep_plan.points), point.name)
+        else:
+            pending.append(point)
+    parallel = cfg.sweep.parallel_points
+    shares = gpu_shares(visible_gpus() if pick_device(cfg.train.device) == "cuda" else [], parallel,
+                        cfg.train.gpus_per_expert)
+    for wave in waves(pending, parallel):
+        log.info("training %s", ", ".join(p.name for p in wave))
+        if len(wave) == 1:
+            train_point(config_path, str(layout.sweep_point(wave[0].name).root), on_share(wave[0], shares[0]),
+                        cfg.name)
+        else:  # each a task running the point's flow, on its own share of the GPUs
+            futures = [point_task.submit(config_path, str(layout.sweep_point(p.name).root), on_share(p, share),
+                                         cfg.name) for p, share in zip(wave, shares)]
+            for future in futures:
+                future.result()
+    manifest, published = run_scaling(sweep_plan, layout)
+    summarise(cfg, "scaling", manifest)
+    for report in published:
+        publish(cfg, report)
+    return layout.scaling_markdown.read_text(encoding="utf-8")
