@@ -70,11 +70,13 @@ def test_points_trained_at_once_get_disjoint_shares_of_the_gpus():
 def test_a_gpu_share_changes_how_a_point_runs_not_its_fingerprints(tmp_path, tiny_data):
     cfg = load_config(sweep_config(tmp_path, tiny_data))
     point = points(cfg)[0]
-    shared = on_share(point, ["1"])
-    assert shared.overrides["train"]["gpus"] == ["1"]
+    shared = on_share(point, ["3"], visible=["2", "3"])  # CUDA_VISIBLE_DEVICES=2,3: torch's cuda:1
+    assert shared.overrides["train"]["gpus"] == ["3"] and shared.overrides["evaluate"]["device"] == "cuda:1"
+    assert shared.overrides["evaluate"]["ablations"] == point.overrides["evaluate"]["ablations"]
     config = tmp_path / "sweep.yaml"
-    hashes = {section_hash(load_config(config, p.overrides).train) for p in (point, shared)}
-    assert len(hashes) == 1
+    for section in ("train", "evaluate"):
+        hashes = {section_hash(getattr(load_config(config, p.overrides), section)) for p in (point, shared)}
+        assert len(hashes) == 1
     assert allowed_gpus(["0", "1"], ["1"]) == ["1"] and allowed_gpus(["0", "1"], []) == ["0", "1"]
     with pytest.raises(ValueError, match="not among the visible GPUs"):
         allowed_gpus(["0"], ["3"])

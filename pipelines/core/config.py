@@ -320,9 +320,9 @@ class SweepConfig:
     the same seed. The fit's intervals come from `resamples` paired redraws of the test
     samples, at `confidence`.
     `parallel_points` points train at once, each on its own share of the visible GPUs
-    (`train.gpus`; at least `train.gpus_per_expert` GPUs a point), its experts in parallel on that
-    share's slots or on the Dask workers; 1 (one after another) on a CPU host, whose cores the
-    points would otherwise share.
+    (`train.gpus`, and `evaluate.device` its first; at least `train.gpus_per_expert` GPUs a
+    point), its experts in parallel on that share's slots or on the Dask workers; 1 (one after
+    another) on a CPU host, whose cores the points would otherwise share.
     """
 
     models: list[str] = field(default_factory=list)

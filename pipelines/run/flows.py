@@ -271,16 +271,16 @@ def sweep(config_path: str = "configs/sweep-cpu.yaml", run_dir: str | None = Non
         else:
             pending.append(point)
     parallel = cfg.sweep.parallel_points
-    shares = gpu_shares(visible_gpus() if pick_device(cfg.train.device) == "cuda" else [], parallel,
-                        cfg.train.gpus_per_expert)
+    visible = visible_gpus() if pick_device(cfg.train.device) == "cuda" else []
+    shares = gpu_shares(visible, parallel, cfg.train.gpus_per_expert)
     for wave in waves(pending, parallel):
         log.info("training %s", ", ".join(p.name for p in wave))
         if len(wave) == 1:
-            train_point(config_path, str(layout.sweep_point(wave[0].name).root), on_share(wave[0], shares[0]),
-                        cfg.name)
+            train_point(config_path, str(layout.sweep_point(wave[0].name).root),
+                        on_share(wave[0], shares[0], visible), cfg.name)
         else:  # each a task running the point's flow, on its own share of the GPUs
-            futures = [point_task.submit(config_path, str(layout.sweep_point(p.name).root), on_share(p, share),
-                                         cfg.name) for p, share in zip(wave, shares)]
+            futures = [point_task.submit(config_path, str(layout.sweep_point(p.name).root),
+                                         on_share(p, share, visible), cfg.name) for p, share in zip(wave, shares)]
             for future in futures:
                 future.result()
     manifest, published = run_scaling(sweep_plan, layout)

@@ -123,11 +123,15 @@ def gpu_shares(visible: list[str], parallel: int, per_expert: int) -> list[list[
     return [visible[k * each:(k + 1) * each] for k in range(parallel)]
 
 
-def on_share(point: SweepPoint, share: list[str]) -> SweepPoint:
-    """The point restricted to a share of the GPUs (`train.gpus`, run-only: no fingerprint changes)."""
+def on_share(point: SweepPoint, share: list[str], visible: list[str]) -> SweepPoint:
+    """The point restricted to a share of the visible GPUs: its training (`train.gpus`) and its
+    evaluation (`evaluate.device`, the share's first GPU as torch numbers the visible ones); both
+    run-only, so a share changes no fingerprint."""
     if not share:
         return point
-    overrides = {**point.overrides, "train": {**point.overrides.get("train", {}), "gpus": share}}
+    overrides = {**point.overrides,
+                 "train": {**point.overrides.get("train", {}), "gpus": share},
+                 "evaluate": {**point.overrides.get("evaluate", {}), "device": f"cuda:{visible.index(share[0])}"}}
     return dataclasses.replace(point, overrides=overrides)
 
 
