@@ -28,6 +28,7 @@ from experts.images import IMAGE_EXTS
 from experts.shard_sets import shard_set, shard_set_manifest
 from pipelines.core.layout import MANIFEST, RunLayout, expert_name
 from pipelines.core.manifest import file_sha256, require_manifest
+from pipelines.core.shard_url import ShardURL, is_remote
 from pipelines.shardio.sample_table import key_bytes
 from pipelines.shardio.shards import ShardError, iter_samples
 from pipelines.shardio.spill import HashSpill, key_hashes, partitions_for
@@ -78,7 +79,7 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
     plan = json.loads(layout.split_plan.read_text())
     thresholds = np.array(plan["ooc_thresholds"])
     problems: list[str] = []
-    inputs = [Path(p) for p in manifest["input_shards"]]
+    inputs = [ShardURL(p) if is_remote(p) else Path(p) for p in manifest["input_shards"]]  # remote: read again
     outputs: list[Path] = []
     parts = partitions_for(2 * manifest["counts"]["samples_in"] + manifest["counts"].get("ooc_copies", 0))
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=split_dir) as tmp:
@@ -91,7 +92,7 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
                                             expert=batch.column("expert").to_numpy()))
             row += len(keys)
         for i, path in enumerate(inputs):
-            if not path.is_file():
+            if not is_remote(path) and not path.is_file():
                 problems.append(f"input shard {path} is missing")
                 continue
             spills["input"].add(_records(_INPUT, _keys(path)[0], shard=i))

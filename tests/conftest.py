@@ -83,3 +83,33 @@ def tiny_run(tmp_path_factory, tiny_data) -> dict:
         table = moda(config_path=str(config), run_dir=str(run_dir))
         seconds = time.perf_counter() - started
     return {"config": config, "run_dir": run_dir, "table": table, "seconds": seconds}
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on a free loopback port, the AWS variables pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    from pipelines.run.demo import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    import fsspec
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps one per process: an earlier test's endpoint
+    fs = fsspec.filesystem("s3")
+    if not fs.exists("evalsets"):  # moto keeps its buckets per process, across servers
+        fs.mkdir("evalsets")
+    yield fs
+    server.stop()
+
+
+def upload(fs, local: Path, remote: str) -> None:
+    """Every file under `local` to the store's folder `remote` (no scheme), as it lies."""
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.pipe(f"{remote}/{path.relative_to(local).as_posix()}", path.read_bytes())

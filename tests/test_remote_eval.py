@@ -11,36 +11,9 @@ from pipelines.core.config import load_config
 from pipelines.run.stages import run_stage
 from pipelines.shardio.remote import RemoteError, mirror
 
+from conftest import upload
+
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on a free loopback port, the AWS variables pointing at it."""
-    from moto.server import ThreadedMotoServer
-
-    from pipelines.run.demo import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-        monkeypatch.setenv(key, value)
-    import fsspec
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps one per process: an earlier test's endpoint
-    fs = fsspec.filesystem("s3")
-    if not fs.exists("evalsets"):  # moto keeps its buckets per process, across servers
-        fs.mkdir("evalsets")
-    yield fs
-    server.stop()
-
-
-def upload(fs, local, remote):
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        fs.pipe(f"{remote}/{path.relative_to(local).as_posix()}", path.read_bytes())
 
 
 def test_an_s3_task_folder_is_scored_as_the_same_folder_on_disk_and_fetched_once(s3, tiny_run, tiny_data, tmp_path):

@@ -177,7 +177,7 @@ def test_the_plain_index_lists_the_same_members_as_the_full_reader(tmp_path, fmt
     assert plain_members(plain) == full_members(index_tar(tmp_path / "a.tar"))
     from pipelines.shardio.tar_read import _chain_by_magic, _chain_by_walk, _map
 
-    by_magic, by_walk = _chain_by_magic(_map(tmp_path / "a.tar")), _chain_by_walk(_map(tmp_path / "a.tar"))
+    by_magic, by_walk = _chain_by_magic(_map(tmp_path / "a.tar")[0]), _chain_by_walk(_map(tmp_path / "a.tar")[0])
     assert by_magic is not None  # the array scan, not the walk, indexes what tar writers write
     assert [a.tolist() for a in by_magic] == [a.tolist() for a in by_walk]
     assert [bytes(plain.view[h + 512:h + 512 + s]) for _, h, s in plain_members(plain)] == [d for _, d in members]
@@ -214,7 +214,7 @@ def test_a_tar_inside_a_member_does_not_fool_the_plain_index(tmp_path):
     tarfile_archive(tmp_path / "inner.tar", [("x.txt", b"inner" * 300), ("y.txt", b"y")])
     members = [("000.tar", (tmp_path / "inner.tar").read_bytes()), ("000.txt", b"cap"), ("001.jpg", b"j" * 900)]
     tarfile_archive(tmp_path / "a.tar", members, tarfile.USTAR_FORMAT)
-    assert _chain_by_magic(_map(tmp_path / "a.tar")) is None
+    assert _chain_by_magic(_map(tmp_path / "a.tar")[0]) is None
     assert plain_members(index_plain_tar(tmp_path / "a.tar")) == full_members(index_tar(tmp_path / "a.tar"))
 
 
@@ -230,7 +230,7 @@ def test_a_header_without_the_ustar_magic_is_found_by_walking_the_chain(tmp_path
     data[second + 148:second + 156] = b" " * 8
     data[second + 148:second + 156] = b"%06o\0 " % sum(data[second:second + 512])
     (tmp_path / "a.tar").write_bytes(data)
-    assert _chain_by_magic(_map(tmp_path / "a.tar")) is None
+    assert _chain_by_magic(_map(tmp_path / "a.tar")[0]) is None
     plain = index_plain_tar(tmp_path / "a.tar")
     assert plain is not None and plain_members(plain) == full_members(index_tar(tmp_path / "a.tar"))
     assert [n for n, _, _ in plain_members(plain)] == ["000.jpg", "000.txt", "001.txt"]

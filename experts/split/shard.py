@@ -20,6 +20,8 @@ from experts.split.outputs import OutputShards
 from experts.split.rows import AssignmentRows
 from pipelines.core.config import SplitConfig
 from pipelines.core.layout import shard_id
+from pipelines.core.shard_url import is_remote
+from pipelines.shardio.remote_shards import held
 from pipelines.shardio.sample_table import SampleTable, key_bytes, sample_table
 from pipelines.shardio.shards import ShardError, ignorable_mask, iter_samples, shard_notes, split_member_name
 from pipelines.shardio.tar_read import PlainTar, index_plain_tar
@@ -39,11 +41,12 @@ def split_input_shard(shard_path: Path, plan: dict, assignments: AssignmentRows,
     shard = shard_id(shard_path)
     rows = assignments.of(shard)
     earlier = plan.get("earlier_shard_keys", {}).get(shard, [])  # kept where first seen
-    tar = index_plain_tar(shard_path)
-    table = sample_table(tar) if tar is not None else None
-    if table is not None and grouped_as_read(tar, table):
-        return _split_plain(tar, table, shard, rows, earlier, plan, caption_rejects, outputs, cfg, threads)
-    return _split_streamed(shard_path, shard, rows, earlier, plan, caption_rejects, outputs, cfg)
+    with held(shard_path):  # a remote shard is fetched once, whichever path reads it
+        tar = index_plain_tar(shard_path)
+        table = sample_table(tar) if tar is not None else None
+        if table is not None and grouped_as_read(tar, table):
+            return _split_plain(tar, table, shard, rows, earlier, plan, caption_rejects, outputs, cfg, threads)
+        return _split_streamed(shard_path, shard, rows, earlier, plan, caption_rejects, outputs, cfg)
 
 
 def grouped_as_read(tar: PlainTar, table: SampleTable) -> bool:
@@ -231,7 +234,10 @@ def prefetch(path: Path) -> None:
     """Read an input shard into the page cache on a background thread, so a dataset that is not
     in memory streams from disk while the shard before it is being split: the split's own reads
     are then page-cache hits, not page faults that wait on the disk. (Asking the kernel to read
-    ahead, posix_fadvise WILLNEED, was measured to help little; reading does.)"""
+    ahead, posix_fadvise WILLNEED, was measured to help little; reading does.) A remote shard is
+    fetched when it is split, not ahead."""
+    if is_remote(path):
+        return
     named_thread("prefetch").submit(_read_through, path)
 
 

@@ -54,6 +54,7 @@ from pipelines.core.config import SplitConfig, section_hash
 from pipelines.core.devices import usable_cores
 from pipelines.core.layout import RunLayout, expert_name, shard_id, shard_name
 from pipelines.core.manifest import atomic_write_json, combine, hash_outputs, input_stats, read_manifest, source_hashes
+from pipelines.core.shard_url import is_remote
 from pipelines.core.stage import Fingerprint, Stage, StageContext, StageResult
 from pipelines.shardio.shards import count_reasons, select_shards, write_rejects
 
@@ -245,7 +246,8 @@ def _finish(cfg: SplitConfig, layout: RunLayout, shards: list[Path], plan: dict,
         outputs=dict(sorted(outputs.items())),
         counts={"samples_in": samples_in, "written": own, "ooc_copies": ooc_copies, "experts": expert_counts,
                 "rejected": by_reason, "shards_in": len(shards), "shards_missing": len(missing)},
-        extra={"num_experts": num_experts, "input_shards": [str(p.resolve()) for p in shards],
+        extra={"num_experts": num_experts,
+               "input_shards": [str(p) if is_remote(p) else str(p.resolve()) for p in shards],
                "missing_shards": missing,
                "input_stats": input_stats(shards)},
     )

@@ -55,7 +55,9 @@ class DataConfig:
     """Where the training shards and the held-out evaluation tasks live.
 
     `train_shards` is a folder of img2dataset-style `*.tar` shards or a brace
-    pattern such as `data/laion/{00000..00999}.tar`. `eval_tasks` is a folder
+    pattern such as `data/laion/{00000..00999}.tar`, local or behind an fsspec
+    URL (`s3://bucket/laion/{00000..41407}.tar`) or a `pipe:` command (see
+    README, "Training shards on object storage"). `eval_tasks` is a folder
     with one sub-folder per task, moda's or clip_benchmark's (see README,
     "Evaluation tasks"), or several such folders joined by `::`; the report
     is stated on them. `val_tasks` (optional, "" for none) holds tasks of the

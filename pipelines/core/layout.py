@@ -50,11 +50,11 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".t
 def shard_id(path: str | Path) -> str:
     """An input shard's name without its tar suffix (`00007.tar.gz` -> `00007`): what its outputs
     and manifest entries are named by."""
-    name = Path(path).name
+    name = getattr(path, "name", None) or Path(path).name  # a ShardURL knows a pipe: command's file
     for suffix in sorted(SHARD_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[:-len(suffix)]
-    return Path(path).stem
+    return Path(name).stem
 
 
 def shard_name(index: int) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipelines.core.devices import usable_cores
 from pipelines.core.layout import MANIFEST, shard_id
+from pipelines.core.shard_url import ShardURL
 
 
 @contextlib.contextmanager
@@ -78,7 +79,9 @@ def source_hashes(paths: list[Path], *manifests: dict[str, Any] | None) -> dict[
     A manifest that lists an input's hash under `inputs[stem]` and its
     [size, mtime_ns] under `input_stats[stem]` vouches for it while the file
     still has that size and modification time, so a rerun (or the next stage
-    over the same shards) does not read terabytes of input again.
+    over the same shards) does not read terabytes of input again. A remote
+    shard (`ShardURL`) stands for its listing's size and version instead, read
+    from no byte of it.
     """
     known: dict[str, tuple[str, list[int]]] = {}
     for manifest in manifests:
@@ -88,7 +91,11 @@ def source_hashes(paths: list[Path], *manifests: dict[str, Any] | None) -> dict[
                     known[stem] = (manifest["inputs"][stem], stat)
     hashes: dict[str, str] = {}
     todo = []
-    for path in map(Path, paths):
+    for path in paths:
+        if isinstance(path, ShardURL):
+            hashes[shard_id(path)] = path.identity
+            continue
+        path = Path(path)
         cached = known.get(shard_id(path))
         if cached and cached[1] == file_stat(path):
             hashes[shard_id(path)] = cached[0]
@@ -110,8 +117,9 @@ def hash_files(paths: list[Path]) -> list[str]:
 
 
 def input_stats(paths: list[Path]) -> dict[str, list[int]]:
-    """[size, mtime_ns] per input file stem, for a manifest's `input_stats` (see `source_hashes`)."""
-    return {shard_id(p): file_stat(Path(p)) for p in paths}
+    """[size, mtime_ns] per input file stem, for a manifest's `input_stats` (see `source_hashes`);
+    [size, version] for a remote shard."""
+    return {shard_id(p): p.stat if isinstance(p, ShardURL) else file_stat(Path(p)) for p in paths}
 
 
 def combine(*parts: Any) -> str:

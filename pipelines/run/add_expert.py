@@ -57,7 +57,7 @@ from experts.subset import subset_stage
 from experts.train import check_shard_counts, expert_job, expert_start, train_job
 from pipelines.core.config import Config, section_hash
 from pipelines.core.devices import pick_device
-from pipelines.core.layout import TASK_FILE, RunLayout, expert_id, expert_name
+from pipelines.core.layout import TASK_FILE, RunLayout, expert_id, expert_name, shard_id
 from pipelines.core.manifest import (
     atomic_write_json,
     combine,
@@ -65,8 +65,10 @@ from pipelines.core.manifest import (
     hash_outputs,
     read_manifest,
     require_manifest,
+    source_hashes,
     write_manifest,
 )
+from pipelines.core.shard_url import ShardURL
 from pipelines.core.stage import Fingerprint, Hooks, Stage, StageContext, StageResult, run_stage
 from pipelines.run.stages import layout_of
 from pipelines.shardio.shards import expand_shards
@@ -189,7 +191,9 @@ def run_add_expert(cfg: Config, run_dir: str | Path | RunLayout | None, request:
 def _request_sources(request: AddRequest) -> dict[str, str]:
     """Content fingerprints of what a request reads besides the run (new shards, task.json)."""
     if request.mode == "new-data":
-        return {f"new:{p.name}": file_sha256(p) for p in expand_shards(request.new_data)}
+        shards = expand_shards(request.new_data)
+        digests = source_hashes(shards)  # sha256, or a remote shard's listed size and version
+        return {f"new:{p.name}": digests[shard_id(p)] for p in shards}
     if request.mode == "task" and request.task and not request.classnames:
         return {TASK_FILE: file_sha256(Path(request.task) / TASK_FILE)}
     return {}
@@ -282,7 +286,7 @@ def new_data_expert(cfg: Config, run: RunLayout, work: RunLayout, new_data: str,
     counts = np.array(json.loads(work.fine_counts.read_text()))
     owned = covering_fine_clusters(counts, cfg.add_expert.coverage)
     shards = expand_shards(new_data)
-    return Selection(owned, {"new_shards": [str(p.resolve()) for p in shards],
+    return Selection(owned, {"new_shards": [str(p) if isinstance(p, ShardURL) else str(p.resolve()) for p in shards],
                              "samples_in": split["counts"]["samples_in"], "rejected": split["counts"]["rejected"],
                              "coverage": cfg.add_expert.coverage, "covered": float(counts[owned].sum() / counts.sum())})
 

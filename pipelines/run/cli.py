@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("add-expert", help="train one more expert later, existing experts untouched")
     p.add_argument("config")
     p.add_argument("--mode", required=True, choices=["new-data", "split-widest", "task"])
-    p.add_argument("--new-data", help="new-data: the new shards (folder, glob or brace pattern)")
+    p.add_argument("--new-data", help="new-data: the new shards (folder, glob or brace pattern; a path, URL or pipe:)")
     p.add_argument("--task", help="task: a task folder with task.json")
     p.add_argument("--classes", help="task: comma-separated class names (instead of --task)")
     p.add_argument("--template", action="append", help="task: prompt template with {} (repeatable)")

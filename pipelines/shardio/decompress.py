@@ -16,6 +16,7 @@ import mmap
 import tempfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 try:  # optional: zstd-compressed tars are read only with it
     import zstandard
@@ -52,11 +53,12 @@ def _decompressor(kind: str, path: str | Path):
     return zstandard.ZstdDecompressor().decompressobj()
 
 
-def decompressed(path: str | Path, kind: str) -> tuple[mmap.mmap | bytes, str | None]:
-    """A compressed tar decompressed into an unnamed temporary file, mapped; and why the stream
-    stopped early, if it did (what came out before the damage is still there to index)."""
+def decompressed(source: BinaryIO, kind: str, path: str | Path) -> tuple[mmap.mmap | bytes, str | None]:
+    """The compressed tar `source` reads (the file `path`, named in errors) decompressed into an
+    unnamed temporary file, mapped; and why the stream stopped early, if it did (what came out
+    before the damage is still there to index)."""
     damage = None
-    with open(path, "rb") as source, tempfile.TemporaryFile(prefix="moda-tar-") as out:
+    with tempfile.TemporaryFile(prefix="moda-tar-") as out:
         decoder, chunk = _decompressor(kind, path), b""
         try:
             while chunk := source.read(1 << 20):

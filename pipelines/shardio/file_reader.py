@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 
 class FileReader:
@@ -19,8 +20,11 @@ class FileReader:
     at one sample's bytes.
     """
 
-    def __init__(self, path: str | Path):
-        self._file = open(path, "rb")  # closed when the reader is dropped
+    def __init__(self, source: str | Path | BinaryIO):
+        """`source`: a path, or an open file (read through a duplicate of its descriptor, so the
+        caller may close it; an unnamed temporary file lives while the reader does)."""
+        self._file = (os.fdopen(os.dup(source.fileno()), "rb") if hasattr(source, "fileno")
+                      else open(source, "rb"))  # closed when the reader is dropped
         self._size = os.fstat(self._file.fileno()).st_size
 
     def __len__(self) -> int:

@@ -38,7 +38,10 @@ class RemoteError(ValueError):
     """A remote folder that cannot be read (the message names the URL and the fix)."""
 
 
-def _retry(what: str, url: str, call: Callable[[], T], retries: int = RETRIES) -> T:
+def retry(what: str, url: str, call: Callable[[], T], retries: int | None = None) -> T:
+    """`call()`, tried `retries` times (RETRIES by default) with backoff on a transient error; a
+    missing or forbidden URL is an error at once."""
+    retries = retries or RETRIES
     for attempt in range(retries):
         try:
             return call()
@@ -60,13 +63,22 @@ def listing(url: str) -> dict[str, list]:
 
     fs, root = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()  # fsspec keeps listings per process: a long-lived one would miss a change
-    found = _retry("listing", url, lambda: fs.find(root, detail=True))
+    found = retry("listing", url, lambda: fs.find(root, detail=True))
     if not found:
         raise RemoteError(f"{url}: no files there; check the URL (a folder of task folders, or one task)")
     root = root.rstrip("/")
-    return {name[len(root):].lstrip("/"): [info.get("size"), str(info.get("ETag") or info.get("mtime")
-                                                                  or info.get("LastModified") or "")]
+    return {name[len(root):].lstrip("/"): [info.get("size"), version_of(info)]
             for name, info in sorted(found.items()) if info.get("type", "file") == "file"}
+
+
+VERSION_FIELDS = ("ETag", "etag", "md5Hash", "Content-MD5", "Digest", "generation", "LastModified", "Last-Modified",
+                  "last_modified", "updated", "mtime")
+"""Where fsspec's stores put what changes when an object is rewritten (S3, GCS, Azure, HTTP, local)."""
+
+
+def version_of(info: dict) -> str:
+    """An object's version as its store's listing gives it ("" when it gives none)."""
+    return str(next((info[f] for f in VERSION_FIELDS if info.get(f)), ""))
 
 
 def mirror(url: str, cache: Path) -> Path:
@@ -87,7 +99,7 @@ def mirror(url: str, cache: Path) -> Path:
         dest = partial / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         source = f"{root.rstrip('/')}/{rel}"
-        _retry(f"fetching {rel}", url, lambda source=source, dest=dest: fs.get_file(source, str(dest)))
+        retry(f"fetching {rel}", url, lambda source=source, dest=dest: fs.get_file(source, str(dest)))
     shutil.rmtree(target, ignore_errors=True)
     record.unlink(missing_ok=True)
     partial.rename(target)

@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 
 from pipelines.core.layout import SHARD_SUFFIXES, SIZES, shard_id, shard_name
 from pipelines.core.manifest import atomic_path, atomic_write_json
+from pipelines.core.shard_url import ShardURL, is_remote
 from pipelines.shardio.decompress import TarUnsupported
+from pipelines.shardio.remote_shards import list_shards
 from pipelines.shardio.tar_read import BLOCK, index_tar, padded_end
 from pipelines.shardio.tar_write import TarShardWriter
 
@@ -61,7 +63,7 @@ class Sample:
     """Why the reader already knows the sample is unusable (`damaged_member`, `non_utf8_name`)."""
 
 
-def find_shards(spec: str | Path) -> tuple[list[Path], list[Path]]:
+def find_shards(spec: str | Path) -> tuple[list[Path | ShardURL], list[Path | str]]:
     """(shards found, shards named but absent) for a folder, a glob or a brace pattern.
 
     A folder lists its tars, plain or compressed (`layout.SHARD_SUFFIXES`), in name order, and not
@@ -69,8 +71,13 @@ def find_shards(spec: str | Path) -> tuple[list[Path], list[Path]]:
     names, hidden or not. Only a brace pattern or a plain name can name a shard that is not there
     (a folder or a glob lists what exists). Two shards with the same name but for the suffix are an
     error (their outputs would share a name), as is a pattern that names a folder.
+    A URL or `pipe:` spec is listed by its store (`remote_shards.list_shards`).
     """
     spec = str(spec)
+    if is_remote(spec):
+        found, missing = list_shards(spec)
+        _distinct_ids(found)
+        return found, missing
     if os.path.isdir(spec) and not spec.endswith(SHARD_SUFFIXES):
         paths = sorted(p for p in Path(spec).iterdir()
                        if p.name.endswith(SHARD_SUFFIXES) and not p.name.startswith(".") and not p.is_dir())
@@ -85,20 +92,24 @@ def find_shards(spec: str | Path) -> tuple[list[Path], list[Path]]:
                                 f"(e.g. {folders[0]}/*.tar) or the folder that holds them")
     found = [p for p in paths if p.is_file()]
     missing = [p for p in paths if not p.is_file()]
-    ids: dict[str, Path] = {}
+    _distinct_ids(found)
+    return found, missing
+
+
+def _distinct_ids(found: list) -> None:
+    ids: dict[str, object] = {}
     for path in found:
         other = ids.setdefault(shard_id(path), path)
         if other != path:
             raise ValueError(f"{other} and {path} are both shard {shard_id(path)!r}: keep one of them")
-    return found, missing
 
 
-def expand_shards(spec: str | Path, missing: str = "error") -> list[Path]:
+def expand_shards(spec: str | Path, missing: str = "error") -> list[Path | ShardURL]:
     """The shards `spec` names that are there (see `select_shards`)."""
     return select_shards(spec, missing)[0]
 
 
-def select_shards(spec: str | Path, missing: str = "error") -> tuple[list[Path], list[str]]:
+def select_shards(spec: str | Path, missing: str = "error") -> tuple[list[Path | ShardURL], list[str]]:
     """(the shards `spec` names that are there, the names of those that are not). An absent shard is
     an error, or with `missing="skip"` left out, for the caller to count and name (img2dataset leaves
     a few shards unwritten at LAION size). No shard at all is always an error.

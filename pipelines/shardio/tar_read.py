@@ -29,6 +29,7 @@ import numpy as np
 
 from pipelines.shardio.decompress import TarDamage, compression, decompressed
 from pipelines.shardio.file_reader import FileReader
+from pipelines.shardio.remote_shards import open_shard
 
 BLOCK = 512
 RECORD = 20 * BLOCK
@@ -88,19 +89,28 @@ class TarIndex(NamedTuple):
     """Entries that are not regular files (directories, links, devices): no sample's data."""
 
 
-def _map(path: str | Path, mapped: bool = True) -> mmap.mmap | FileReader | bytes | None:
-    """The file mapped read-only (or with `mapped=False` a `FileReader`); b"" when empty, None when
-    compressed."""
-    with open(path, "rb") as handle:
+def _map(path: str | Path, mapped: bool = True, decompress: bool = True
+         ) -> tuple[mmap.mmap | FileReader | bytes | None, str | None]:
+    """(the tar's bytes, why a compressed stream stopped early or None).
+
+    The bytes are the file mapped read-only (with `mapped=False` a `FileReader`),
+    b"" when it is empty; a compressed tar decompressed into a mapped temporary
+    file, or None with `decompress=False`. A remote shard (`remote_shards`) is
+    fetched first and read the same way.
+    """
+    with open_shard(path) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
-            return b""
-        if compression(handle.read(6)) is not None:
-            return None
+            return b"", None
+        kind = compression(handle.read(6))
+        if kind is not None:
+            if not decompress:
+                return None, None
+            handle.seek(0)
+            return decompressed(handle, kind, path)
         if not mapped:
-            return FileReader(path)
-        return mmap.mmap(handle.fileno(), size, flags=mmap.MAP_SHARED,
-                         prot=mmap.PROT_READ)
+            return FileReader(handle), None
+        return mmap.mmap(handle.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ), None
 
 
 def index_tar(path: str | Path, mapped: bool = True) -> TarIndex:
@@ -113,11 +123,7 @@ def index_tar(path: str | Path, mapped: bool = True) -> TarIndex:
     for all members at once (numpy), and the member list is cut before the
     first bad header.
     """
-    mapped, stream_damage = _map(path, mapped), None
-    if mapped is None:
-        with open(path, "rb") as handle:
-            kind = compression(handle.read(6))
-        mapped, stream_damage = decompressed(path, kind)
+    mapped, stream_damage = _map(path, mapped)
     if not mapped:
         return TarIndex(memoryview(b""), [], f"{path}: {stream_damage or 'no end-of-archive marker (empty file)'}")
     size = len(mapped)
@@ -291,7 +297,7 @@ def index_plain_tar(path: str | Path) -> PlainTar | None:
     (`_chain_by_magic`, walked one header at a time when that fails); the
     headers it lands on are then verified in full, all at once.
     """
-    mapped = _map(path)
+    mapped = _map(path, decompress=False)[0]
     if not mapped:
         return None
     chain = _chain_by_magic(mapped) or _chain_by_walk(mapped)
