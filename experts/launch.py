@@ -12,16 +12,19 @@ same config gives the same model.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from experts.nodes import RENDEZVOUS
 from experts.trainer_main import STOP_FLAG
 from pipelines.core.config import TrainConfig
 
 TRAINER = "experts.trainer_main"  # open_clip_train.main with its sample shuffle seeded
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, found without the venv on PATH
+# The trainer's flags follow `--` under torchrun: its parser rejects a flag that is a prefix of one
+# of its own (`--logs` of `--logs-specs`) even after the script's name; trainer_main drops the `--`.
 
 
 def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) -> list[str]:
@@ -58,15 +61,23 @@ def resolve_precision(cfg: TrainConfig, device: str) -> str:
 
 def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_samples: int | None,
                     logs: Path, name: str, epochs: int, resume: str | None, device: str,
-                    unmasked: bool = False, nproc: int = 1, stop_after: int | None = None) -> list[str]:
+                    unmasked: bool = False, nproc: int = 1, stop_after: int | None = None,
+                    rendezvous: Path | None = None) -> list[str]:
     """The open_clip_train command line for one run (seed, expert or baseline).
 
     `epochs`: the length of the schedule the run is part of (open_clip_train sizes its cosine over
-    it); `stop_after`: the epoch this launch ends at, when before the schedule's end.
+    it); `stop_after`: the epoch this launch ends at, when before the schedule's end. With
+    `train.nodes_per_expert` above 1, `rendezvous` is the file the nodes of this launch agree on
+    their endpoint through (`experts.nodes`), and the command starts them all.
     """
-    if nproc > 1:
-        launcher = [shutil.which("torchrun") or "torchrun", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", TRAINER]
+    if cfg.nodes_per_expert > 1:
+        if rendezvous is None:
+            raise ValueError("a launch over several nodes needs its rendezvous file")
+        launcher = node_launcher(cfg, rendezvous) + TORCHRUN + [
+            f"--nnodes={cfg.nodes_per_expert}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+            f"--rdzv_id={rendezvous.name}", RENDEZVOUS, "-m", TRAINER, "--"]
+    elif nproc > 1:
+        launcher = TORCHRUN + ["--standalone", f"--nproc_per_node={nproc}", "-m", TRAINER, "--"]
     else:
         launcher = [sys.executable, "-m", TRAINER]
     cmd = launcher + [
@@ -112,6 +123,17 @@ def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_s
     if stop_after is not None and stop_after < epochs:
         cmd += [STOP_FLAG, str(stop_after)]
     return cmd + list(cfg.extra_args)
+
+
+def node_launcher(cfg: TrainConfig, rendezvous: Path) -> list[str]:
+    """What starts one node process on each of `nodes_per_expert` hosts: `train.node_launcher`
+    (`{nodes}` replaced, e.g. `srun --nodes={nodes} --ntasks-per-node=1`), or with none, that many
+    on this host; each node process runs `experts.nodes`, which joins the rendezvous."""
+    nodes = cfg.nodes_per_expert
+    node = [sys.executable, "-m", "experts.nodes"]
+    if cfg.node_launcher:
+        return [part.replace("{nodes}", str(nodes)) for part in cfg.node_launcher] + node + [str(rendezvous), "--"]
+    return node + ["--copies", str(nodes), str(rendezvous), "--"]
 
 
 # Exec the trainer with PR_SET_PDEATHSIG = SIGKILL (Linux): if moda's process is killed, its

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.core.config import TrainConfig
 from pipelines.core.layout import MANIFEST, SIZES
 from pipelines.core.manifest import atomic_write_json, file_sha256
 
@@ -41,3 +42,31 @@ def shard_set_files(folder: Path) -> list[Path]:
 def shard_set_fingerprint(folder: Path) -> str:
     """What identifies a shard set's data: the sha256 of its manifest (which lists every shard's)."""
     return file_sha256(folder / MANIFEST)
+
+
+def check_shard_counts(cfg: TrainConfig, shard_sizes: dict[str, list[int]], processes: int) -> None:
+    """What open_clip_train's data loaders need of each model's shards (`shard_sizes`: samples per
+    shard, by model), `processes` being its world size, unless it samples with replacement:
+
+    - a shard per data-loader worker and trainer process;
+    - a full batch in what each loader is dealt: shards go round-robin to the loaders, which drop a
+      last partial batch and, under webdataset's `with_epoch`, pass over their shards again until the
+      epoch's batches are drawn, so a loader whose shards hold less than one batch never ends its
+      epoch (seen: a 6-sample tail shard, two CPU nodes, batch 16, a loader spinning forever).
+    """
+    if cfg.dataset_resampled:
+        return
+    loaders = cfg.workers * max(1, processes)
+    few = [name for name, sizes in shard_sizes.items() if len(sizes) < loaders]
+    if few:
+        raise ValueError(
+            f"{few} have fewer shards than the {loaders} data loaders (train.workers x trainer processes) "
+            "open_clip_train needs: raise split.min_shards, lower train.workers, or set "
+            "train.dataset_resampled")
+    short = {name: sum(sorted(sizes)[:len(sizes) // loaders]) for name, sizes in shard_sizes.items()}
+    short = {name: least for name, least in short.items() if least < cfg.batch_size}
+    if short:
+        raise ValueError(
+            f"{sorted(short)}: a data loader may be dealt only {min(short.values())} samples, less than one "
+            f"batch of {cfg.batch_size} (train.batch_size), and would never end its epoch: set "
+            "train.dataset_resampled, lower train.batch_size or train.workers, or raise split.shard_size")

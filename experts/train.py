@@ -37,6 +37,7 @@ import math
 import os
 import queue
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -58,7 +59,7 @@ from experts.models import (
     weights_only,
     write_model_folder,
 )
-from experts.shard_sets import shard_set, shard_set_fingerprint
+from experts.shard_sets import check_shard_counts, shard_set, shard_set_fingerprint
 from pipelines.core.config import TrainConfig, section_hash
 from pipelines.core.devices import cpu_threads, pick_device
 from pipelines.core.layout import RunLayout, expert_name
@@ -124,6 +125,10 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
     if not marker.is_file() or marker.read_text().strip() != job.fingerprint:
         shutil.rmtree(run_logs, ignore_errors=True)
         log_file.unlink(missing_ok=True)
+    # Over several nodes, each runs `gpus_per_expert` trainer processes (one on a CPU) on the GPUs
+    # its launcher gave it; on one, the model takes the GPUs of its slot.
+    nodes = cfg.nodes_per_expert
+    per_node = (cfg.gpus_per_expert if device == "cuda" else 1) if nodes > 1 else max(1, len(gpus or []))
     masked_until = job.epochs - job.tune_epochs
     phases = [(masked_until, False)] if masked_until > job.start_epoch else []
     if job.tune_epochs:
@@ -138,15 +143,22 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
             resume = str(job.start_from) if job.start_from else None
         # Every launch of a job is part of the one schedule: the masked epochs and the unmasked
         # tune continue the same cosine (open_clip_train sizes it over --epochs).
+        rendezvous = layout.train / "rendezvous" / f"{job.name}-{secrets.token_hex(6)}" if nodes > 1 else None
         cmd = trainer_command(cfg, model_spec=model_spec, train_data=job.train_data,
                               num_samples=job.num_samples, logs=layout.train_logs, name=job.name,
                               epochs=job.schedule_epochs, resume=resume, device=device, unmasked=unmasked,
-                              nproc=max(1, len(gpus or [])), stop_after=target)
+                              nproc=per_node, stop_after=target, rendezvous=rendezvous)
         run_logs.mkdir(parents=True, exist_ok=True)
         marker.write_text(job.fingerprint + "\n")
-        # On a CPU the one model training at a time gets every usable core, whatever the environment.
-        threads = cpu_threads() if device == "cpu" else None
-        run_trainer(cmd, log_file, gpus, line_hook(job.name, hooks), threads)
+        # On a CPU the one model training at a time gets every usable core, whatever the environment
+        # (shared by the node processes when they all run on this host).
+        local_nodes = nodes if not cfg.node_launcher else 1
+        threads = max(1, cpu_threads() // local_nodes) if device == "cpu" else None
+        try:
+            run_trainer(cmd, log_file, gpus if nodes == 1 else None, line_hook(job.name, hooks), threads)
+        finally:
+            if rendezvous is not None:
+                rendezvous.unlink(missing_ok=True)
         if not layout.checkpoint(job.name, target).is_file():
             raise RuntimeError(f"open_clip_train finished without writing epoch_{target}.pt; see {log_file}")
     final = layout.checkpoint(job.name, job.epochs)
@@ -206,23 +218,20 @@ def expert_start(cfg: TrainConfig, seed_ckpt: Path, seed_epochs: int, layout: Ru
     return seed_ckpt, seed_epochs
 
 
-def check_shard_counts(cfg: TrainConfig, shard_counts: dict[str, int], gpus_per_model: int) -> None:
-    """open_clip_train needs a shard per data-loader worker and GPU unless it samples with replacement."""
-    needed = cfg.workers * max(1, gpus_per_model)
-    few = [name for name, count in shard_counts.items() if count < needed]
-    if few and not cfg.dataset_resampled:
-        raise ValueError(
-            f"{few} have fewer shards than the {needed} data loaders (train.workers x GPUs) "
-            "open_clip_train needs: raise split.min_shards, lower train.workers, or set "
-            "train.dataset_resampled")
-
-
 def expert_job(cfg: TrainConfig, name: str, shards: list[Path], start: tuple[Path, int],
                fingerprint: str) -> Job:
     """An expert's job: its shards from the seed's start, `expert_epochs` more, the last ones unmasked."""
     start_ckpt, start_epoch = start
     return Job(name, compact_shards([str(p.resolve()) for p in shards]), None, start_epoch + cfg.expert_epochs,
                start_epoch, start_ckpt, fingerprint, tune_epochs(cfg, cfg.expert_epochs))
+
+
+def world_size(cfg: TrainConfig, local: int) -> int:
+    """Trainer processes of one model: `local` GPUs (0 or 1: one process) on one host, or
+    `gpus_per_expert` (one on a CPU) on each of `nodes_per_expert` hosts."""
+    if cfg.nodes_per_expert > 1:
+        return cfg.nodes_per_expert * (cfg.gpus_per_expert if local else 1)
+    return max(1, local)
 
 
 def samples_seen(cfg: TrainConfig, job: Job, num_samples: int, world_size: int) -> dict[str, int]:
@@ -274,8 +283,9 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     empty = [e for e, (_, sizes) in enumerate(shard_sets) if not sum(sizes.values())]
     if empty:
         raise ValueError(f"experts {empty} have no training samples in {layout.split}")
-    check_shard_counts(cfg, {expert_name(e): len(paths) for e, (paths, _) in enumerate(shard_sets)},
-                       cfg.gpus_per_expert if gpus else 1)
+    expert_world = world_size(cfg, cfg.gpus_per_expert if gpus else 1)
+    check_shard_counts(cfg, {expert_name(e): list(sizes.values()) for e, (_, sizes) in enumerate(shard_sets)},
+                       expert_world)
     common = dict(layout=layout, model_spec=model_spec, model_cfg=model_cfg, device=device, hooks=hooks)
 
     # Seed: all experts' shards together (clean, deduplicated data). An epoch is
@@ -297,7 +307,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         seed_ckpt = train_job(cfg, seed_job, gpus=gpus or None, **common)
     timings = {"seed": round(time.time() - t0, 2)}
     ran_on: dict[str, str] = {}
-    world = max(1, len(gpus))
+    world = world_size(cfg, len(gpus))
     seen = {} if cfg.seed_checkpoint else {"seed": samples_seen(cfg, seed_job, all_samples, world)}
 
     start = expert_start(cfg, seed_ckpt, seed_epochs, layout)
@@ -316,7 +326,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     for job, (_, ran), (_, sizes) in zip(jobs, done, shard_sets):
         timings[job.name] = ran["seconds"]
         ran_on[job.name] = ran["host"]
-        seen[job.name] = samples_seen(cfg, job, sum(sizes.values()), max(1, cfg.gpus_per_expert if gpus else 1))
+        seen[job.name] = samples_seen(cfg, job, sum(sizes.values()), expert_world)
     expert_of_fine = np.load(layout.expert_of_fine).tolist()
     registry_experts = [{
         "id": e,

@@ -15,6 +15,9 @@ open_clip_train seeds in the main process when there are no workers). The
 order is still shuffled, differently each epoch, but the same config and
 seed give the same order, hence the same model on a CPU.
 
+On a CPU, several trainer processes (gloo) need DistributedDataParallel
+without `device_ids`, which open_clip_train always passes (`cpu_ddp`).
+
 One flag is added: `--moda-stop-after-epoch N` ends the run once epoch N is
 saved, inside a schedule of `--epochs` epochs. open_clip_train sizes its
 cosine over `--epochs`, so this is how a run trains the first part of a
@@ -24,7 +27,9 @@ two parts of one schedule, not two schedules. A later run resumed with the
 same `--epochs` continues the cosine where this one stopped.
 
 Otherwise open_clip_train's own code and flags are unchanged: `python -m
-experts.trainer_main ARGS` is `python -m open_clip_train.main ARGS`.
+experts.trainer_main ARGS` is `python -m open_clip_train.main ARGS` (a
+leading `--`, which moda puts after the module's name under torchrun, is
+dropped).
 """
 
 from __future__ import annotations
@@ -64,11 +69,28 @@ def stop_after(argv: list[str]) -> tuple[list[str], int | None]:
     return argv[:at] + argv[at + 2:], int(argv[at + 1])
 
 
+def cpu_ddp(ddp):
+    """DistributedDataParallel that drops `device_ids` for a module on the CPU: open_clip_train passes
+    `device_ids=[device]` whatever the device, which DDP refuses for a CPU module (gloo training over
+    several CPU processes, how moda's multi-node launch is tested on loopback)."""
+    class CpuDDP(ddp):
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if device_ids and all(getattr(d, "type", d) == "cpu" for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+    CpuDDP.__name__ = CpuDDP.__qualname__ = ddp.__name__
+    return CpuDDP
+
+
 def main(argv: list[str] | None = None) -> None:
     install()
+    import torch
+
+    torch.nn.parallel.DistributedDataParallel = cpu_ddp(torch.nn.parallel.DistributedDataParallel)
     import open_clip_train.main as trainer
 
-    argv, stop = stop_after(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    argv, stop = stop_after(argv[1:] if argv[:1] == ["--"] else argv)  # torchrun passes a `--` on
     if stop is not None:
         train_one_epoch = trainer.train_one_epoch
 

@@ -52,7 +52,7 @@ def test_efficient_training_switches_become_trainer_flags():
 
 def test_several_gpus_per_model_launch_through_torchrun():
     cmd = command(nproc=4)
-    assert cmd[0].endswith("torchrun") and "--nproc_per_node=4" in cmd and "experts.trainer_main" in cmd
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=4" in cmd and "experts.trainer_main" in cmd
 
 
 def test_unmasked_tune_takes_the_configured_share_of_expert_epochs():

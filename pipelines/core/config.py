@@ -35,6 +35,12 @@ def run_only(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     return field(default=default, metadata=RUN_ONLY, **kwargs)
 
 
+def added_later(default: Any) -> Any:
+    """A result-changing field added after runs were made: at its default it is left out of the
+    fingerprint, so those runs (which behaved as the default does) are not redone."""
+    return field(default=default, metadata={"added_later": True})
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """The bundled synthetic multi-domain image-caption set (`moda synth`)."""
@@ -192,7 +198,12 @@ class TrainConfig:
     `beta1`, `beta2`, `eps`, `weight_decay`; `grad_checkpointing`,
     `torchcompile`, `local_loss` (with gathered gradients, for many GPUs).
     `gpus_per_expert` GPUs train each expert (torchrun); experts run in
-    parallel on disjoint GPUs. `dataset_resampled` samples shards with
+    parallel on disjoint GPUs. `nodes_per_expert` hosts train each model
+    (seed, experts, baseline) together, `gpus_per_expert` GPUs on each, through
+    torchrun's c10d rendezvous (`experts.nodes`): `node_launcher` is the command
+    prefix that starts one node process on each host (`["srun",
+    "--nodes={nodes}", "--ntasks-per-node=1"]` inside a SLURM allocation), or
+    empty to start them all on this host (loopback, for trying it out). `dataset_resampled` samples shards with
     replacement. `extra_args` are passed to the trainer unchanged.
 
     `executor`: `local` trains the experts on this host's GPUs; `dask` makes
@@ -223,6 +234,8 @@ class TrainConfig:
     local_loss: bool = False
     workers: int = 1
     gpus_per_expert: int = 1
+    nodes_per_expert: int = added_later(1)
+    node_launcher: list[str] = run_only(default_factory=list)
     seed: int = 0
     device: str = run_only("auto")
     baseline: bool = True
@@ -456,7 +469,8 @@ def merge_settings(settings: list[dict[str, Any]]) -> dict[str, Any]:
 def result_fields(section: Any) -> dict[str, Any]:
     """The section's fields that change what a stage produces (every field not marked `run_only`)."""
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-            if not f.metadata.get("run_only")}
+            if not f.metadata.get("run_only")
+            and not (f.metadata.get("added_later") and getattr(section, f.name) == f.default)}
 
 
 def is_run_only(section: Any, name: str) -> bool:

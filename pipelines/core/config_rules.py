@@ -93,6 +93,7 @@ def validate(cfg: Any) -> None:
     if not 0 <= t.unmasked_tune_share <= 1:
         raise ConfigError("train.unmasked_tune_share must be in [0, 1]")
     _positive(t.gpus_per_expert, "train.gpus_per_expert")
+    _positive(t.nodes_per_expert, "train.nodes_per_expert")
     _positive(t.workers, "train.workers")
     _choice(t.executor, ("local", "dask"), "train.executor")
     _positive(t.dask_local_workers, "train.dask_local_workers")

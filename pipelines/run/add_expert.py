@@ -51,10 +51,10 @@ from clustering.incremental import covering_fine_clusters, task_fine_clusters, w
 from experts.launch import gpu_slots, visible_gpus
 from experts.models import model_files, read_model_config
 from experts.registry import current_added, read_added, read_registry, register_added
-from experts.shard_sets import shard_set, shard_set_fingerprint
+from experts.shard_sets import check_shard_counts, shard_set, shard_set_fingerprint
 from experts.split.stage import STAGE as SPLIT
 from experts.subset import subset_stage
-from experts.train import check_shard_counts, expert_job, expert_start, train_job
+from experts.train import expert_job, expert_start, train_job, world_size
 from pipelines.core.config import Config, section_hash
 from pipelines.core.devices import pick_device
 from pipelines.core.layout import TASK_FILE, RunLayout, expert_id, expert_name, shard_id
@@ -302,11 +302,11 @@ def train_added(cfg: Config, run: RunLayout, work: RunLayout, name: str, fingerp
         raise FileNotFoundError(f"the run's seed checkpoint {seed_ckpt} is gone: rerun the train stage")
     work.train.mkdir(parents=True, exist_ok=True)
     start = expert_start(t, seed_ckpt, int(registry["seed"]["epochs"]), work)
-    paths, _ = shard_set(work.expert_shards(0))
+    paths, sizes = shard_set(work.expert_shards(0))
     device = pick_device(t.device)
     gpus = visible_gpus() if device == "cuda" else []
     slot = gpu_slots(gpus, t.gpus_per_expert)[0]
-    check_shard_counts(t, {"the new expert": len(paths)}, len(slot))
+    check_shard_counts(t, {"the new expert": list(sizes.values())}, world_size(t, len(slot)))
     job = expert_job(t, name, paths, start, combine(name, fingerprint, shard_set_fingerprint(work.expert_shards(0))))
     return train_job(t, job, layout=work, model_spec=f"local-dir:{run.model_config.resolve()}", model_cfg=model_cfg,
                      device=device, gpus=slot or None, hooks=hooks)
