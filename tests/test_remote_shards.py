@@ -54,6 +54,20 @@ def test_fewer_bytes_than_the_listing_said_is_a_cut_transfer_retried_then_report
         fetch(cut)
 
 
+def test_a_shard_fetched_ahead_is_the_copy_every_read_of_the_split_takes(tiny_data, tmp_path):
+    from experts.split.shard import prefetch
+    from pipelines.shardio.remote_shards import held
+    from pipelines.shardio.tar_read import index_plain_tar
+
+    runs = tmp_path / "runs"
+    shard = ShardURL(f"pipe:echo run >> {runs}; cat {tiny_data / 'train' / '00000.tar'}")
+    prefetch(shard)
+    with held(shard):
+        assert index_plain_tar(shard) is not None
+        assert samples_of(shard) == samples_of(tiny_data / "train" / "00000.tar")
+    assert runs.read_text() == "run\n"  # fetched once, ahead
+
+
 def test_a_remote_shard_is_identified_by_its_listed_size_and_version_not_its_url():
     a, b = ShardURL("s3://a/00000.tar", 10, "etag1"), ShardURL("s3://b/00000.tar", 10, "etag1")
     assert a.identity == b.identity != ShardURL("s3://a/00000.tar", 10, "etag2").identity

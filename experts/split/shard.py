@@ -21,7 +21,7 @@ from experts.split.rows import AssignmentRows
 from pipelines.core.config import SplitConfig
 from pipelines.core.layout import shard_id
 from pipelines.core.shard_url import is_remote
-from pipelines.shardio.remote_shards import held
+from pipelines.shardio.remote_shards import fetch_ahead, held
 from pipelines.shardio.sample_table import SampleTable, key_bytes, sample_table
 from pipelines.shardio.shards import ShardError, ignorable_mask, iter_samples, shard_notes, split_member_name
 from pipelines.shardio.tar_read import PlainTar, index_plain_tar
@@ -235,8 +235,9 @@ def prefetch(path: Path) -> None:
     in memory streams from disk while the shard before it is being split: the split's own reads
     are then page-cache hits, not page faults that wait on the disk. (Asking the kernel to read
     ahead, posix_fadvise WILLNEED, was measured to help little; reading does.) A remote shard is
-    fetched when it is split, not ahead."""
+    fetched ahead into the temporary copy the split will read (`remote_shards.fetch_ahead`)."""
     if is_remote(path):
+        fetch_ahead(path)
         return
     named_thread("prefetch").submit(_read_through, path)
 

@@ -13,7 +13,8 @@ as a local one, mapped or with pread(): the readers group members by key
 wherever they lie, which a forward-only stream cannot. A transfer that fails
 part-way (a dropped connection, fewer bytes than the listing said) is started
 again with backoff; a URL that does not exist or may not be read is an error
-naming it. `pipe:<command>` runs the command (webdataset's convention,
+naming it. The split fetches the next shards on a thread while it splits one
+(`fetch_ahead`), so transfer and work overlap. `pipe:<command>` runs the command (webdataset's convention,
 e.g. `pipe:aws s3 cp s3://b/00007.tar -`) and reads its standard output; a
 command that exits non-zero is retried, then an error with its stderr.
 """
@@ -27,7 +28,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import braceexpand
@@ -39,6 +40,8 @@ from pipelines.shardio.remote import RemoteError, retry, version_of
 BLOCK = 1 << 20
 ASKS_IN_FLIGHT = 16
 _HELD: dict[str, BinaryIO] = {}
+_AHEAD: dict[str, Future] = {}
+_FETCHER: ThreadPoolExecutor | None = None
 
 
 def list_shards(spec: str) -> tuple[list[ShardURL], list[str]]:
@@ -156,18 +159,31 @@ def open_shard(path) -> BinaryIO:
     return shared
 
 
+def fetch_ahead(path) -> None:
+    """Start fetching a remote shard on this process's fetch thread, for `held` to take: the split
+    asks for the next shards while it splits one, so the transfer overlaps the work."""
+    global _FETCHER
+    if str(path) in _AHEAD or str(path) in _HELD:
+        return
+    if _FETCHER is None:
+        _FETCHER = ThreadPoolExecutor(1, thread_name_prefix="moda-fetch")
+    _AHEAD[str(path)] = _FETCHER.submit(fetch, path)
+
+
 @contextlib.contextmanager
 def held(path) -> Iterator[None]:
     """Within it, every read of a remote shard reads one fetched copy (the split indexes a shard
-    twice when it is not a plain tar); a local shard is read where it lies."""
+    twice when it is not a plain tar), the one `fetch_ahead` started if it did; a local shard is
+    read where it lies."""
     if not is_remote(path) or str(path) in _HELD:
         yield
         return
-    _HELD[str(path)] = fetch(path)
+    ahead = _AHEAD.pop(str(path), None)
+    _HELD[str(path)] = ahead.result() if ahead is not None else fetch(path)
     try:
         yield
     finally:
         _HELD.pop(str(path)).close()
 
 
-__all__ = ["RemoteError", "fetch", "held", "list_shards", "open_shard"]
+__all__ = ["RemoteError", "fetch", "fetch_ahead", "held", "list_shards", "open_shard"]
