@@ -40,7 +40,10 @@ def train_experts_on_dask(tiny_run, tmp_path, **train) -> Path:
 
 
 def test_experts_train_in_dask_worker_processes_from_the_runs_seed(tiny_run, tmp_path):
-    run = train_experts_on_dask(tiny_run, tmp_path, dask_local_workers=2)
+    # the cluster named by its class and keyword arguments, as dask_jobqueue.SLURMCluster would be
+    run = train_experts_on_dask(tiny_run, tmp_path, dask_cluster="distributed.LocalCluster",
+                                dask_cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                                     "dashboard_address": None})
     registry = json.loads((run / "train" / "registry.json").read_text())
     for expert in registry["experts"]:
         weights = f"train/{expert['model_dir']}/open_clip_model.safetensors"
@@ -54,6 +57,25 @@ def test_an_unknown_executor_fails_at_load(tmp_path, tiny_data):
 
     with pytest.raises(ConfigError, match="train.executor"):
         load_config(write_config(tmp_path / "c.yaml", tiny_data, train={"executor": "slurm"}))
+
+
+def test_a_cluster_class_is_an_import_path_with_its_keyword_arguments_and_excludes_an_address(tmp_path, tiny_data):
+    import distributed
+
+    from pipelines.core.config import ConfigError, TrainConfig
+    from pipelines.run.executors import dask_task_runner
+
+    runner = dask_task_runner(TrainConfig(executor="dask", dask_cluster="distributed.LocalCluster",
+                                          dask_cluster_kwargs={"n_workers": 3}))
+    assert runner.resolved_cluster_class is distributed.LocalCluster and runner.cluster_kwargs == {"n_workers": 3}
+    local = dask_task_runner(TrainConfig(executor="dask", dask_local_workers=4))
+    assert local.resolved_cluster_class is distributed.LocalCluster and local.cluster_kwargs["n_workers"] == 4
+    assert dask_task_runner(TrainConfig(executor="dask", dask_address="tcp://h:8786")).address == "tcp://h:8786"
+    for train, match in (({"dask_cluster": "distributed.LocalCluster", "dask_address": "tcp://h:8786"}, "keep one"),
+                         ({"dask_cluster": "SLURMCluster"}, "import path"),
+                         ({"dask_cluster_kwargs": ["n_workers"]}, "mapping with string keys")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(write_config(tmp_path / "c.yaml", tiny_data, train=train))
 
 
 @pytest.fixture

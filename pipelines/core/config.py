@@ -210,7 +210,11 @@ class TrainConfig:
     each expert a Prefect task on a Dask cluster (prefect-dask), so experts
     train on several GPU hosts that share the run folder: `dask_address` is
     the scheduler (`tcp://host:8786`; workers started one per GPU with
-    `--resources GPU=1`), or empty for a temporary local cluster of
+    `--resources GPU=1`); or `dask_cluster`, a cluster class that Prefect
+    starts for the run and closes after it, given by its import path with
+    `dask_cluster_kwargs` (`dask_jobqueue.SLURMCluster` with `n_workers`,
+    `worker_extra_args: [--resources, GPU=1]`, ...: workers submitted as
+    SLURM jobs); or, with neither, a temporary local cluster of
     `dask_local_workers` processes (for trying it out). `gpus`: the GPU ids this run may use
     (empty: every visible one); `moda sweep` gives the points it trains at once disjoint shares.
     """
@@ -246,6 +250,8 @@ class TrainConfig:
     extra_args: list[str] = field(default_factory=list)
     executor: str = run_only("local")
     dask_address: str = run_only("")
+    dask_cluster: str = run_only("")
+    dask_cluster_kwargs: dict[str, Any] = run_only(default_factory=dict)
     dask_local_workers: int = run_only(2)
     gpus: list[str] = run_only(default_factory=list)
 
@@ -376,6 +382,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
         return _build(annotation, value, key)
     origin = typing.get_origin(annotation)
+    if origin is dict:  # keyword arguments passed on as they are (e.g. train.dask_cluster_kwargs)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key} must be a mapping with string keys, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):

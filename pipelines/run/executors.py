@@ -67,11 +67,19 @@ def on_dask(cfg: TrainConfig) -> bool:
     return False
 
 
+LOCAL_CLUSTER = "distributed.LocalCluster"
+
+
 def dask_task_runner(cfg: TrainConfig):
-    """The Dask task runner for `train.executor: dask`: the cluster at `dask_address`, or a local one."""
+    """The Dask task runner for `train.executor: dask`: the cluster at `dask_address`; or one of class
+    `dask_cluster` (an import path, e.g. dask_jobqueue.SLURMCluster) made with `dask_cluster_kwargs`
+    for the run; or a temporary local one of `dask_local_workers` processes."""
     from prefect_dask import DaskTaskRunner
 
     if cfg.dask_address:
         return DaskTaskRunner(address=cfg.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.dask_local_workers, "threads_per_worker": 1,
-                                         "processes": True, "dashboard_address": None})
+    if cfg.dask_cluster:
+        return DaskTaskRunner(cluster_class=cfg.dask_cluster, cluster_kwargs=dict(cfg.dask_cluster_kwargs))
+    return DaskTaskRunner(cluster_class=LOCAL_CLUSTER,
+                          cluster_kwargs={"n_workers": cfg.dask_local_workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
