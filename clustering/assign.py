@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from clustering.embeddings import read_matrix
 from clustering.kmeans import top_candidates
+from pipelines.core.jobs import Call, Pool, run_jobs
 from pipelines.core.manifest import atomic_path
 
 ASSIGNMENT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("fine", pa.int32()),
@@ -43,22 +44,44 @@ def read_sample(files: list[Path], rows_per_file: list[int], sample: np.ndarray)
     return np.concatenate(vectors), captions
 
 
-def assign_files(files: list[Path], fine_centroids: np.ndarray) -> tuple[list[np.ndarray], float]:
-    """Nearest fine centre of every embedded sample, one file at a time.
-
-    Returns the labels per file (int32; 4 bytes per sample is all that stays
-    in memory) and the total inertia (sum of squared distances).
-    """
-    labels, total_inertia = [], 0.0
-    for path in tqdm(files, desc="assign", unit="shard"):
+def nearest_centres(files: list[Path], fine_centroids: np.ndarray,
+                    bar: bool = True) -> tuple[list[np.ndarray], list[float]]:
+    """Nearest fine centre of every sample of each file (int32) and each file's inertia (sum of
+    squared distances), one file at a time."""
+    labels, inertias = [], []
+    for path in tqdm(files, desc="assign", unit="shard", disable=not bar):
         x = read_matrix(path)
         if not x.shape[0]:
             labels.append(np.zeros(0, np.int32))
+            inertias.append(0.0)
             continue
         sims, idx = top_candidates(x, fine_centroids, 1)
         labels.append(idx[:, 0].astype(np.int32))
-        total_inertia += float(np.sum(2.0 - 2.0 * sims[:, 0].astype(np.float64)))
-    return labels, total_inertia
+        inertias.append(float(np.sum(2.0 - 2.0 * sims[:, 0].astype(np.float64))))
+    return labels, inertias
+
+
+def assign_files(files: list[Path], fine_centroids: np.ndarray,
+                 pool: Pool | None = None) -> tuple[list[np.ndarray], float]:
+    """Nearest fine centre of every embedded sample: here file by file, or as contiguous runs of
+    files on the hooks' pool (four per worker).
+
+    Returns the labels per file (int32; 4 bytes per sample is all that stays
+    in memory) and the total inertia, summed over the files in order (so
+    where a file was assigned does not change it).
+    """
+    if pool is None or len(files) < 2:
+        labels, inertias = nearest_centres(files, fine_centroids)
+    else:
+        runs = [list(run) for run in np.array_split(np.array(files, dtype=object), min(len(files), 4 * pool.workers))]
+        done = run_jobs(pool, [Call(nearest_centres, (run, fine_centroids, False), name=f"assign-{i}")
+                               for i, run in enumerate(runs)])
+        labels = [lab for run_labels, _ in done for lab in run_labels]
+        inertias = [v for _, run_inertias in done for v in run_inertias]
+    total = 0.0
+    for value in inertias:
+        total += value
+    return labels, total
 
 
 def write_assignments(path: Path, files: list[Path], fine_per_file: list[np.ndarray],

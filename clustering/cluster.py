@@ -126,7 +126,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         fine_per_file = np.split(sample_labels.astype(np.int32), np.cumsum(rows_per_file)[:-1])
         total_inertia = sample_inertia
     else:  # the rest was never seen by the fit: each sample to its nearest centre, file by file
-        fine_per_file, total_inertia = assign_files(files, fine_centroids)
+        fine_per_file, total_inertia = assign_files(files, fine_centroids, ctx.hooks.pool)
     fine = np.concatenate(fine_per_file)
     mass = np.bincount(fine, minlength=cfg.num_fine)
     expert_centroids, expert_of_fine = coarse_cluster(

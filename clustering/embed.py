@@ -15,9 +15,8 @@ here and, through this stage's manifest, the class names later.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from clustering.encoder import encode, load_encoder, model_fingerprint
 from clustering.simcse import adapt_encoder
 from pipelines.core.config import EmbedConfig, section_hash
 from pipelines.core.devices import cpu_threads, pick_device, usable_cores
+from pipelines.core.jobs import Call, Pool, deal, run_jobs, run_local
 from pipelines.core.layout import RunLayout, shard_id
 from pipelines.core.manifest import (
     atomic_path,
@@ -134,8 +134,20 @@ def worker_devices(cfg: EmbedConfig) -> list[str]:
 
 
 def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[list[Path]], source_hashes: dict[str, str],
-                config_hash: str, layout: RunLayout) -> None:
-    """Embed the groups `todo` in this process, or in one spawned process per device over disjoint groups."""
+                config_hash: str, layout: RunLayout, pool: Pool | None = None) -> None:
+    """Embed the groups `todo`: on this host in this process, or in one spawned process per device over
+    disjoint groups; or as jobs of the hooks' pool (four per worker, so a slow worker holds up little).
+
+    A group's embeddings depend on its captions only (each group is one
+    encode() call), so how groups are dealt to workers changes no byte."""
+    if pool is not None:
+        gpu = pick_device(cfg.device) == "cuda"
+        jobs = [Call(embed_shards, (cfg, groups, {shard_id(p): source_hashes[shard_id(p)] for g in groups for p in g},
+                                    config_hash, layout, "cuda" if gpu else "cpu"),
+                     {"encoder_path": encoder_path}, name=f"embed-{i}")
+                for i, groups in enumerate(deal(todo, 4 * pool.workers))]
+        run_jobs(pool, jobs, gpu=gpu)
+        return
     devices = worker_devices(cfg)[:max(1, len(todo))]
     if len(devices) == 1:
         # On a CPU the thread count is set, not inherited: float sums depend on it, and a parent
@@ -145,12 +157,8 @@ def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[list[Path
         embed_shards(cfg, todo, source_hashes, config_hash, layout, devices[0], threads, encoder_path=encoder_path)
         return
     threads = 0 if devices[0].startswith("cuda") else max(1, usable_cores() // len(devices))
-    with ProcessPoolExecutor(len(devices), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(embed_shards, cfg, todo[w::len(devices)], source_hashes, config_hash, layout,
-                               device, threads, w, encoder_path)
-                   for w, device in enumerate(devices)]
-        for future in futures:
-            future.result()
+    run_local([Call(embed_shards, (cfg, todo[w::len(devices)], source_hashes, config_hash, layout, device, threads, w,
+                                   encoder_path)) for w, device in enumerate(devices)])
 
 
 def fingerprint(ctx: StageContext) -> Fingerprint:
@@ -183,7 +191,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     todo = {p for g in todo_groups for p in g}
     t_embed = time.time()
     if todo:
-        run_workers(cfg, encoder_path, todo_groups, hashes, fp.config_hash, layout)
+        run_workers(cfg, encoder_path, todo_groups, hashes, fp.config_hash, layout, ctx.hooks.pool)
     embed_seconds = time.time() - t_embed
     markers = []
     for p in shards:

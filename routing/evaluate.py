@@ -53,6 +53,7 @@ from clustering.encoder import encode, load_run_encoder
 from experts.registry import added_fingerprint, current_added, load_experts, ownership, read_registry
 from pipelines.core.config import EvaluateConfig, parse_ablation, section_hash
 from pipelines.core.devices import pick_device
+from pipelines.core.jobs import Call, run_jobs
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import (
     atomic_path,
@@ -69,7 +70,7 @@ from routing.clip_benchmark_format import cb_metrics, cb_probe_result, cb_result
 from routing.clip_features import load_clip
 from routing.linear_probe import probe
 from routing.metadata import classname_embeddings
-from routing.scorer import Scorer, num_images
+from routing.scorer import Scorer, num_images, warm_features
 from routing.systems import HEADLINE, Router, TaskView, choose_lambda, ensemble, single
 from routing.tables import markdown_report, plot_report
 from routing.tasks import Task, load_tasks, task_folders, task_roots
@@ -256,6 +257,13 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     experts = [e.name for e in expert_list]
     singles = {"seed": layout.model("seed")} | ({"baseline": layout.model("baseline")} if registry.get("baseline")
                                                 else {})
+    if ctx.hooks.pool is not None:  # every model's image features on the cluster, then read from the cache
+        models = [*singles.values(), *system.models,
+                  *(m for v in cfg.ablations for m in ablation_system(layout, v).models)]
+        gpu, both = device == "cuda", tasks + val_tasks
+        run_jobs(ctx.hooks.pool, [Call(warm_features, (scorer, "cuda" if gpu else "cpu", m, both,
+                                                        [cfg.linear_probe] * len(tasks) + [False] * len(val_tasks)),
+                                       name=f"features-{Path(m).name}") for m in dict.fromkeys(models)], gpu=gpu)
     rows, validation = Rows(), {}
     for name, path in tqdm(list(singles.items()), desc="evaluate", unit="model"):
         for task, scores in zip(tasks, scorer.model_scores(path, tasks)):

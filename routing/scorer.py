@@ -5,6 +5,7 @@ not decode (`evaluate.unreadable_images: skip`)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,16 @@ class Scorer:
 def num_images(task: Task) -> int:
     """The task's images that are scored (all but the unreadable ones)."""
     return task.images.total if task.readable is None else int(task.readable.sum())
+
+
+def warm_features(scorer: Scorer, device: str, model_dir: Path, tasks: list[Task], train_split: list[bool]) -> None:
+    """A job: `model_dir`'s image features of `tasks` (and of the train split of each task whose
+    `train_split` is set) computed on `device` into the scorer's cache, where the evaluate stage then
+    finds them (on a Dask worker sharing the run folder)."""
+    scorer = copy.copy(scorer)
+    scorer.device = device
+    clip = load_clip(model_dir, device)
+    for task, train in zip(tasks, train_split):
+        scorer._features(clip, model_dir, task, "test", [] if scorer.skip_unreadable else None)
+        if train and task.train_images is not None:
+            scorer._features(clip, model_dir, task, "train", [] if scorer.skip_unreadable else None)

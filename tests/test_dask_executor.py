@@ -1,7 +1,9 @@
-"""`train.executor: dask`: experts as Prefect tasks on a Dask cluster (here a local one, on CPU).
+"""`executor: dask`: every stage's jobs as Prefect tasks on one Dask cluster (here a local one, on
+CPU): embed's groups of shards, cluster's assignment files, split's runs of input shards, train's
+experts, evaluate's image features; the outputs are the local run's, byte for byte.
 
-The same code path serves several GPU hosts: only `train.dask_address`
-changes (README, "Running on several GPU hosts").
+The same code path serves several hosts: only the `dask` section changes
+(README, "Running on several hosts").
 """
 
 import json
@@ -18,21 +20,25 @@ from conftest import prefect_harness, write_config
 pytestmark = pytest.mark.slow
 
 
-def train_experts_on_dask(tiny_run, tmp_path, **train) -> Path:
-    """Train the tiny run's experts from its seed through the moda flow with `train.executor: dask`;
+def train_experts_on_dask(tiny_run, tmp_path, stages=("train",), **dask) -> Path:
+    """Train the tiny run's experts from its seed through the moda flow with `executor: dask`;
     assert they ran in other processes; return the new run folder."""
+    from prefect.client.orchestration import get_client
+
     from pipelines.run.flows import moda
 
     seed = json.loads((tiny_run["run_dir"] / "train" / "registry.json").read_text())["seed"]["checkpoint"]
     config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
-                          train={"seed_checkpoint": seed, "baseline": False, "batch_size": 16, "warmup": 2,
-                                 "executor": "dask", **train})
+                          train={"seed_checkpoint": seed, "baseline": False, "batch_size": 16, "warmup": 2},
+                          report={"seeds": 1}, executor="dask", dask=dask)
     run = tmp_path / "run"
     run.mkdir()
     for stage in ("embed", "cluster", "split"):
         os.symlink(tiny_run["run_dir"] / stage, run / stage)
     with prefect_harness():
-        moda(config_path=str(config), run_dir=str(run), stages=["train"])
+        moda(config_path=str(config), run_dir=str(run), stages=list(stages))
+        with get_client(sync_client=True) as client:
+            (run / "task_runs.json").write_text(json.dumps(sorted(r.name for r in client.read_task_runs())))
     ran_on = json.loads((run / "train" / "manifest.json").read_text())["counts"]["experts_ran_on"]
     assert set(ran_on) == {"expert_000", "expert_001"}
     assert all(int(where.rsplit(":", 1)[1]) != os.getpid() for where in ran_on.values())  # not in this process
@@ -41,41 +47,82 @@ def train_experts_on_dask(tiny_run, tmp_path, **train) -> Path:
 
 def test_experts_train_in_dask_worker_processes_from_the_runs_seed(tiny_run, tmp_path):
     # the cluster named by its class and keyword arguments, as dask_jobqueue.SLURMCluster would be
-    run = train_experts_on_dask(tiny_run, tmp_path, dask_cluster="distributed.LocalCluster",
-                                dask_cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
-                                                     "dashboard_address": None})
+    run = train_experts_on_dask(tiny_run, tmp_path, ("train", "evaluate"), cluster="distributed.LocalCluster",
+                                cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                                "dashboard_address": None})
     registry = json.loads((run / "train" / "registry.json").read_text())
     for expert in registry["experts"]:
         weights = f"train/{expert['model_dir']}/open_clip_model.safetensors"
         # the same models as the tiny run trained on this host: where an expert trains (a Dask
         # worker, whose environment says OMP_NUM_THREADS=1) does not change it
         assert file_sha256(run / weights) == file_sha256(tiny_run["run_dir"] / weights), weights
+    # evaluate's image features computed by the workers into the cache, then read by the stage: the
+    # same scores as the tiny run's (features may differ in their last bits: the workers run torch on
+    # the one thread Dask's nanny gives them)
+    features = [name for name in json.loads((run / "task_runs.json").read_text()) if name.startswith("features-")]
+    assert len(features) == 3  # the seed's and both experts'
+    ours = json.loads((run / "evaluate" / "results.json").read_text())["tasks"]
+    theirs = json.loads((tiny_run["run_dir"] / "evaluate" / "results.json").read_text())["tasks"]
+    for task, entry in ours.items():
+        for row in ("seed", "expert_000", "expert_001", "uniform ensemble"):
+            assert entry[row] == theirs[task][row], (task, row)
+
+
+def test_embed_cluster_and_split_on_dask_write_the_local_runs_bytes(tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from pipelines.run.flows import moda
+    from pipelines.synth.generate import generate
+
+    data = tmp_path / "data"
+    sections = {"synth": {"shard_size": 20},  # 12 input shards: two embed groups, several assignment files
+                "cluster": {"num_fine": 8, "num_experts": 2, "niter": 10, "sample_size": 100}}
+    generate(load_config(write_config(tmp_path / "gen.yaml", data, **sections)).synth)
+    local = write_config(tmp_path / "local.yaml", data, split={"shard_size": 30, "processes": 1}, **sections)
+    dask = write_config(tmp_path / "dask.yaml", data, split={"shard_size": 30}, executor="dask",
+                        dask={"local_workers": 2}, **sections)
+    stages = ["embed", "cluster", "split"]
+    with prefect_harness():
+        moda(config_path=str(local), run_dir=str(tmp_path / "local"), stages=stages)
+        moda(config_path=str(dask), run_dir=str(tmp_path / "dask"), stages=stages)
+        with get_client(sync_client=True) as client:
+            jobs = {run.name for run in client.read_task_runs()}
+    # the jobs ran as tasks on the cluster: embed's two groups, split's two runs (one per worker; the
+    # local run had one), cluster's assignment files in runs
+    assert {"embed-0", "embed-1", "split-0", "split-1"} <= jobs and any(j.startswith("assign-") for j in jobs)
+    for stage in stages:
+        ours = json.loads((tmp_path / "dask" / stage / "manifest.json").read_text())
+        theirs = json.loads((tmp_path / "local" / stage / "manifest.json").read_text())
+        assert ours["outputs"] and ours["outputs"] == theirs["outputs"], stage
+        assert ours["fingerprint"] == theirs["fingerprint"], stage  # the executor is in no fingerprint
 
 
 def test_an_unknown_executor_fails_at_load(tmp_path, tiny_data):
     from pipelines.core.config import ConfigError
 
-    with pytest.raises(ConfigError, match="train.executor"):
-        load_config(write_config(tmp_path / "c.yaml", tiny_data, train={"executor": "slurm"}))
+    with pytest.raises(ConfigError, match="executor must be one of"):
+        load_config(write_config(tmp_path / "c.yaml", tiny_data, executor="slurm"))
+    with pytest.raises(ConfigError, match="train.executor moved to executor"):  # an old config is told where
+        load_config(write_config(tmp_path / "c.yaml", tiny_data, train={"executor": "dask"}))
 
 
 def test_a_cluster_class_is_an_import_path_with_its_keyword_arguments_and_excludes_an_address(tmp_path, tiny_data):
-    import distributed
+    from pipelines.core.config import ConfigError, DaskConfig
+    from pipelines.run.executors import dask_cluster
 
-    from pipelines.core.config import ConfigError, TrainConfig
-    from pipelines.run.executors import dask_task_runner
-
-    runner = dask_task_runner(TrainConfig(executor="dask", dask_cluster="distributed.LocalCluster",
-                                          dask_cluster_kwargs={"n_workers": 3}))
-    assert runner.resolved_cluster_class is distributed.LocalCluster and runner.cluster_kwargs == {"n_workers": 3}
-    local = dask_task_runner(TrainConfig(executor="dask", dask_local_workers=4))
-    assert local.resolved_cluster_class is distributed.LocalCluster and local.cluster_kwargs["n_workers"] == 4
-    assert dask_task_runner(TrainConfig(executor="dask", dask_address="tcp://h:8786")).address == "tcp://h:8786"
-    for train, match in (({"dask_cluster": "distributed.LocalCluster", "dask_address": "tcp://h:8786"}, "keep one"),
-                         ({"dask_cluster": "SLURMCluster"}, "import path"),
-                         ({"dask_cluster_kwargs": ["n_workers"]}, "mapping with string keys")):
+    with dask_cluster(DaskConfig(cluster="distributed.LocalCluster",
+                                 cluster_kwargs={"n_workers": 1, "processes": False,
+                                                 "dashboard_address": None})) as address:
+        assert address.startswith(("tcp://", "inproc://"))
+    with dask_cluster(DaskConfig(address="tcp://h:8786")) as address:
+        assert address == "tcp://h:8786"  # joined, not started
+    with pytest.raises(ImportError, match="dask-jobqueue"), dask_cluster(DaskConfig(cluster="no_such.SLURMCluster")):
+        pass
+    for dask, match in (({"cluster": "distributed.LocalCluster", "address": "tcp://h:8786"}, "keep one"),
+                        ({"cluster": "SLURMCluster"}, "import path"),
+                        ({"cluster_kwargs": ["n_workers"]}, "mapping with string keys")):
         with pytest.raises(ConfigError, match=match):
-            load_config(write_config(tmp_path / "c.yaml", tiny_data, train=train))
+            load_config(write_config(tmp_path / "c.yaml", tiny_data, dask=dask))
 
 
 @pytest.fixture
@@ -115,12 +162,12 @@ def dask_cluster(tmp_path):
 
 
 def test_experts_train_on_an_existing_dask_cluster_at_dask_address(tiny_run, tmp_path, dask_cluster):
-    train_experts_on_dask(tiny_run, tmp_path, dask_address=dask_cluster)
+    train_experts_on_dask(tiny_run, tmp_path, address=dask_cluster)
 
 
-def test_a_train_flow_without_a_dask_runner_keeps_the_experts_on_local_gpu_slots(tiny_data, tmp_path):
+def test_a_flow_without_a_dask_runner_keeps_the_jobs_on_this_host(tiny_data, tmp_path):
     from pipelines.run.executors import on_dask
 
-    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_data, train={"executor": "dask"}))
-    assert on_dask(cfg.train) is False  # outside a flow run on Dask: no Dask runner, local slots
-    assert on_dask(load_config(write_config(tmp_path / "d.yaml", tiny_data)).train) is False
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_data, executor="dask"))
+    assert on_dask(cfg) is False  # outside a flow run on Dask: no Dask runner, local processes and slots
+    assert on_dask(load_config(write_config(tmp_path / "d.yaml", tiny_data))) is False

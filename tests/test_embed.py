@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from clustering.embed import GROUP_SHARDS
 from clustering.embeddings import read_embeddings
 from clustering.encoder import encode, load_encoder, load_run_encoder, resolve_model
 from pipelines.core.config import DataConfig, EmbedConfig
@@ -93,18 +94,19 @@ def test_float16_storage_halves_the_file_and_keeps_cosines(tmp_path):
 
 def test_workers_split_the_shards_and_match_one_process(tmp_path):
     captions = [f"caption {i} about {w}".encode() for i, w in enumerate(["cats", "stars", "roads"] * 6)]
-    writer = ShardSetWriter(tmp_path / "in", shard_size=5)
+    writer = ShardSetWriter(tmp_path / "in", shard_size=2)  # 9 shards: two groups of GROUP_SHARDS, two workers
     for i, cap in enumerate(captions):
         writer.write(f"s{i:03d}", {"jpg": b"\xff\xd8", "txt": cap})
     writer.close()
     shards = writer.shard_paths
+    assert len(shards) > GROUP_SHARDS
     one = run_embed(EmbedConfig(), shards, tmp_path / "one")
     two = run_embed(EmbedConfig(processes=2), shards, tmp_path / "two")
     assert two["counts"]["embedded"] == one["counts"]["embedded"] == len(captions)
     for shard in shards:
         _, a = read_embeddings([tmp_path / "one" / "embed" / f"{shard.stem}.parquet"])
         _, b = read_embeddings([tmp_path / "two" / "embed" / f"{shard.stem}.parquet"])
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_array_equal(a, b)  # the same bytes: a group's encode() call does not depend on its process
 
 
 def test_simcse_adaptation_is_saved_and_used_for_captions_and_class_names(tmp_path):
@@ -136,11 +138,12 @@ def test_a_rerun_redoes_only_the_groups_of_shards_with_a_missing_output(tmp_path
 
     monkeypatch.setattr(embed, "GROUP_SHARDS", 2)  # 4 shards -> groups {0, 1} and {2, 3}
     captions = [f"caption {i} about {w}".encode() for i, w in enumerate(["cats", "stars", "roads", "bikes"] * 5)]
-    writer = ShardSetWriter(tmp_path / "in", shard_size=5)
+    writer = ShardSetWriter(tmp_path / "in", shard_size=2)  # 9 shards: two groups of GROUP_SHARDS, two workers
     for i, cap in enumerate(captions):
         writer.write(f"s{i:03d}", {"jpg": b"\xff\xd8", "txt": cap})
     writer.close()
     shards = writer.shard_paths
+    assert len(shards) > GROUP_SHARDS
     run_embed(EmbedConfig(processes=1), shards, tmp_path / "run")
     out = tmp_path / "run" / "embed"
     before = {p.name: (file_sha256(p), p.stat().st_mtime_ns) for p in sorted(out.glob("0*.parquet"))}

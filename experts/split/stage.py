@@ -31,13 +31,9 @@ reason and listed in rejects.parquet:   samples_in = sum(expert sizes) + rejecte
 
 from __future__ import annotations
 
-import ctypes
 import json
-import multiprocessing
 import shutil
-import signal
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -52,6 +48,7 @@ from experts.split.rows import AssignmentRows
 from experts.split.shard import PREFETCH_SHARDS, prefetch, split_input_shard
 from pipelines.core.config import SplitConfig, section_hash
 from pipelines.core.devices import usable_cores
+from pipelines.core.jobs import Call, run_jobs
 from pipelines.core.layout import RunLayout, expert_name, shard_id, shard_name
 from pipelines.core.manifest import atomic_write_json, combine, hash_outputs, input_stats, read_manifest, source_hashes
 from pipelines.core.shard_url import is_remote
@@ -59,23 +56,17 @@ from pipelines.core.stage import Fingerprint, Stage, StageContext, StageResult
 from pipelines.shardio.shards import count_reasons, select_shards, write_rejects
 
 
-def _die_with_parent() -> None:
-    """A split process dies with the stage's (Linux PR_SET_PDEATHSIG), so a rerun never races it."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
-    except Exception:  # not Linux: the parent's pool still waits for its workers
-        pass
-
-
 def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str], layout: RunLayout,
                  caption_rejects: dict[str, str], cfg: SplitConfig, boundary: frozenset,
                  num_experts: int, threads: int = 1) -> dict[str, int]:
     """One process's run of input shards, in order: write, finalize what completes, record progress.
 
-    `threads`: its share of the cores for decoding the images that must be decoded.
+    `threads`: its share of the cores for decoding the images that must be decoded (0: every core
+    this process may use, as a job on a Dask worker of its own).
 
     Returns the sample counts of its fragments of boundary shards ("e_k" -> count).
     """
+    threads = threads or usable_cores()
     outputs = OutputShards(layout, boundary, worker)
     closes_after: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for ek, s in completing_shard(plan, order).items():
@@ -189,18 +180,14 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     plan = _start_or_resume(layout, fp, num_experts, order, cfg)
     completes = completing_shard(plan, order)
     layout.input_records.mkdir(parents=True, exist_ok=True)
-    chunks = input_runs(shards, cfg.processes)
+    pool = ctx.hooks.pool
+    chunks = input_runs(shards, cfg.processes or (pool.workers if pool is not None else 0))
     boundary = boundary_shards(plan, [[shard_id(p) for p in chunk] for chunk in chunks], num_experts)
     job = dict(plan=plan, order=order, layout=layout, caption_rejects=load_embed_rejects(layout),
                cfg=cfg, boundary=boundary, num_experts=num_experts,
-               threads=max(1, usable_cores() // len(chunks)))
-    if len(chunks) == 1:
-        fragments = [split_shards(chunks[0], worker=0, **job)]
-    else:
-        with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_die_with_parent) as pool:
-            futures = [pool.submit(split_shards, chunk, worker=w, **job) for w, chunk in enumerate(chunks)]
-            fragments = [future.result() for future in futures]
+               threads=0 if pool is not None else max(1, usable_cores() // len(chunks)))
+    fragments = run_jobs(pool, [Call(split_shards, (chunk,), {"worker": w, **job}, name=f"split-{w}")
+                                for w, chunk in enumerate(chunks)])
     outputs = OutputShards(layout)
     for e, k in sorted(boundary):
         if not outputs.is_final(e, k):

@@ -206,16 +206,7 @@ class TrainConfig:
     empty to start them all on this host (loopback, for trying it out). `dataset_resampled` samples shards with
     replacement. `extra_args` are passed to the trainer unchanged.
 
-    `executor`: `local` trains the experts on this host's GPUs; `dask` makes
-    each expert a Prefect task on a Dask cluster (prefect-dask), so experts
-    train on several GPU hosts that share the run folder: `dask_address` is
-    the scheduler (`tcp://host:8786`; workers started one per GPU with
-    `--resources GPU=1`); or `dask_cluster`, a cluster class that Prefect
-    starts for the run and closes after it, given by its import path with
-    `dask_cluster_kwargs` (`dask_jobqueue.SLURMCluster` with `n_workers`,
-    `worker_extra_args: [--resources, GPU=1]`, ...: workers submitted as
-    SLURM jobs); or, with neither, a temporary local cluster of
-    `dask_local_workers` processes (for trying it out). `gpus`: the GPU ids this run may use
+    `gpus`: the GPU ids this run may use
     (empty: every visible one); `moda sweep` gives the points it trains at once disjoint shares.
     """
 
@@ -248,11 +239,6 @@ class TrainConfig:
     seed_schedule: str = "continued"
     dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
-    executor: str = run_only("local")
-    dask_address: str = run_only("")
-    dask_cluster: str = run_only("")
-    dask_cluster_kwargs: dict[str, Any] = run_only(default_factory=dict)
-    dask_local_workers: int = run_only(2)
     gpus: list[str] = run_only(default_factory=list)
 
 
@@ -356,10 +342,46 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class DaskConfig:
+    """The Dask cluster the stages' jobs run on when the run's `executor` is `dask` (README,
+    "Running on several hosts"); every field is run-only.
+
+    `address`: a running scheduler (`tcp://host:8786`; GPU workers started one
+    per GPU with `--resources GPU=1`). Or `cluster`: a cluster class given by
+    its import path, which the `moda` flow starts for the run and closes after
+    it, made with `cluster_kwargs` (`dask_jobqueue.SLURMCluster` with
+    `n_workers`, `worker_extra_args: [--resources, GPU=1]`, ...: workers
+    submitted as SLURM jobs). With neither, a temporary local cluster of
+    `local_workers` processes (for trying it out).
+    """
+
+    address: str = run_only("")
+    cluster: str = run_only("")
+    cluster_kwargs: dict[str, Any] = run_only(default_factory=dict)
+    local_workers: int = run_only(2)
+
+
+# Keys that moved, and where to: an old config gets a pointed error rather than "unknown key".
+MOVED = {"train.executor": "executor (top level)", "train.dask_address": "dask.address",
+         "train.dask_cluster": "dask.cluster", "train.dask_cluster_kwargs": "dask.cluster_kwargs",
+         "train.dask_local_workers": "dask.local_workers"}
+
+
+@dataclass(frozen=True)
 class Config:
-    """A whole run: a name and one section per stage."""
+    """A whole run: a name, where its jobs run, and one section per stage.
+
+    `executor`: `local` runs each stage's jobs on this host (processes, GPU
+    slots); `dask` runs them as Prefect tasks on the Dask cluster of `dask`:
+    embed's groups of shards, cluster's assignment files, split's runs of
+    input shards, train's experts. No result depends on it (outputs are
+    byte-identical whatever the executor and the number of workers), so it is
+    in no fingerprint.
+    """
 
     name: str = "demo"
+    executor: str = "local"
+    dask: DaskConfig = field(default_factory=DaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -382,7 +404,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
         return _build(annotation, value, key)
     origin = typing.get_origin(annotation)
-    if origin is dict:  # keyword arguments passed on as they are (e.g. train.dask_cluster_kwargs)
+    if origin is dict:  # keyword arguments passed on as they are (e.g. dask.cluster_kwargs)
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"{key} must be a mapping with string keys, got {value!r}")
         return dict(value)
@@ -415,6 +437,10 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
+    moved = [f"{prefix}.{key}" for key in unknown if f"{prefix}.{key}" in MOVED]
+    if moved:
+        raise ConfigError(f"{moved[0]} moved to {MOVED[moved[0]]}: one executor now runs every stage's jobs "
+                          "(README, \"Running on several hosts\")")
     if unknown:
         where = f" in section {prefix!r}" if prefix else ""
         raise ConfigError(

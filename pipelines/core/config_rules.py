@@ -95,14 +95,14 @@ def validate(cfg: Any) -> None:
     _positive(t.gpus_per_expert, "train.gpus_per_expert")
     _positive(t.nodes_per_expert, "train.nodes_per_expert")
     _positive(t.workers, "train.workers")
-    _choice(t.executor, ("local", "dask"), "train.executor")
-    if t.dask_address and t.dask_cluster:
-        raise ConfigError("train.dask_address and train.dask_cluster name two clusters: keep one (an address "
-                          "joins a running cluster, a class starts one for the run)")
-    if t.dask_cluster and "." not in t.dask_cluster:
-        raise ConfigError(f"train.dask_cluster must be an import path such as dask_jobqueue.SLURMCluster, "
-                          f"got {t.dask_cluster!r}")
-    _positive(t.dask_local_workers, "train.dask_local_workers")
+    _choice(cfg.executor, ("local", "dask"), "executor")
+    d = cfg.dask
+    if d.address and d.cluster:
+        raise ConfigError("dask.address and dask.cluster name two clusters: keep one (an address joins a running "
+                          "cluster, a class starts one for the run)")
+    if d.cluster and "." not in d.cluster:
+        raise ConfigError(f"dask.cluster must be an import path such as dask_jobqueue.SLURMCluster, got {d.cluster!r}")
+    _positive(d.local_workers, "dask.local_workers")
     _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
     _choice(cfg.evaluate.unreadable_images, ("skip", "error"), "evaluate.unreadable_images")
     if not all(isinstance(k, int) and k >= 1 for k in cfg.evaluate.probe_shots):

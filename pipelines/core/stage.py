@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.core.devices import pin_cpu_threads
+from pipelines.core.jobs import Pool
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import (
     first_changed_output,
@@ -75,13 +76,16 @@ class Hooks:
     order (default: threads, the work itself happens in subprocesses);
     `distributed` says the runner places jobs on other hosts (no local GPU
     slot is held for them, their lines stay in their log files); `on_line(job,
-    line)` receives a job's log lines; `on_progress(job, share)` its share done.
+    line)` receives a job's log lines; `on_progress(job, share)` its share done;
+    `pool` (pipelines/core/jobs.py) runs the stage's process jobs elsewhere
+    (the run's `executor: dask`), None on this host.
     """
 
     runner: Callable[[list[Callable[[], Any]], int], list[Any]] | None = None
     distributed: bool = False
     on_line: Callable[[str, str], None] | None = None
     on_progress: Callable[[str, float], None] | None = None
+    pool: Pool | None = None
 
 
 @dataclass(frozen=True)

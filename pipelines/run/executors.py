@@ -1,21 +1,28 @@
 """Where a stage's independent jobs run: threads, Prefect tasks, or a Dask cluster.
 
-A stage hands its jobs (callables) to `Hooks.runner`; this module makes the
-runners, so the stages never import Prefect or Dask. Which executor runs a
-job never changes its result (the executor fields are run-only in the config),
-so switching `train.executor` from `local` to `dask` keeps every checkpoint.
+A stage hands its jobs (callables) to `Hooks.runner` (train's models) or
+`Hooks.pool` (every other stage's process jobs, pipelines/core/jobs.py); this
+module makes them, so the stages never import Prefect or Dask. Which executor
+runs a job never changes its result (the executor is in no fingerprint), so
+switching the run's `executor` from `local` to `dask` keeps every output.
+With `executor: dask` the `moda` flow starts (or joins) one cluster for the
+whole run (`dask_cluster`) and runs each stage's flow on a Dask task runner
+connected to it, so SLURM jobs are queued once, not once per stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+from collections.abc import Iterator
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 
-from pipelines.core.config import TrainConfig
+from pipelines.core.config import Config, DaskConfig
 
 
 def logger() -> logging.Logger:
@@ -28,6 +35,11 @@ def logger() -> logging.Logger:
 
 @task(name="train-expert", cache_policy=NO_CACHE)
 def _run_job(job):
+    return job()
+
+
+@task(name="stage-job", cache_policy=NO_CACHE)
+def _run_stage_job(job):
     return job()
 
 
@@ -52,34 +64,91 @@ def dask_runner(gpus_per_expert: int):
     return run
 
 
-def on_dask(cfg: TrainConfig) -> bool:
-    """`train.executor: dask` and this flow really runs on Dask (the `moda` flow gives it the runner);
-    otherwise experts stay on this host's GPU slots."""
-    if cfg.executor != "dask":
-        return False
+class DaskPool:
+    """A stage's process jobs as Prefect tasks on the flow's Dask task runner (pipelines/core/jobs.py
+    `Pool`): `workers` is the cluster's worker count when the stage starts."""
+
+    def __init__(self, task_runner):
+        self.task_runner = task_runner
+        self.workers = max(1, len(task_runner.client.scheduler_info().get("workers", {})))
+
+    def map(self, jobs, gpu: bool = False):
+        import dask
+
+        futures = []
+        with dask.annotate(**({"resources": {"GPU": 1}} if gpu else {})):
+            for job in jobs:
+                futures.append(_run_stage_job.with_options(task_run_name=getattr(job, "__name__", "job")).submit(job))
+        return [future.result() for future in futures]
+
+
+def dask_runner_of_flow():
+    """The Dask task runner this flow runs on, or None."""
     from prefect_dask import DaskTaskRunner
 
     context = FlowRunContext.get()
     if context is not None and isinstance(context.task_runner, DaskTaskRunner):
+        return context.task_runner
+    return None
+
+
+def on_dask(cfg: Config) -> bool:
+    """`executor: dask` and this flow really runs on Dask (the `moda` flow gives its stage flows the
+    runner); otherwise the jobs stay on this host."""
+    if cfg.executor != "dask":
+        return False
+    if dask_runner_of_flow() is not None:
         return True
-    logger().warning("train.executor is dask, but this train flow was not started with a Dask task "
-                     "runner (run it through the moda flow): training the experts on this host")
+    logger().warning("executor is dask, but this flow was not started with a Dask task runner (run it "
+                     "through the moda flow): running its jobs on this host")
     return False
 
 
 LOCAL_CLUSTER = "distributed.LocalCluster"
 
 
-def dask_task_runner(cfg: TrainConfig):
-    """The Dask task runner for `train.executor: dask`: the cluster at `dask_address`; or one of class
-    `dask_cluster` (an import path, e.g. dask_jobqueue.SLURMCluster) made with `dask_cluster_kwargs`
-    for the run; or a temporary local one of `dask_local_workers` processes."""
+def cluster_class(path: str):
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"dask.cluster: cannot import {path!r} ({err}); install the package that provides it "
+                          "(dask-jobqueue for SLURMCluster, dask-kubernetes for KubeCluster)") from err
+
+
+@contextlib.contextmanager
+def dask_cluster(cfg: DaskConfig) -> Iterator[str]:
+    """The scheduler address of the run's Dask cluster: `address` as given; or a cluster of class
+    `cluster` (an import path, e.g. dask_jobqueue.SLURMCluster) made with `cluster_kwargs`, or a
+    temporary local one of `local_workers` processes, closed when the run ends."""
+    if cfg.address:
+        yield cfg.address
+        return
+    if cfg.cluster:
+        made = cluster_class(cfg.cluster)(**cfg.cluster_kwargs)
+    else:
+        made = cluster_class(LOCAL_CLUSTER)(n_workers=cfg.local_workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None)
+    with made:
+        yield made.scheduler_address
+
+
+class RunCluster:
+    """The run's Dask cluster, started (or joined) when a stage first needs it and closed with
+    `stack`: a run whose stages are all done queues no SLURM job."""
+
+    def __init__(self, cfg: DaskConfig, stack: contextlib.ExitStack):
+        self.cfg, self.stack, self._address = cfg, stack, None
+
+    def address(self) -> str:
+        if self._address is None:
+            self._address = self.stack.enter_context(dask_cluster(self.cfg))
+            logger().info("stages run their jobs on the Dask cluster at %s", self._address)
+        return self._address
+
+
+def dask_task_runner(address: str):
+    """A Prefect Dask task runner on the run's cluster (one per stage flow, all on one cluster)."""
     from prefect_dask import DaskTaskRunner
 
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
-    if cfg.dask_cluster:
-        return DaskTaskRunner(cluster_class=cfg.dask_cluster, cluster_kwargs=dict(cfg.dask_cluster_kwargs))
-    return DaskTaskRunner(cluster_class=LOCAL_CLUSTER,
-                          cluster_kwargs={"n_workers": cfg.dask_local_workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(address=address)

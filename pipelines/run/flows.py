@@ -11,6 +11,7 @@ whose fingerprint matches its manifest is skipped on rerun.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from prefect import flow, task
@@ -29,7 +30,16 @@ from pipelines.core.devices import pick_device
 from pipelines.core.stage import Hooks, Report, Stage
 from pipelines.run.ablations import ablation_done, cluster_and_split, run_ablation
 from pipelines.run.add_expert import AddRequest, run_add_expert
-from pipelines.run.executors import dask_runner, dask_task_runner, logger, on_dask, prefect_runner
+from pipelines.run.executors import (
+    DaskPool,
+    RunCluster,
+    dask_runner,
+    dask_runner_of_flow,
+    dask_task_runner,
+    logger,
+    on_dask,
+    prefect_runner,
+)
 from pipelines.run.replicates import evaluate_replicate, replicate_done, train_replicate
 from pipelines.run.stages import BY_NAME, STAGES, check_inputs, context, layout_of, run_stage, stage_done
 from pipelines.run.sweep import (
@@ -100,13 +110,20 @@ class ProgressArtifact:
             pass
 
 
+# The stages with jobs for a Dask cluster (report has none).
+ON_CLUSTER = ("embed", "cluster", "split", "train", "evaluate")
+
+
 def prefect_hooks(cfg: Config, stage: Stage) -> Hooks:
-    """Jobs as Prefect tasks (on Dask when the flow runs on a Dask task runner), lines and progress
-    into the flow's log and artifacts."""
+    """Jobs as Prefect tasks (on Dask when the flow runs on a Dask task runner: train's experts,
+    every other stage's process jobs), lines and progress into the flow's log and artifacts."""
     progress = ProgressArtifact(f"{cfg.name}-{stage.name}-progress")
-    distributed = stage.name == "train" and on_dask(cfg.train)
+    dask = dask_runner_of_flow() if on_dask(cfg) else None
+    distributed = stage.name == "train" and dask is not None
     runner = dask_runner(cfg.train.gpus_per_expert) if distributed else prefect_runner
-    return Hooks(runner=runner, distributed=distributed, on_line=progress.line, on_progress=progress.progress)
+    pool = DaskPool(dask) if dask is not None and stage.name != "train" else None
+    return Hooks(runner=runner, distributed=distributed, on_line=progress.line, on_progress=progress.progress,
+                 pool=pool)
 
 
 def stage_flow(stage: Stage):
@@ -204,15 +221,30 @@ def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
         raise ValueError(f"unknown stage(s) {unknown}; stages are {names}")
     check_inputs(cfg)
     layout = layout_of(cfg, run_dir)
-    root = str(layout.root)
     log = logger()
     log.info("moda run %r into %s, stages %s", cfg.name, layout.root, chosen)
+    with contextlib.ExitStack() as stack:
+        _run_stages(cfg, config_path, layout, names, chosen, add_expert, overrides, RunCluster(cfg.dask, stack))
+    for done, path in (("report", layout.report_markdown), ("evaluate", layout.results_markdown)):
+        if done in chosen and path.is_file():
+            table = path.read_text()
+            log.info("%s\n%s", done, table)
+            return table
+    return ""
+
+
+def _run_stages(cfg: Config, config_path: str, layout, names: list[str], chosen: list[str], add_expert: dict | None,
+                overrides: dict | None, cluster: RunCluster) -> None:
+    """The `moda` flow's stages in order, each a sub-flow (on the run's Dask cluster with `executor: dask`),
+    with the ablations, replicates and added expert in their slots."""
+    root, log = str(layout.root), logger()
     for name in names:
         if name in chosen:
             if stage_done(name, cfg, layout):  # no sub-flow run for a finished stage
                 log.info("%s: skipped (outputs match fingerprint)", name)
-            elif name == "train" and cfg.train.executor == "dask":  # experts on a Dask cluster
-                STAGE_FLOWS[name].with_options(task_runner=dask_task_runner(cfg.train))(config_path, root, overrides)
+            elif cfg.executor == "dask" and name in ON_CLUSTER:
+                STAGE_FLOWS[name].with_options(task_runner=dask_task_runner(cluster.address()))(
+                    config_path, root, overrides)
             else:
                 STAGE_FLOWS[name](config_path, root, overrides)
         if name == "train" and name in chosen:
@@ -229,12 +261,6 @@ def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
                     replicate_flow(config_path, k, name, root, overrides)
         if name == "train" and add_expert:
             add_expert_flow(config_path, run_dir=root, **add_expert)
-    for done, path in (("report", layout.report_markdown), ("evaluate", layout.results_markdown)):
-        if done in chosen and path.is_file():
-            table = path.read_text()
-            log.info("%s\n%s", done, table)
-            return table
-    return ""
 
 
 def train_point(config_path: str, root: str, point, run_name: str) -> None:
