@@ -55,9 +55,13 @@ def nearest_centres(files: list[Path], fine_centroids: np.ndarray,
             labels.append(np.zeros(0, np.int32))
             inertias.append(0.0)
             continue
-        sims, idx = top_candidates(x, fine_centroids, 1)
+        _, idx = top_candidates(x, fine_centroids, 1)
         labels.append(idx[:, 0].astype(np.int32))
-        inertias.append(float(np.sum(2.0 - 2.0 * sims[:, 0].astype(np.float64))))
+        # The inertia from each row's own dot product in float64, not FAISS's similarities: those
+        # come from a BLAS call whose last bits depend on its thread count (a Dask worker's one
+        # thread against this host's two wrote another report.json).
+        sims = np.einsum("ij,ij->i", x.astype(np.float64), fine_centroids[idx[:, 0]].astype(np.float64))
+        inertias.append(float(np.sum(2.0 - 2.0 * sims)))
     return labels, inertias
 
 

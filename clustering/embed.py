@@ -71,9 +71,12 @@ def shard_is_done(layout: RunLayout, shard_path: Path, config_hash: str, source_
     return None
 
 
+_ENCODERS: dict = {}  # a Dask worker's encoder, by (config hash, model, pooling, device)
+
+
 def embed_shards(cfg: EmbedConfig, groups: list[list[Path]], source_hashes: dict[str, str], config_hash: str,
                  layout: RunLayout, device: str, threads: int = 0, position: int = 0,
-                 encoder_path: str | None = None) -> None:
+                 encoder_path: str | None = None, keep_encoder: bool = False) -> None:
     """One worker's share: embed each group of shards in one call, write each shard's file then its marker.
 
     Runs in the stage's process, or in one spawned process per GPU (each with
@@ -83,10 +86,14 @@ def embed_shards(cfg: EmbedConfig, groups: list[list[Path]], source_hashes: dict
         import torch
 
         torch.set_num_threads(threads)
-    if encoder_path:
-        encoder = load_encoder(encoder_path, "model", device, cfg.precision)
-    else:
-        encoder = load_encoder(cfg.model, cfg.pooling, device, cfg.precision)
+    model = (encoder_path, "model") if encoder_path else (cfg.model, cfg.pooling)
+    key = (config_hash, *model, device)  # the config hash names an adapted encoder's settings too
+    encoder = _ENCODERS.get(key)
+    if encoder is None:
+        _ENCODERS.clear()
+        encoder = load_encoder(*model, device, cfg.precision)
+        if keep_encoder:  # a Dask worker runs several of the stage's jobs: load it once
+            _ENCODERS[key] = encoder
     shards = [p for group in groups for p in group]
     # Read the next shard's captions in a thread while the current group is encoded
     # (tar parsing holds the GIL only briefly; torch's matmuls release it).
@@ -144,7 +151,7 @@ def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[list[Path
         gpu = pick_device(cfg.device) == "cuda"
         jobs = [Call(embed_shards, (cfg, groups, {shard_id(p): source_hashes[shard_id(p)] for g in groups for p in g},
                                     config_hash, layout, "cuda" if gpu else "cpu"),
-                     {"encoder_path": encoder_path}, name=f"embed-{i}")
+                     {"encoder_path": encoder_path, "keep_encoder": True}, name=f"embed-{i}")
                 for i, groups in enumerate(deal(todo, 4 * pool.workers))]
         run_jobs(pool, jobs, gpu=gpu)
         return

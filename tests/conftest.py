@@ -22,6 +22,19 @@ def prefect_harness():
 
     return prefect_test_harness(server_startup_timeout=SERVER_STARTUP_SECONDS)
 
+def stop_processes(procs) -> None:
+    """Terminate the servers a test started (last first), killing any that take over 20 s."""
+    import subprocess
+
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 TINY = {
     "name": "tiny",
     "synth": {"num_train": 240, "shard_size": 80, "eval_per_class": 3, "retrieval_pairs": 8},

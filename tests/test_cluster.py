@@ -123,3 +123,23 @@ def test_fine_clusters_fitted_on_all_data_stay_balanced_after_assignment(tmp_pat
     assert min(report["fine_sizes"]) > 0
     assert report["fine_imbalance_all"] == pytest.approx(report["fine_imbalance_on_sample"])
     assert report["fine_imbalance_all"] < 1.02  # within the balanced fit's capacity (1.05 x the mean)
+
+
+def test_assignment_inertia_does_not_depend_on_the_thread_count(tmp_path):
+    # FAISS's similarities differ in their last bits between 1 and 2 threads (measured); a Dask
+    # worker's one thread then wrote another report.json than this host's two
+    import faiss
+
+    from clustering.assign import nearest_centres
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "00000.parquet"
+    x = normalize_rows(rng.standard_normal((20_000, 384)).astype(np.float32))
+    pq.write_table(embedding_table([f"k{i}" for i in range(len(x))], "00000", ["c"] * len(x), x), path)
+    centres = normalize_rows(rng.standard_normal((64, 384)).astype(np.float32))
+    runs = []
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        runs.append(nearest_centres([path], centres, bar=False))
+    assert np.array_equal(runs[0][0][0], runs[1][0][0])
+    assert runs[0][1] == runs[1][1]

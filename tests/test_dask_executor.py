@@ -15,7 +15,7 @@ import pytest
 from pipelines.core.config import load_config
 from pipelines.core.manifest import file_sha256
 
-from conftest import prefect_harness, write_config
+from conftest import prefect_harness, stop_processes, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -151,13 +151,7 @@ def dask_cluster(tmp_path):
             client.wait_for_workers(2, timeout=60)
         yield address
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
         time.sleep(0.1)
 
 
