@@ -73,6 +73,7 @@ def main() -> None:
     print(f"# {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {' '.join(sys.argv)}")
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, prefect_test_harness(server_startup_timeout=120):
         tmp = Path(args.keep) if args.keep else Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         data = tmp / "data"
         generate(load_config(write_config(tmp / "gen.yaml", data, args.pairs, args.shard_size)).synth)
         rows = {"local": timed_run(write_config(tmp / "local.yaml", data, args.pairs, args.shard_size),

@@ -125,6 +125,32 @@ def test_a_cluster_class_is_an_import_path_with_its_keyword_arguments_and_exclud
             load_config(write_config(tmp_path / "c.yaml", tiny_data, dask=dask))
 
 
+def test_a_workers_jobs_get_glibcs_allocator_back_and_the_flow_host_keeps_its_environment():
+    """A nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536 (glibc's adaptive mmap threshold
+    off: a CPU encoder ran 25-40% slower) and leaves its workers' settings in the process that started
+    a local cluster; a stage job on a worker resets the allocator, and what it starts (a trainer)
+    inherits no such setting."""
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    from pipelines.core.config import DaskConfig
+    from pipelines.core.jobs import Call
+    from pipelines.run import executors
+
+    before = dict(os.environ)
+    child = [sys.executable, "-c", "import os; print(os.environ.get('MALLOC_TRIM_THRESHOLD_'))"]
+    with executors.dask_cluster(DaskConfig(local_workers=1)) as address, Client(address) as client:
+        assert dict(os.environ) == before  # no OMP_NUM_THREADS=1 left here for later children
+        probe = client.submit(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                       executors._run_stage_job.fn(Call(subprocess.check_output, (child,),
+                                                                        {"text": True})),
+                                       executors.undo_nanny_malloc()), pure=False).result()
+        assert probe == ("65536", "None\n", False)  # set by the nanny; gone for the job's child; undone once
+    assert executors.undo_nanny_malloc() is False  # nothing to undo outside a worker
+
+
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A scheduler and two workers started as the README says (`dask scheduler`, `dask worker

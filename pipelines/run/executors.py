@@ -13,8 +13,10 @@ connected to it, so SLURM jobs are queued once, not once per stage.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import logging
+import os
 from collections.abc import Iterator
 
 from prefect import get_run_logger, task
@@ -33,13 +35,50 @@ def logger() -> logging.Logger:
         return logging.getLogger("moda")
 
 
+# What a Dask nanny sets in the environment before it starts a worker (distributed's
+# `distributed.nanny.pre-spawn-environ`), and leaves behind in the process that started it.
+NANNY_MALLOC = "MALLOC_TRIM_THRESHOLD_"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper bound for its adaptive mmap threshold on 64-bit
+
+
+def undo_nanny_malloc() -> bool:
+    """Give this Dask worker, and what it starts, glibc's allocator behaviour back.
+
+    A nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, which turns
+    off glibc's adaptive mmap threshold: every buffer over 128 KiB is then
+    mapped and unmapped afresh, and a torch encoder's activations page-fault
+    on each batch. Measured (bench/results/dask_throughput_cpu_2026-12-04.md):
+    a CPU embed job ran 25-40% slower on a worker than in a plain process, and
+    embed, cluster and split on two workers made 0.70x the local run's
+    throughput (0.98-1.04x with this). glibc reads the variable only at start,
+    so this process gets mallopt's thresholds at the adaptive one's ceiling,
+    and the variable leaves the environment so that what the job starts (a
+    trainer, spawned processes) starts with glibc's defaults.
+
+    Returns whether it reset the allocator: False where no nanny set the
+    variable, in a later job of the same worker (nothing left to undo), and
+    outside glibc.
+    """
+    if os.environ.pop(NANNY_MALLOC, None) is None:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+                    and libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_MAX))
+    except (OSError, AttributeError):  # no glibc: nothing to undo
+        return False
+
+
 @task(name="train-expert", cache_policy=NO_CACHE)
 def _run_job(job):
+    undo_nanny_malloc()
     return job()
 
 
 @task(name="stage-job", cache_policy=NO_CACHE)
 def _run_stage_job(job):
+    undo_nanny_malloc()
     return job()
 
 
@@ -124,13 +163,24 @@ def dask_cluster(cfg: DaskConfig) -> Iterator[str]:
     if cfg.address:
         yield cfg.address
         return
+    before = dict(os.environ)
     if cfg.cluster:
         made = cluster_class(cfg.cluster)(**cfg.cluster_kwargs)
     else:
         made = cluster_class(LOCAL_CLUSTER)(n_workers=cfg.local_workers, threads_per_worker=1, processes=True,
                                             dashboard_address=None)
+    restore_environ(before)
     with made:
         yield made.scheduler_address
+
+
+def restore_environ(before: dict[str, str]) -> None:
+    """The environment as it was before a cluster started: a local nanny leaves its workers' settings
+    (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_...) in this process, where every later child
+    (a trainer, a stage's spawned jobs) would inherit them."""
+    for name in set(os.environ) - set(before):
+        del os.environ[name]
+    os.environ.update(before)
 
 
 class RunCluster:
