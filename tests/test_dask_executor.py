@@ -151,6 +151,39 @@ def test_a_workers_jobs_get_glibcs_allocator_back_and_the_flow_host_keeps_its_en
     assert executors.undo_nanny_malloc() is False  # nothing to undo outside a worker
 
 
+def test_a_stage_cuts_its_work_for_the_clusters_threads_not_its_workers():
+    """A SLURM job of 8 cores in one worker process runs 8 jobs at once: the stage must make enough."""
+    from distributed import Client, LocalCluster
+
+    from pipelines.run.executors import job_slots
+
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert job_slots(client.scheduler_info()["workers"]) == 3
+    assert job_slots({"a": {"nthreads": 8}, "b": {"nthreads": 1}}) == 9
+    assert job_slots({}) == 1  # no worker yet (a SLURM job still queued): one job, not none
+
+
+def test_the_run_waits_for_the_workers_it_asked_for_then_goes_on_with_those_that_joined(caplog):
+    """A SLURM cluster's workers join when their jobs leave the queue; a stage that started before
+    would cut its work for none of them."""
+    import threading
+
+    from distributed import LocalCluster
+
+    from pipelines.core.config import DaskConfig
+    from pipelines.run.executors import expected_workers, wait_for_workers
+
+    assert expected_workers(DaskConfig(cluster="dask_jobqueue.SLURMCluster", cluster_kwargs={"n_workers": 8})) == 8
+    assert expected_workers(DaskConfig(local_workers=3)) == 3
+    assert expected_workers(DaskConfig(address="tcp://h:8786")) == 1  # a running cluster has what it has
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        threading.Timer(1.0, cluster.scale, (1,)).start()  # the first "SLURM job" starts a second late
+        assert wait_for_workers(cluster.scheduler_address, 2, timeout_s=0.3) == 1  # then on for the first
+        assert "0 of the 2 Dask workers asked for joined" in caplog.text
+        assert wait_for_workers(cluster.scheduler_address, 1, timeout_s=30) == 1
+
+
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A scheduler and two workers started as the README says (`dask scheduler`, `dask worker

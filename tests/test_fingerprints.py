@@ -24,7 +24,8 @@ HOW_IT_RUNS = {  # fields that change where and how fast a stage runs, not what 
 
 
 # ... and the run's executor, which no section holds
-ELSEWHERE = {"executor": "dask", "dask": DaskConfig(address="tcp://elsewhere:8786", local_workers=7)}
+ELSEWHERE = {"executor": "dask", "dask": DaskConfig(address="tcp://elsewhere:8786", local_workers=7,
+                                                   workers_timeout_s=5.0)}
 
 
 def changed(cfg, top=None, **sections):

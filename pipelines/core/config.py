@@ -353,12 +353,20 @@ class DaskConfig:
     `n_workers`, `worker_extra_args: [--resources, GPU=1]`, ...: workers
     submitted as SLURM jobs). With neither, a temporary local cluster of
     `local_workers` processes (for trying it out).
+
+    `workers_timeout_s`: how long the run waits, when its cluster starts, for
+    the workers it asked for (`n_workers` of `cluster_kwargs`, or
+    `local_workers`; at an `address`, for one): a stage cuts its work for the
+    threads that have joined, so a split started while SLURM still queues the
+    jobs would be one job. Past it, the run goes on with those that joined
+    (a warning says how many) once one has.
     """
 
     address: str = run_only("")
     cluster: str = run_only("")
     cluster_kwargs: dict[str, Any] = run_only(default_factory=dict)
     local_workers: int = run_only(2)
+    workers_timeout_s: float = run_only(600.0)
 
 
 # Keys that moved, and where to: an old config gets a pointed error rather than "unknown key".

@@ -103,6 +103,7 @@ def validate(cfg: Any) -> None:
     if d.cluster and "." not in d.cluster:
         raise ConfigError(f"dask.cluster must be an import path such as dask_jobqueue.SLURMCluster, got {d.cluster!r}")
     _positive(d.local_workers, "dask.local_workers")
+    _positive(d.workers_timeout_s, "dask.workers_timeout_s")
     _choice(cfg.evaluate.routing, ("paper", "released"), "evaluate.routing")
     _choice(cfg.evaluate.unreadable_images, ("skip", "error"), "evaluate.unreadable_images")
     if not all(isinstance(k, int) and k >= 1 for k in cfg.evaluate.probe_shots):

@@ -103,13 +103,20 @@ def dask_runner(gpus_per_expert: int):
     return run
 
 
+def job_slots(workers: dict) -> int:
+    """The jobs a cluster runs at once: its workers' threads, not its workers. A SLURMCluster job of
+    `cores: 8, processes: 1` is one worker of 8 threads; counting it as one cut a stage into one
+    worker's share of jobs (split: a single run of shards) and left 7 of its cores idle."""
+    return max(1, sum(int(info.get("nthreads", 1)) for info in workers.values()))
+
+
 class DaskPool:
     """A stage's process jobs as Prefect tasks on the flow's Dask task runner (pipelines/core/jobs.py
-    `Pool`): `workers` is the cluster's worker count when the stage starts."""
+    `Pool`): `workers` is how many jobs the cluster runs at once when the stage starts."""
 
     def __init__(self, task_runner):
         self.task_runner = task_runner
-        self.workers = max(1, len(task_runner.client.scheduler_info().get("workers", {})))
+        self.workers = job_slots(task_runner.client.scheduler_info().get("workers", {}))
 
     def map(self, jobs, gpu: bool = False):
         import dask
@@ -192,9 +199,39 @@ class RunCluster:
 
     def address(self) -> str:
         if self._address is None:
-            self._address = self.stack.enter_context(dask_cluster(self.cfg))
+            address = self.stack.enter_context(dask_cluster(self.cfg))
+            wait_for_workers(address, expected_workers(self.cfg), self.cfg.workers_timeout_s)
+            self._address = address
             logger().info("stages run their jobs on the Dask cluster at %s", self._address)
         return self._address
+
+
+def expected_workers(cfg: DaskConfig) -> int:
+    """The workers the run asked for: the cluster class's `n_workers`, the local cluster's
+    `local_workers`, one at an address (a running cluster has what it has)."""
+    if cfg.address:
+        return 1
+    if cfg.cluster:
+        return max(1, int(cfg.cluster_kwargs.get("n_workers") or 1))
+    return cfg.local_workers
+
+
+def wait_for_workers(address: str, expected: int, timeout_s: float) -> int:
+    """Wait up to `timeout_s` for `expected` workers, then (fewer joined) on for the first one;
+    returns how many joined. The stages cut their work for the threads there when they start."""
+    from distributed import Client
+
+    with Client(address, timeout="60s") as client:
+        try:
+            client.wait_for_workers(expected, timeout=timeout_s)
+        except TimeoutError:
+            joined = len(client.scheduler_info().get("workers", {}))
+            logger().warning("%d of the %d Dask workers asked for joined in %.0f s (dask.workers_timeout_s); the "
+                             "stages cut their jobs for those that have%s", joined, expected, timeout_s,
+                             "" if joined else ", once one joins")
+            if not joined:
+                client.wait_for_workers(1)
+        return len(client.scheduler_info().get("workers", {}))
 
 
 def dask_task_runner(address: str):
