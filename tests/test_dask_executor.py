@@ -184,6 +184,41 @@ def test_the_run_waits_for_the_workers_it_asked_for_then_goes_on_with_those_that
         assert wait_for_workers(cluster.scheduler_address, 1, timeout_s=30) == 1
 
 
+class LateCluster:
+    """A cluster class (by import path, as dask.cluster names one) whose workers join a second after
+    it starts, as SLURM jobs leave the queue."""
+
+    def __init__(self, n_workers: int):
+        import threading
+
+        from distributed import LocalCluster
+
+        self.cluster = LocalCluster(n_workers=0, processes=False, dashboard_address=None)
+        self.scheduler_address = self.cluster.scheduler_address
+        threading.Timer(1.0, self.cluster.scale, (n_workers,)).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cluster.close()
+
+
+def test_the_first_stage_on_a_started_cluster_finds_the_workers_asked_for():
+    import contextlib
+
+    from distributed import Client
+
+    from pipelines.core.config import DaskConfig
+    from pipelines.run.executors import RunCluster
+
+    with contextlib.ExitStack() as stack:
+        address = RunCluster(DaskConfig(cluster="test_dask_executor.LateCluster", cluster_kwargs={"n_workers": 2}),
+                             stack).address()
+        with Client(address) as client:
+            assert len(client.scheduler_info()["workers"]) == 2  # both had joined before any stage cut its work
+
+
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A scheduler and two workers started as the README says (`dask scheduler`, `dask worker
