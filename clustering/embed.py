@@ -29,7 +29,7 @@ from clustering.embeddings import embedding_dim, embedding_table
 from clustering.encoder import encode, load_encoder, model_fingerprint
 from clustering.simcse import adapt_encoder
 from pipelines.core.config import EmbedConfig, section_hash
-from pipelines.core.devices import cpu_threads, pick_device, usable_cores
+from pipelines.core.devices import cpu_threads, job_cores, pick_device, usable_cores
 from pipelines.core.jobs import Call, Pool, deal, run_jobs, run_local
 from pipelines.core.layout import RunLayout, shard_id
 from pipelines.core.manifest import (
@@ -80,12 +80,14 @@ def embed_shards(cfg: EmbedConfig, groups: list[list[Path]], source_hashes: dict
     """One worker's share: embed each group of shards in one call, write each shard's file then its marker.
 
     Runs in the stage's process, or in one spawned process per GPU (each with
-    its own `device`) over a disjoint list of groups.
+    its own `device`) over a disjoint list of groups, or as a job on a Dask
+    worker. `threads`: torch's CPU threads (0: on a CPU, the job's share where
+    it runs, `job_cores()`; on a GPU, as inherited).
     """
-    if threads:
+    if threads or device == "cpu":
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads or job_cores())
     model = (encoder_path, "model") if encoder_path else (cfg.model, cfg.pooling)
     key = (config_hash, *model, device)  # the config hash names an adapted encoder's settings too
     encoder = _ENCODERS.get(key)

@@ -127,7 +127,7 @@ def test_a_cluster_class_is_an_import_path_with_its_keyword_arguments_and_exclud
 
 def test_a_workers_jobs_get_glibcs_allocator_back_and_the_flow_host_keeps_its_environment():
     """A nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536 (glibc's adaptive mmap threshold
-    off: a CPU encoder ran 25-40% slower) and leaves its workers' settings in the process that started
+    off: a CPU encoder took 1.17x the time) and leaves its workers' settings in the process that started
     a local cluster; a stage job on a worker resets the allocator, and what it starts (a trainer)
     inherits no such setting."""
     import subprocess
@@ -162,6 +162,37 @@ def test_a_stage_cuts_its_work_for_the_clusters_threads_not_its_workers():
         assert job_slots(client.scheduler_info()["workers"]) == 3
     assert job_slots({"a": {"nthreads": 8}, "b": {"nthreads": 1}}) == 9
     assert job_slots({}) == 1  # no worker yet (a SLURM job still queued): one job, not none
+
+
+def test_a_job_on_a_worker_gets_its_share_of_the_cores_the_worker_shares_with_its_neighbours():
+    """Dask gives a worker threads, not cores: a split job decoding on every core it could see ran, in
+    a SLURM job of `cores: 8, processes: 1`, 8 jobs of 8 threads on 8 cores. The affinity masks tell
+    workers sharing cores (a local cluster) from SLURM jobs on one node (disjoint masks)."""
+    from distributed import Client, LocalCluster
+
+    from pipelines.core.devices import job_cores, usable_cores
+    from pipelines.core.jobs import Call
+    from pipelines.run.executors import _run_stage_job, cores_per_slot, worker_cpus
+
+    one_slurm_job = {"w": {"host": "n1", "nthreads": 8}}
+    assert cores_per_slot(one_slurm_job, {"w": list(range(8))}) == {"w": 1}
+    local = {"a": {"host": "n1", "nthreads": 1}, "b": {"host": "n1", "nthreads": 1}}
+    assert cores_per_slot(local, {"a": list(range(16)), "b": list(range(16))}) == {"a": 8, "b": 8}
+    per_gpu_jobs = {"a": {"host": "n1", "nthreads": 1}, "b": {"host": "n1", "nthreads": 1},
+                    "c": {"host": "n2", "nthreads": 1}}
+    assert cores_per_slot(per_gpu_jobs, {"a": list(range(12)), "b": list(range(12, 24)), "c": list(range(12))}) \
+        == {"a": 12, "b": 12, "c": 12}
+    assert cores_per_slot({"w": {"host": "n1", "nthreads": 4}}, {"w": [0]}) == {"w": 1}  # never none
+
+    assert job_cores() == usable_cores()  # outside a worker: the process's cores
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        cores = cores_per_slot(client.scheduler_info()["workers"], client.run(worker_cpus))
+        assert list(cores.values()) == [max(1, usable_cores() // 2)]
+        shares = client.gather([client.submit(_run_stage_job.fn, Call(job_cores), c, pure=False)
+                                for c in (cores, {})])
+        assert shares == [max(1, usable_cores() // 2)] * 2  # a worker not in the map: its CPUs over its threads
+    assert job_cores() == usable_cores()
 
 
 def test_the_run_waits_for_the_workers_it_asked_for_then_goes_on_with_those_that_joined(caplog):

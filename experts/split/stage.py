@@ -47,7 +47,7 @@ from experts.split.plan import boundary_shards, completing_shard, input_runs, ma
 from experts.split.rows import AssignmentRows
 from experts.split.shard import PREFETCH_SHARDS, prefetch, split_input_shard
 from pipelines.core.config import SplitConfig, section_hash
-from pipelines.core.devices import usable_cores
+from pipelines.core.devices import job_cores, usable_cores
 from pipelines.core.jobs import Call, run_jobs
 from pipelines.core.layout import RunLayout, expert_name, shard_id, shard_name
 from pipelines.core.manifest import atomic_write_json, combine, hash_outputs, input_stats, read_manifest, source_hashes
@@ -61,12 +61,12 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
                  num_experts: int, threads: int = 1) -> dict[str, int]:
     """One process's run of input shards, in order: write, finalize what completes, record progress.
 
-    `threads`: its share of the cores for decoding the images that must be decoded (0: every core
-    this process may use, as a job on a Dask worker of its own).
+    `threads`: its share of the cores for decoding the images that must be decoded (0: the job's
+    share where it runs, `job_cores()`: on a Dask worker, its cores over the jobs it runs at once).
 
     Returns the sample counts of its fragments of boundary shards ("e_k" -> count).
     """
-    threads = threads or usable_cores()
+    threads = threads or job_cores()
     outputs = OutputShards(layout, boundary, worker)
     closes_after: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for ek, s in completing_shard(plan, order).items():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import psutil
 
@@ -12,6 +15,27 @@ def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity mask: a container or `taskset` may
     allow fewer than the machine has, and `os.cpu_count()` counts them all)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# The cores the running job may use where several share a process (a Dask worker's threads): set
+# by the executor around each job, per thread (a context variable), never for a whole process.
+_JOB_CORES: ContextVar[int | None] = ContextVar("moda_job_cores", default=None)
+
+
+def job_cores() -> int:
+    """The cores one job may use: its share of its Dask worker's cores, where the executor set one
+    (`sharing_cores`), else every core this process may use."""
+    return _JOB_CORES.get() or usable_cores()
+
+
+@contextlib.contextmanager
+def sharing_cores(cores: int | None) -> Iterator[None]:
+    """Run the block as a job with `cores` cores of its own (None: the process's)."""
+    token = _JOB_CORES.set(cores)
+    try:
+        yield
+    finally:
+        _JOB_CORES.reset(token)
 
 
 def cpu_threads() -> int:

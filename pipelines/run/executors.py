@@ -25,6 +25,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 
 from pipelines.core.config import Config, DaskConfig
+from pipelines.core.devices import sharing_cores, usable_cores
 
 
 def logger() -> logging.Logger:
@@ -49,7 +50,7 @@ def undo_nanny_malloc() -> bool:
     off glibc's adaptive mmap threshold: every buffer over 128 KiB is then
     mapped and unmapped afresh, and a torch encoder's activations page-fault
     on each batch. Measured (bench/results/dask_throughput_cpu_2026-12-04.md):
-    a CPU embed job ran 25-40% slower on a worker than in a plain process, and
+    a CPU embed job took 1.17x a plain process's time on a worker (median of 6, bench/dask_malloc.py), and
     embed, cluster and split on two workers made 0.70x the local run's
     throughput (0.98-1.04x with this). glibc reads the variable only at start,
     so this process gets mallopt's thresholds at the adaptive one's ceiling,
@@ -77,9 +78,52 @@ def _run_job(job):
 
 
 @task(name="stage-job", cache_policy=NO_CACHE)
-def _run_stage_job(job):
+def _run_stage_job(job, cores: dict[str, int] | None = None):
+    """`job` on a worker, with its share of the worker's cores (`cores`: worker address -> cores per
+    job, `cores_per_slot`) as `job_cores()`."""
     undo_nanny_malloc()
-    return job()
+    with sharing_cores(this_workers_share(cores or {})):
+        return job()
+
+
+def worker_cpus() -> list[int]:
+    """The CPUs this process may run on (run on each worker when a stage's pool is made)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cores_per_slot(workers: dict, cpus: dict[str, list[int]]) -> dict[str, int]:
+    """Worker address -> the cores one of its jobs may use: its CPUs over the job slots (threads) of
+    every worker on its host that may run on any of them.
+
+    Dask runs one job per worker thread at once and gives a worker no core
+    count, only threads. A split job that decoded on every core it could see
+    ran, on a SLURM job of `cores: 8, processes: 1` (8 threads), 8 jobs of 8
+    decode threads on 8 cores; local workers (`--nworkers 2 --nthreads 1`)
+    share one affinity mask, separate SLURM jobs on one node have disjoint
+    ones, and only the masks tell the two apart."""
+    share = {}
+    for address, info in workers.items():
+        mine = set(cpus.get(address) or ())
+        if not mine:
+            continue
+        sharing = sum(int(other.get("nthreads", 1)) for a, other in workers.items()
+                      if other.get("host") == info.get("host") and mine & set(cpus.get(a) or ()))
+        share[address] = max(1, len(mine) // max(1, sharing))
+    return share
+
+
+def this_workers_share(cores: dict[str, int]) -> int | None:
+    """This Dask worker's cores per job (from `cores`, else its CPUs over its threads); None outside
+    a worker."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    return cores.get(worker.address) or max(1, usable_cores() // max(1, worker.state.nthreads))
 
 
 def prefect_runner(jobs, concurrency: int):
@@ -116,7 +160,10 @@ class DaskPool:
 
     def __init__(self, task_runner):
         self.task_runner = task_runner
-        self.workers = job_slots(task_runner.client.scheduler_info().get("workers", {}))
+        client = task_runner.client
+        workers = client.scheduler_info().get("workers", {})
+        self.workers = job_slots(workers)
+        self.cores = cores_per_slot(workers, client.run(worker_cpus)) if workers else {}
 
     def map(self, jobs, gpu: bool = False):
         import dask
@@ -124,7 +171,8 @@ class DaskPool:
         futures = []
         with dask.annotate(**({"resources": {"GPU": 1}} if gpu else {})):
             for job in jobs:
-                futures.append(_run_stage_job.with_options(task_run_name=getattr(job, "__name__", "job")).submit(job))
+                name = getattr(job, "__name__", "job")
+                futures.append(_run_stage_job.with_options(task_run_name=name).submit(job, self.cores))
         return [future.result() for future in futures]
 
 
