@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.core.config import load_config
+from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import file_sha256
 
 from conftest import prefect_harness, stop_processes, write_config
@@ -57,10 +58,13 @@ def test_experts_train_in_dask_worker_processes_from_the_runs_seed(tiny_run, tmp
         # worker, whose environment says OMP_NUM_THREADS=1) does not change it
         assert file_sha256(run / weights) == file_sha256(tiny_run["run_dir"] / weights), weights
     # evaluate's image features computed by the workers into the cache, then read by the stage: the
-    # same scores as the tiny run's (features may differ in their last bits: the workers run torch on
-    # the one thread Dask's nanny gives them)
+    # tiny run's bytes, though the workers ran torch on one thread each and the tiny run on every core
+    # (MKL's strict reproducible mode, pipelines/core/devices.py), and so the same scores
     features = [name for name in json.loads((run / "task_runs.json").read_text()) if name.startswith("features-")]
     assert len(features) == 3  # the seed's and both experts'
+    ours, theirs = (RunLayout(r).feature_cache for r in (run, tiny_run["run_dir"]))
+    cached = sorted(p.name for p in ours.glob("*.npy"))
+    assert cached and all(file_sha256(ours / name) == file_sha256(theirs / name) for name in cached)
     ours = json.loads((run / "evaluate" / "results.json").read_text())["tasks"]
     theirs = json.loads((tiny_run["run_dir"] / "evaluate" / "results.json").read_text())["tasks"]
     for task, entry in ours.items():

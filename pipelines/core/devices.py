@@ -10,6 +10,26 @@ from contextvars import ContextVar
 
 import psutil
 
+# Matrix products whose bits do not depend on how many threads computed them. Intel's MKL (torch's
+# BLAS on x86) gives a small product other last bits with another thread count, so the same captions
+# embedded by one process of 2 threads and by two of 1 differed in their last bits (a local run
+# against a Dask or multi-process one: another embeddings file, then other clusters). Its strict
+# conditional-reproducibility mode keeps ?gemm's results whatever the thread count (AVX2 and
+# AVX-512 code paths). Its cost on 2 CPU cores (bench/blas_strict.py): the caption encoder at 0.95x
+# its throughput, a CPU training step at 1.00x; a GPU's products are not MKL's. MKL reads the
+# variable once, at the process's first matrix product, so it is set when this module is
+# imported: every stage, job and trainer imports it, or inherits the environment, before that.
+REPRODUCIBLE_BLAS = {"MKL_CBWR": "AUTO,STRICT"}
+
+
+def reproducible_blas() -> dict[str, str]:
+    """Put REPRODUCIBLE_BLAS in this process's environment (and so its children's), keeping a value
+    the user set; returns what is in force."""
+    return {name: os.environ.setdefault(name, value) for name, value in REPRODUCIBLE_BLAS.items()}
+
+
+reproducible_blas()
+
 
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity mask: a container or `taskset` may
