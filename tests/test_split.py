@@ -350,6 +350,27 @@ def test_a_killed_split_resumes_to_the_same_outputs(clustered):
     assert killed_mid_way >= 2  # the test really interrupted the stage
 
 
+def test_a_resumed_split_reads_ahead_only_the_input_shards_it_has_left(clustered, monkeypatch):
+    """Read ahead (for a remote shard: fetched into a temporary copy) is the work left, not the
+    shards after it that a rerun skips."""
+    import experts.split.stage as split_stage
+    from pipelines.core.layout import RunLayout
+
+    _, cfg, root = clustered
+    one = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, processes=1))
+    run = fresh_run(root, "resumed_read_ahead")
+    run_stage("split", one, run)
+    expected = split_outputs(run)
+    middle = sorted((root / "data" / "train").glob("*.tar"))[5]
+    (run / "split" / "manifest.json").unlink()
+    RunLayout(run).input_record(shard_id(middle)).unlink()  # as if killed before its record landed
+    read_ahead = []
+    monkeypatch.setattr(split_stage, "prefetch", read_ahead.append)
+    run_stage("split", one, run)
+    assert [shard_id(p) for p in read_ahead] == [shard_id(middle)]
+    assert split_outputs(run) == expected
+
+
 @pytest.mark.parametrize("processes", [2, 5])
 def test_several_split_processes_write_the_same_bytes_as_one(clustered, processes):
 

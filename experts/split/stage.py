@@ -73,16 +73,16 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
         if ek not in boundary:
             closes_after[s].append(ek)
     rows = AssignmentRows(layout.assignments, plan.get("assignment_rows"))
-    requested = 0  # input shards [0, requested) of the chunk asked of the disk ahead of time
-    for i, shard_path in enumerate(tqdm(chunk, desc=f"split {worker}", unit="shard", position=worker)):
-        s = shard_id(shard_path)
-        touched = [(e, k) for e in range(num_experts) for k in output_shards_of(plan, s, e)]
-        record = layout.input_record(s)
-        if record.is_file() and all(outputs.is_final(e, k) for e, k in touched):
-            continue
-        for ahead in chunk[max(requested, i):i + 1 + PREFETCH_SHARDS]:
+    # What a resumed run skips is settled before any shard is read ahead: a shard read ahead and
+    # then skipped cost a transfer for nothing (and, remote, a temporary copy held until exit).
+    todo = [path for path in chunk if not _is_done(path, plan, layout, outputs, num_experts)]
+    progress = tqdm(total=len(chunk), initial=len(chunk) - len(todo), desc=f"split {worker}", unit="shard",
+                    position=worker)
+    for i, shard_path in enumerate(todo):
+        # the first shards at once, then one more a step: PREFETCH_SHARDS ahead of the one split
+        for ahead in todo[0 if i == 0 else i + PREFETCH_SHARDS:i + 1 + PREFETCH_SHARDS]:
             prefetch(ahead)
-        requested = max(requested, i + 1 + PREFETCH_SHARDS)
+        s = shard_id(shard_path)
         result = split_input_shard(shard_path, plan, rows, caption_rejects, outputs, cfg, threads)
         outputs.hand_over()  # the queued samples are views of this shard's map: let it go
         for e, k in sorted(closes_after.get(s, [])):
@@ -90,10 +90,20 @@ def split_shards(chunk: list[Path], *, worker: int, plan: dict, order: list[str]
                 outputs.finalize(e, k)
         # Once its samples are written. A rerun skips the shard only if every output shard it feeds
         # is also recorded as in place, so this record may land before the ones it completed.
-        outputs.after(atomic_write_json, record, result)
+        outputs.after(atomic_write_json, layout.input_record(s), result)
+        progress.update()
+    progress.close()
     fragments = outputs.close_fragments()
     outputs.wait()
     return fragments
+
+
+def _is_done(shard_path, plan: dict, layout: RunLayout, outputs: OutputShards, num_experts: int) -> bool:
+    """An input shard a rerun skips: its progress record is written and every output shard it feeds
+    is in place."""
+    s = shard_id(shard_path)
+    touched = [(e, k) for e in range(num_experts) for k in output_shards_of(plan, s, e)]
+    return layout.input_record(s).is_file() and all(outputs.is_final(e, k) for e, k in touched)
 
 
 def load_embed_rejects(layout: RunLayout) -> dict[str, str]:
