@@ -48,13 +48,13 @@ def list_shards(spec: str) -> tuple[list[ShardURL], list[str]]:
     """(the shards a remote spec names that are there, the URLs of those that are not)."""
     if spec.startswith("pipe:"):  # a command has no listing: every one it names is taken as there
         return [ShardURL(cmd) for cmd in braceexpand.braceexpand(spec)], []
-    import fsspec
+    from fsspec.core import strip_protocol, url_to_fs  # public, unlike a filesystem's _strip_protocol
 
-    fs, _ = fsspec.core.url_to_fs(spec)
+    fs, _ = url_to_fs(spec)
     found: list[ShardURL | str] = []  # in the spec's order; a named shard's URL until it is looked up
     named: list[str] = []
     for pattern in braceexpand.braceexpand(spec):
-        path = fs._strip_protocol(pattern)
+        path = strip_protocol(pattern)
         if glob.has_magic(path.split("://", 1)[-1]):
             hits = retry("listing", pattern, lambda path=path: fs.glob(path, detail=True))
             found += [_shard(fs, info) for _, info in sorted(hits.items()) if _is_shard(info)]
@@ -70,7 +70,7 @@ def list_shards(spec: str) -> tuple[list[ShardURL], list[str]]:
         parent = url.rstrip("/").rsplit("/", 1)[0]
         if parent not in listings:
             listings[parent] = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info
-                                for info in _ls(fs, parent, fs._strip_protocol(parent))}
+                                for info in _ls(fs, parent, strip_protocol(parent))}
         infos.append(listings[parent].get(url.rsplit("/", 1)[-1]))
     # What a listing left out or gave without a size (an HTTP folder page has only links) is
     # asked for one by one (HEAD), several at once.
@@ -101,7 +101,9 @@ def _ls(fs, url: str, path: str) -> list[dict]:
 
 
 def _info(fs, url: str) -> dict | None:
-    return retry("looking up", url, lambda: _absent_as(FileNotFoundError, None, fs.info, fs._strip_protocol(url)))
+    from fsspec.core import strip_protocol
+
+    return retry("looking up", url, lambda: _absent_as(FileNotFoundError, None, fs.info, strip_protocol(url)))
 
 
 def _absent_as(error: type[Exception], value, call, *args, **kwargs):
