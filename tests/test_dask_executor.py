@@ -15,6 +15,7 @@ import pytest
 from pipelines.core.config import load_config
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import file_sha256
+from pipelines.run import executors  # here, not in a test: Prefect's import resets logging, and caplog with it
 
 from conftest import prefect_harness, stop_processes, write_config
 
@@ -141,7 +142,6 @@ def test_a_workers_jobs_get_glibcs_allocator_back_and_the_flow_host_keeps_its_en
 
     from pipelines.core.config import DaskConfig
     from pipelines.core.jobs import Call
-    from pipelines.run import executors
 
     before = dict(os.environ)
     child = [sys.executable, "-c", "import os; print(os.environ.get('MALLOC_TRIM_THRESHOLD_'))"]
@@ -213,10 +213,21 @@ def test_the_run_waits_for_the_workers_it_asked_for_then_goes_on_with_those_that
     assert expected_workers(DaskConfig(local_workers=3)) == 3
     assert expected_workers(DaskConfig(address="tcp://h:8786")) == 1  # a running cluster has what it has
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
-        threading.Timer(1.0, cluster.scale, (1,)).start()  # the first "SLURM job" starts a second late
-        assert wait_for_workers(cluster.scheduler_address, 2, timeout_s=0.3) == 1  # then on for the first
-        assert "0 of the 2 Dask workers asked for joined" in caplog.text
-        assert wait_for_workers(cluster.scheduler_address, 1, timeout_s=30) == 1
+        threading.Timer(0.5, cluster.scale, (1,)).start()  # the first "SLURM job" starts half a second late
+        assert wait_for_workers(cluster.scheduler_address, 1, timeout_s=60) == 1  # waited for it
+        assert wait_for_workers(cluster.scheduler_address, 2, timeout_s=0.3) == 1  # then on with those there
+        assert "1 of the 2 Dask workers asked for joined" in caplog.text
+
+
+def test_a_cluster_no_worker_joins_is_an_error_naming_it_not_a_wait_without_end():
+    from distributed import LocalCluster
+
+    from pipelines.run.executors import NoWorkers, wait_for_workers
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:  # workers that never start
+        address = cluster.scheduler_address
+        with pytest.raises(NoWorkers, match=rf"no Dask worker joined the cluster at {address} in 0 s \(2 asked for\)"):
+            wait_for_workers(address, 2, timeout_s=0.3)
 
 
 class LateCluster:

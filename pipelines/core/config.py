@@ -359,7 +359,7 @@ class DaskConfig:
     `local_workers`; at an `address`, for one): a stage cuts its work for the
     threads that have joined, so a split started while SLURM still queues the
     jobs would be one job. Past it, the run goes on with those that joined
-    (a warning says how many) once one has.
+    (a warning says how many), or stops with an error if none has.
     """
 
     address: str = run_only("")

@@ -264,9 +264,15 @@ def expected_workers(cfg: DaskConfig) -> int:
     return cfg.local_workers
 
 
+class NoWorkers(RuntimeError):
+    """No Dask worker joined the run's cluster in time."""
+
+
 def wait_for_workers(address: str, expected: int, timeout_s: float) -> int:
-    """Wait up to `timeout_s` for `expected` workers, then (fewer joined) on for the first one;
-    returns how many joined. The stages cut their work for the threads there when they start."""
+    """Wait up to `timeout_s` for `expected` workers; returns how many joined. The stages cut their
+    work for the threads there when they start, so fewer than asked for is a warning and the run
+    goes on; none at all is an error, not a wait without end (a worker that dies at its start, a
+    SLURM job that never leaves the queue, hung the run before)."""
     from distributed import Client
 
     with Client(address, timeout="60s") as client:
@@ -274,11 +280,14 @@ def wait_for_workers(address: str, expected: int, timeout_s: float) -> int:
             client.wait_for_workers(expected, timeout=timeout_s)
         except TimeoutError:
             joined = len(client.scheduler_info().get("workers", {}))
-            logger().warning("%d of the %d Dask workers asked for joined in %.0f s (dask.workers_timeout_s); the "
-                             "stages cut their jobs for those that have%s", joined, expected, timeout_s,
-                             "" if joined else ", once one joins")
             if not joined:
-                client.wait_for_workers(1)
+                raise NoWorkers(
+                    f"no Dask worker joined the cluster at {address} in {timeout_s:.0f} s ({expected} asked for): "
+                    "look at its workers' logs (SLURMCluster: `squeue` and the job logs in its log_directory) "
+                    "for a worker that could not start, or raise dask.workers_timeout_s if the queue is slow"
+                ) from None
+            logger().warning("%d of the %d Dask workers asked for joined in %.0f s (dask.workers_timeout_s); the "
+                             "stages cut their jobs for those that have", joined, expected, timeout_s)
         return len(client.scheduler_info().get("workers", {}))
 
 
