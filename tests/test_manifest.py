@@ -3,7 +3,15 @@
 import os
 import time
 
-from pipelines.core.manifest import file_sha256, hash_outputs, input_stats, is_done, source_hashes, write_manifest
+from pipelines.core.manifest import (
+    atomic_write_text,
+    file_sha256,
+    hash_outputs,
+    input_stats,
+    is_done,
+    source_hashes,
+    write_manifest,
+)
 
 
 def finished_stage(tmp_path):
@@ -48,3 +56,11 @@ def test_many_files_hashed_together_give_each_file_its_own_sha256(tmp_path):
         paths.append(tmp_path / f"{i}.bin")
         paths[-1].write_bytes(bytes([i]) * (1000 + i))
     assert hash_files(paths) == [file_sha256(p) for p in paths]
+
+
+def test_an_atomically_written_file_gets_the_mode_a_plain_open_gives_it(tmp_path):
+    """Not mkstemp's 0600: a run folder a team shares stays readable as the owner's umask says."""
+    atomic_write_text(tmp_path / "manifest.json", "{}")
+    (tmp_path / "plain.json").write_text("{}")
+    mode = (tmp_path / "manifest.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777

@@ -28,12 +28,28 @@ from pipelines.core.layout import MANIFEST, shard_id
 from pipelines.core.shard_url import ShardURL
 
 
+def _process_umask() -> int:
+    """This process's umask (read by setting it and putting it back: once, at import, as no call
+    only reads it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The mode a plain open() gives a new file here. mkstemp makes its file 0600, and the rename kept
+# that: on a run folder shared by a team (NFS, Lustre), colleagues and services in the group could
+# not read manifests, embeddings or clusters the owner's umask meant them to.
+NEW_FILE_MODE = 0o666 & ~_process_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` on success."""
+    """Yield a temporary path beside `path`; rename it to `path` on success. The file gets the
+    mode the umask gives a new file, as a plain open() would."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, NEW_FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
