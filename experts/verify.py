@@ -12,6 +12,15 @@ shard, and checks:
 Memory does not grow with the dataset: keys are compared as 128-bit hashes
 in spill partitions (`pipelines.shardio.spill`), and only the few keys a message
 names are read again.
+
+Input keys, two ways (`input_keys`, `moda verify --inputs`): `read` (the default) reads every input shard
+again, which for LAION-400M on S3 is a second transfer of the whole data set;
+`recorded` takes each input shard's keys from what the embed stage wrote of it
+(the key column of its embeddings file and its rows of rejects.parquet: every
+sample it read), once every input shard is shown to be the one the split read
+(a remote one by its listing's size and version, one request per folder; a
+local one by the sha256 its manifests recorded while its size and mtime hold).
+The expert shards are read in both.
 """
 
 from __future__ import annotations
@@ -26,9 +35,10 @@ import pyarrow.parquet as pq
 from experts import ooc
 from experts.images import IMAGE_EXTS
 from experts.shard_sets import shard_set, shard_set_manifest
-from pipelines.core.layout import MANIFEST, RunLayout, expert_name
-from pipelines.core.manifest import file_sha256, require_manifest
+from pipelines.core.layout import MANIFEST, RunLayout, expert_name, shard_id
+from pipelines.core.manifest import file_sha256, read_manifest, require_manifest, source_hashes
 from pipelines.core.shard_url import ShardURL, is_remote
+from pipelines.shardio.remote_shards import look_up_shards
 from pipelines.shardio.sample_table import key_bytes
 from pipelines.shardio.shards import ShardError, iter_samples
 from pipelines.shardio.spill import HashSpill, key_hashes, partitions_for
@@ -66,20 +76,29 @@ def _records(dtype: np.dtype, keys: list[str], **fields) -> np.ndarray:
     return records
 
 
-def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
-    """(problems, summary); no problems means the split is exact.
+INPUT_MODES = ("read", "recorded")
+
+
+def verify_split(run_dir: str | Path, input_keys: str = "read") -> tuple[list[str], dict]:
+    """(problems, summary); no problems means the split is exact. `input_keys`: where the input shards'
+    keys come from, the shards read again (`read`) or the embed stage's records of them
+    (`recorded`, after their identity is checked; see the module's docstring).
 
     Keys are compared as 128-bit hashes bucketed into spill files
     (`pipelines.shardio.spill`), so memory stays bounded at any dataset size; the
     key names in the messages are looked up again in the shards they came from.
     """
+    if input_keys not in INPUT_MODES:
+        raise ValueError(f"input_keys must be one of {INPUT_MODES}, not {input_keys!r}")
     layout = RunLayout(Path(run_dir))
     split_dir = layout.split
     manifest = require_manifest(split_dir, "split")
     plan = json.loads(layout.split_plan.read_text())
     thresholds = np.array(plan["ooc_thresholds"])
     problems: list[str] = []
-    inputs = [ShardURL(p) if is_remote(p) else Path(p) for p in manifest["input_shards"]]  # remote: read again
+    inputs = [ShardURL(p) if is_remote(p) else Path(p) for p in manifest["input_shards"]]
+    if input_keys == "recorded":
+        problems += changed_inputs(layout, manifest, inputs)
     outputs: list[Path] = []
     parts = partitions_for(2 * manifest["counts"]["samples_in"] + manifest["counts"].get("ooc_copies", 0))
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=split_dir) as tmp:
@@ -91,11 +110,15 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
             spills["assigned"].add(_records(_ASSIGNED, keys, row=np.arange(row, row + len(keys)),
                                             expert=batch.column("expert").to_numpy()))
             row += len(keys)
-        for i, path in enumerate(inputs):
-            if not is_remote(path) and not path.is_file():
-                problems.append(f"input shard {path} is missing")
-                continue
-            spills["input"].add(_records(_INPUT, _keys(path)[0], shard=i))
+        if input_keys == "read":  # remote: streamed again
+            for i, path in enumerate(inputs):
+                if not is_remote(path) and not path.is_file():
+                    problems.append(f"input shard {path} is missing")
+                    continue
+                spills["input"].add(_records(_INPUT, _keys(path)[0], shard=i))
+        else:
+            for i, keys in recorded_input_keys(layout, inputs):
+                spills["input"].add(_records(_INPUT, keys, shard=i))
         for e in range(manifest["num_experts"]):
             paths, sizes = shard_set(layout.expert_shards(e))
             recorded = shard_set_manifest(layout.expert_shards(e))["shards_sha256"]
@@ -128,6 +151,43 @@ def verify_split(run_dir: str | Path) -> tuple[list[str], dict]:
     summary = {"samples_in": tally.samples_in, "in_experts": tally.own, "rejected": tally.rejected,
                "ooc_copies": tally.ooc, "truncated_inputs": truncated_inputs}
     return problems, summary
+
+
+def changed_inputs(layout: RunLayout, split_manifest: dict, inputs: list) -> list[str]:
+    """Problems for input shards that are gone or not the ones the split read, told without reading
+    a remote byte: a remote shard by its listing now, a local one by its size and mtime (its sha256
+    computed again only where they changed)."""
+    remote = [str(p) for p in inputs if is_remote(p)]
+    listed, absent = look_up_shards(remote)
+    now = {shard_id(s): s for s in listed}
+    local = [p for p in inputs if not is_remote(p)]
+    problems = [f"input shard {p} is missing" for p in [*absent, *(p for p in local if not p.is_file())]]
+    present = [p for p in local if p.is_file()] + listed
+    recorded = split_manifest["inputs"]
+    hashes = source_hashes(present, split_manifest, read_manifest(layout.embed))
+    for path in present:
+        stem = shard_id(path)
+        if hashes[stem] != recorded.get(stem):
+            problems.append(f"input shard {now.get(stem, path)} is not the one the split read (its "
+                            f"{'listed size and version' if is_remote(path) else 'sha256'} changed): verify "
+                            "it with --inputs read, or rerun from the embed stage")
+    return problems
+
+
+def recorded_input_keys(layout: RunLayout, inputs: list):
+    """(input index, keys) for each input shard, from the embed stage's outputs: the keys of its
+    embeddings file, then, in one pass over rejects.parquet, the samples it rejected (a keyless row
+    is a note about a shard, not a sample)."""
+    index = {shard_id(p): i for i, p in enumerate(inputs)}
+    for stem, i in index.items():
+        yield i, pq.read_table(layout.embeddings(stem), columns=["key"]).column("key").to_pylist()
+    if layout.embed_rejects.is_file():
+        for batch in pq.ParquetFile(layout.embed_rejects).iter_batches(1 << 14, columns=["key", "shard"]):
+            by_shard: dict[int, list[str]] = {}
+            for key, stem in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist()):
+                if key and stem in index:
+                    by_shard.setdefault(index[stem], []).append(key)
+            yield from by_shard.items()
 
 
 class _Tally:

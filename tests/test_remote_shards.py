@@ -11,7 +11,7 @@ from pipelines.core.config import load_config
 from pipelines.core.manifest import file_sha256, read_manifest
 from pipelines.core.shard_url import ShardURL
 from pipelines.run.stages import run_stage, stage_done
-from pipelines.shardio import remote
+from pipelines.shardio import remote, remote_shards
 from pipelines.shardio.remote import RemoteError
 from pipelines.shardio.remote_shards import fetch, list_shards
 from pipelines.shardio.shards import iter_samples, select_shards
@@ -94,7 +94,8 @@ def test_https_shards_are_listed_with_their_gaps_and_read_as_on_disk(http_folder
 
 
 @pytest.mark.slow
-def test_embed_and_split_from_s3_give_the_local_runs_bytes_and_the_run_verifies(s3, tiny_run, tiny_data, tmp_path):
+def test_embed_and_split_from_s3_give_the_local_runs_bytes_and_the_run_verifies(s3, tiny_run, tiny_data, tmp_path,
+                                                                                monkeypatch):
     """The trainer reads only the run's expert shards (local, or on the run's shared filesystem):
     byte-identical to the local run's, they train its models bit for bit (test_determinism)."""
     from experts.verify import verify_split
@@ -119,3 +120,10 @@ def test_embed_and_split_from_s3_give_the_local_runs_bytes_and_the_run_verifies(
     problems, summary = verify_split(run)
     assert problems == [] and summary["samples_in"] == split["counts"]["samples_in"]
     assert all(stage_done(stage, cfg, run) for stage in ("embed", "cluster", "split"))  # a rerun skips
+    # verify from the embed stage's records: the inputs listed again, not a byte of them fetched
+    monkeypatch.setattr(remote_shards, "fetch", lambda shard: pytest.fail(f"{shard} was fetched"))
+    assert verify_split(run, "recorded") == (problems, summary)
+    s3.pipe("shards/train/00001.tar", (tiny_data / "train" / "00002.tar").read_bytes())  # replaced since
+    assert verify_split(run, "recorded")[0] == [
+        "input shard s3://shards/train/00001.tar is not the one the split read (its listed size and version "
+        "changed): verify it with --inputs read, or rerun from the embed stage"]

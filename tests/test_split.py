@@ -325,6 +325,31 @@ def test_verify_catches_a_lost_sample(clustered, capsys):
     assert "sizes.json says" in err and "neither in an expert nor rejected" in err
 
 
+def test_verify_from_the_embed_stages_records_agrees_with_reading_the_inputs_and_names_a_changed_one(clustered):
+    """`moda verify --inputs recorded` takes the input keys from what the embed stage read, once each
+    input is shown to be the one the split read; an input changed since is named, not trusted."""
+    from pipelines.run.cli import main as cli_main
+
+    _, cfg, root = clustered
+    run = fresh_run(root, "verify_recorded")
+    run_stage("split", cfg, run)
+    assert verify_split(run, "recorded") == verify_split(run, "read")
+    assert verify_split(run)[0] == [] and verify_split(run)[1]["samples_in"] == 1200
+    shard = sorted((root / "data" / "train").glob("*.tar"))[3]
+    data, stat = shard.read_bytes(), shard.stat()
+    try:
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes: hashed, fine
+        assert verify_split(run, "recorded")[0] == []
+        shard.write_bytes(data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:])  # a byte of a payload changed
+        problems, _ = verify_split(run, "recorded")
+        assert problems == [f"input shard {shard} is not the one the split read (its sha256 changed): verify it "
+                            "with --inputs read, or rerun from the embed stage"]
+        assert cli_main(["verify", str(run), "--inputs", "recorded"]) == 1
+    finally:
+        shard.write_bytes(data)
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def test_a_killed_split_resumes_to_the_same_outputs(clustered):
     config, cfg, root = clustered
     reference = fresh_run(root, "uninterrupted")

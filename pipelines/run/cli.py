@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from experts.verify import verify_split
+from experts.verify import INPUT_MODES, verify_split
 from pipelines.core.config import ConfigError, load_config, merge_settings, parse_setting
 from pipelines.run.add_expert import AddRequest
 from pipelines.run.demo import main as demo_main
@@ -113,7 +113,7 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    problems, summary = verify_split(args.run_dir)
+    problems, summary = verify_split(args.run_dir, args.inputs)
     print(json.dumps(summary))
     for problem in problems:
         print(f"moda verify: {problem}", file=sys.stderr)
@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_stage)
     p = sub.add_parser("verify", help="check that the split lost and duplicated nothing (exit 1 if it did)")
     p.add_argument("run_dir")
+    p.add_argument("--inputs", choices=INPUT_MODES, default="read",
+                   help="the input shards' keys: read again from the shards (default), or as the embed stage "
+                        "recorded them once the shards are shown unchanged (no second download of remote data)")
     p.set_defaults(func=_verify)
     p = sub.add_parser("predict", help="classify images or rank captions with a trained MoDE system")
     p.add_argument("run_dir", help="a run folder, e.g. runs/demo")

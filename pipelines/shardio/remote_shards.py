@@ -64,9 +64,31 @@ def list_shards(spec: str) -> tuple[list[ShardURL], list[str]]:
         else:
             named.append(pattern)
             found.append(pattern)
+    looked_up = _look_up(fs, named)
+    shards = [s if isinstance(s, ShardURL) else looked_up[s] for s in found]
+    return [s for s in shards if s is not None], [url for url in named if looked_up[url] is None]
+
+
+def look_up_shards(urls: list[str]) -> tuple[list[ShardURL], list[str]]:
+    """(the shards at these URLs of one store that are there, with their listed size and version; the
+    URLs of those that are not): what a run recorded, checked again without reading a byte of it."""
+    if not urls:
+        return [], []
+    if urls[0].startswith("pipe:"):
+        return [ShardURL(cmd) for cmd in urls], []
+    from fsspec.core import url_to_fs
+
+    looked_up = _look_up(url_to_fs(urls[0])[0], list(urls))
+    return [s for s in looked_up.values() if s is not None], [url for url, s in looked_up.items() if s is None]
+
+
+def _look_up(fs, urls: list[str]) -> dict[str, ShardURL | None]:
+    """URL -> the shard there (None: absent), from one listing of each folder the URLs sit in."""
+    from fsspec.core import strip_protocol
+
     listings: dict[str, dict[str, dict]] = {}
     infos: list[dict | None] = []
-    for url in named:
+    for url in urls:
         parent = url.rstrip("/").rsplit("/", 1)[0]
         if parent not in listings:
             listings[parent] = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info
@@ -76,11 +98,9 @@ def list_shards(spec: str) -> tuple[list[ShardURL], list[str]]:
     # asked for one by one (HEAD), several at once.
     ask = [i for i, info in enumerate(infos) if info is None or info.get("size") is None]
     with ThreadPoolExecutor(ASKS_IN_FLIGHT) as pool:
-        for i, info in zip(ask, pool.map(lambda i: _info(fs, named[i]), ask)):
+        for i, info in zip(ask, pool.map(lambda i: _info(fs, urls[i]), ask)):
             infos[i] = info
-    looked_up = {url: ShardURL(url, info.get("size"), version_of(info)) for url, info in zip(named, infos) if info}
-    shards = [s if isinstance(s, ShardURL) else looked_up.get(s) for s in found]
-    return [s for s in shards if s is not None], [url for url, info in zip(named, infos) if info is None]
+    return {url: ShardURL(url, info.get("size"), version_of(info)) if info else None for url, info in zip(urls, infos)}
 
 
 def _shard(fs, info: dict) -> ShardURL:
@@ -188,4 +208,4 @@ def held(path) -> Iterator[None]:
         _HELD.pop(str(path)).close()
 
 
-__all__ = ["RemoteError", "fetch", "fetch_ahead", "held", "list_shards", "open_shard"]
+__all__ = ["RemoteError", "fetch", "fetch_ahead", "held", "list_shards", "look_up_shards", "open_shard"]
