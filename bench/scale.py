@@ -9,7 +9,8 @@ by a brace pattern with `missing` of them absent (skipped and counted, as
 LAION's gaps are), through the real embed stage (its encoder replaced by a
 hash of each caption, so only the control path is timed: listing, tar
 reading, one parquet file and marker per shard, the manifest), the real
-cluster stage, the split (plan and stream), `moda verify`, and the seed's
+cluster stage, the split (plan and stream), `moda verify` (reading the inputs again, and
+`--inputs recorded`), and the seed's
 trainer command line over every expert shard. Peer, named: the same at a
 tenth of `count`. Goal: time per shard within 1.2x, peak RSS within 1.3x,
 every launch command line under 64 KiB (Linux caps one argument at 128 KiB).
@@ -178,10 +179,10 @@ def child(what: str, run: Path, spec: str, per_shard: int) -> None:
         # expert shards as small as the input's: as many output shards as input shards, as LAION's
         # 41,000 shards of 10,000 make about 41,000 expert shards of 10,000
         counts = run_section("split", SplitConfig(shard_size=per_shard), run, data)["counts"]
-    elif what == "verify":
+    elif what in ("verify", "verify-recorded"):
         from experts.verify import verify_split
 
-        problems, counts = verify_split(run)
+        problems, counts = verify_split(run, "recorded" if what == "verify-recorded" else "read")
         if problems:
             raise SystemExit(f"verify found problems: {problems[:3]}")
     elif what == "launch":
@@ -210,7 +211,7 @@ def shards_point(tmp: Path, count: int, per_shard: int, missing: int) -> dict:
     print(f"wrote {count} shards in {time.perf_counter() - t0:.0f} s", flush=True)
     run = tmp / f"run_{count}"
     return {what: run_child(what, run, spec, per_shard)
-            for what in ("list", "embed", "cluster", "split", "verify", "launch")}
+            for what in ("list", "embed", "cluster", "split", "verify", "verify-recorded", "launch")}
 
 
 def assign_point(tmp: Path, samples: int) -> dict:
