@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -16,11 +17,45 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 SERVER_STARTUP_SECONDS = 180  # Prefect's default 30 s was seen to run out on a loaded 2-core machine
 
 
-def prefect_harness():
-    """A temporary Prefect server for one block, given time to start on a slow machine."""
-    from prefect.testing.utilities import prefect_test_harness
+_SERVER: contextlib.ExitStack | None = None
 
-    return prefect_test_harness(server_startup_timeout=SERVER_STARTUP_SECONDS)
+
+@contextlib.contextmanager
+def prefect_harness():
+    """The session's temporary Prefect server for the block: started on first use (given time to
+    start on a slow machine) and kept until the session ends, as each start took about 10 s on 2
+    cores and eight tests and fixtures need one. Its database holds every test's runs: a test reads
+    only the task runs it started (`task_runs_since`)."""
+    global _SERVER
+    if _SERVER is None:
+        from prefect.testing.utilities import prefect_test_harness
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(prefect_test_harness(server_startup_timeout=SERVER_STARTUP_SECONDS))
+        _SERVER = stack
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SERVER is not None:
+        _SERVER.close()
+
+
+def task_runs_since(started) -> set[str]:
+    """The names of the task runs on the session's Prefect server that started after `started`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=started)))
+    return {run.name for run in runs}
+
+
+def now():
+    """A timestamp for `task_runs_since`."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
 
 def stop_processes(procs) -> None:
     """Terminate the servers a test started (last first), killing any that take over 20 s."""

@@ -17,7 +17,7 @@ from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import file_sha256
 from pipelines.run import executors  # here, not in a test: Prefect's import resets logging, and caplog with it
 
-from conftest import prefect_harness, stop_processes, write_config
+from conftest import now, prefect_harness, stop_processes, task_runs_since, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,6 @@ pytestmark = pytest.mark.slow
 def train_experts_on_dask(tiny_run, tmp_path, stages=("train",), **dask) -> Path:
     """Train the tiny run's experts from its seed through the moda flow with `executor: dask`;
     assert they ran in other processes; return the new run folder."""
-    from prefect.client.orchestration import get_client
-
     from pipelines.run.flows import moda
 
     seed = json.loads((tiny_run["run_dir"] / "train" / "registry.json").read_text())["seed"]["checkpoint"]
@@ -38,9 +36,9 @@ def train_experts_on_dask(tiny_run, tmp_path, stages=("train",), **dask) -> Path
     for stage in ("embed", "cluster", "split"):
         os.symlink(tiny_run["run_dir"] / stage, run / stage)
     with prefect_harness():
+        started = now()
         moda(config_path=str(config), run_dir=str(run), stages=list(stages))
-        with get_client(sync_client=True) as client:
-            (run / "task_runs.json").write_text(json.dumps(sorted(r.name for r in client.read_task_runs())))
+        (run / "task_runs.json").write_text(json.dumps(sorted(task_runs_since(started))))
     ran_on = json.loads((run / "train" / "manifest.json").read_text())["counts"]["experts_ran_on"]
     assert set(ran_on) == {"expert_000", "expert_001"}
     assert all(int(where.rsplit(":", 1)[1]) != os.getpid() for where in ran_on.values())  # not in this process
@@ -74,8 +72,6 @@ def test_experts_train_in_dask_worker_processes_from_the_runs_seed(tiny_run, tmp
 
 
 def test_embed_cluster_and_split_on_dask_write_the_local_runs_bytes(tmp_path):
-    from prefect.client.orchestration import get_client
-
     from pipelines.run.flows import moda
     from pipelines.synth.generate import generate
 
@@ -89,9 +85,9 @@ def test_embed_cluster_and_split_on_dask_write_the_local_runs_bytes(tmp_path):
     stages = ["embed", "cluster", "split"]
     with prefect_harness():
         moda(config_path=str(local), run_dir=str(tmp_path / "local"), stages=stages)
+        started = now()
         moda(config_path=str(dask), run_dir=str(tmp_path / "dask"), stages=stages)
-        with get_client(sync_client=True) as client:
-            jobs = {run.name for run in client.read_task_runs()}
+        jobs = task_runs_since(started)
     # the jobs ran as tasks on the cluster: embed's two groups, split's two runs (one per worker; the
     # local run had one), cluster's assignment files in runs
     assert {"embed-0", "embed-1", "split-0", "split-1"} <= jobs and any(j.startswith("assign-") for j in jobs)
