@@ -126,6 +126,15 @@ sys.exit(0 if encode(encoder, captions).tobytes() == one.tobytes() else 1)
 """
 
 
+def intel_cpu() -> bool:
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not intel_cpu(), reason="MKL's strict reproducible mode covers its code paths for Intel's "
+                                            "AVX2 and AVX-512 processors only (README, Running on several hosts)")
 def test_an_embedding_has_the_same_bits_whatever_the_thread_count_that_computed_it():
     """A local run embeds on every core of one process, a Dask or multi-process run on a share of
     them: MKL's products must not depend on that. In a fresh process, as MKL settles its mode at
