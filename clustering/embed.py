@@ -29,7 +29,7 @@ from clustering.embeddings import embedding_dim, embedding_table
 from clustering.encoder import encode, load_encoder, model_fingerprint
 from clustering.simcse import adapt_encoder
 from pipelines.core.config import EmbedConfig, section_hash
-from pipelines.core.devices import cpu_threads, job_cores, pick_device, usable_cores
+from pipelines.core.devices import cpu_threads, cuda_index, is_cuda, job_cores, pick_device, usable_cores
 from pipelines.core.jobs import Call, Pool, deal, run_jobs, run_local
 from pipelines.core.layout import RunLayout, shard_id
 from pipelines.core.manifest import (
@@ -133,7 +133,9 @@ def write_shard_output(layout: RunLayout, stem: str, table: pa.Table, marker: di
 def worker_devices(cfg: EmbedConfig) -> list[str]:
     """One device per embed worker: every visible GPU (or `processes` of them), else the CPU."""
     device = pick_device(cfg.device)
-    if device == "cuda":
+    if cuda_index(device) is not None:  # one named GPU: one process on it
+        return [device]
+    if is_cuda(device):
         import torch
 
         count = torch.cuda.device_count()
@@ -150,7 +152,7 @@ def run_workers(cfg: EmbedConfig, encoder_path: str | None, todo: list[list[Path
     A group's embeddings depend on its captions only (each group is one
     encode() call), so how groups are dealt to workers changes no byte."""
     if pool is not None:
-        gpu = pick_device(cfg.device) == "cuda"
+        gpu = is_cuda(pick_device(cfg.device))
         jobs = [Call(embed_shards, (cfg, groups, {shard_id(p): source_hashes[shard_id(p)] for g in groups for p in g},
                                     config_hash, layout, "cuda" if gpu else "cpu"),
                      {"encoder_path": encoder_path, "keep_encoder": True}, name=f"embed-{i}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from experts.nodes import RENDEZVOUS
 from experts.trainer_main import STOP_FLAG
 from pipelines.core.config import TrainConfig
+from pipelines.core.devices import device_gpus, is_cuda
 
 TRAINER = "experts.trainer_main"  # open_clip_train.main with its sample shuffle seeded
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, found without the venv on PATH
@@ -40,23 +41,58 @@ def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) ->
     return [str(i) for i in range(count)]
 
 
-def gpu_slots(gpus: list[str], per_model: int) -> list[list[str]]:
-    """Disjoint groups of `per_model` GPUs: how many models can train at once, and where.
+def gpu_slots(gpus: list[str], per_model: int, models_per_gpu: int = 1) -> list[list[str]]:
+    """Groups of `per_model` GPUs, each listed `models_per_gpu` times: how many models can train at
+    once, and where (a slot is held by one model while it trains).
 
+    Disjoint groups, one model each, unless `models_per_gpu` > 1 packs several small models on each
+    GPU (round-robin over the GPUs, so the first models spread before any GPU takes a second).
     No GPU: one CPU slot (an empty group), so models run one after another.
     """
     if not gpus:
         return [[]]
     if per_model > len(gpus):
         raise ValueError(f"train.gpus_per_expert={per_model} but only {len(gpus)} GPU(s) visible: {gpus}")
-    return [gpus[i:i + per_model] for i in range(0, len(gpus) - per_model + 1, per_model)]
+    if models_per_gpu > 1 and per_model > 1:
+        raise ValueError(f"train.models_per_gpu={models_per_gpu} packs one-GPU models; with "
+                         f"train.gpus_per_expert={per_model} set models_per_gpu to 1")
+    groups = [gpus[i:i + per_model] for i in range(0, len(gpus) - per_model + 1, per_model)]
+    return [list(group) for _ in range(max(1, models_per_gpu)) for group in groups]
 
 
 def resolve_precision(cfg: TrainConfig, device: str) -> str:
     """`auto`: bf16 autocast on a GPU (stable for large CLIPs), fp32 on a CPU (bf16 is slow there)."""
     if cfg.precision != "auto":
         return cfg.precision
-    return "amp_bf16" if device == "cuda" else "fp32"
+    return "amp_bf16" if is_cuda(device) else "fp32"
+
+
+def allowed_gpus(visible: list[str], allowed: list[str]) -> list[str]:
+    """The visible GPUs this run may use (`train.gpus`; empty: all); an id not visible is an error."""
+    if not allowed:
+        return visible
+    unknown = [g for g in allowed if g not in visible]
+    if unknown:
+        raise ValueError(f"train.gpus {allowed}: {unknown} not among the visible GPUs {visible} "
+                         "(CUDA_VISIBLE_DEVICES, or the one GPU of train.device cuda:N): list visible ids, "
+                         "or leave train.gpus empty for all")
+    return list(allowed)
+
+
+def run_gpus(device: str, allowed: list[str] = (), visible: list[str] | None = None) -> list[str]:
+    """The GPU ids a run on `device` trains on: none on a CPU; every visible one for `cuda`; the N-th
+    visible one for `cuda:N` (torch's numbering inside CUDA_VISIBLE_DEVICES); narrowed to `train.gpus`
+    when it lists some. The trainer is then told `--device cuda` with CUDA_VISIBLE_DEVICES set to its
+    slot, so an explicit `cuda:N` trains in bf16 on that GPU, as `cuda` does on all."""
+    if not is_cuda(device):
+        return []
+    return allowed_gpus(device_gpus(device, visible_gpus() if visible is None else visible), list(allowed))
+
+
+def trainer_device(device: str) -> str:
+    """What the trainer is told: `cuda` for any GPU (its CUDA_VISIBLE_DEVICES holds its slot), else
+    the device as given."""
+    return "cuda" if is_cuda(device) else device
 
 
 def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_samples: int | None,

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from experts.flops import flops_per_sample, samples_per_epoch
-from experts.launch import gpu_slots, run_trainer, trainer_command, visible_gpus
+from experts.launch import gpu_slots, run_gpus, run_trainer, trainer_command, trainer_device
 from experts.models import (
     ensure_latest,
     export_checkpoint,
@@ -61,7 +61,7 @@ from experts.models import (
 )
 from experts.shard_sets import check_shard_counts, shard_set, shard_set_fingerprint
 from pipelines.core.config import TrainConfig, section_hash
-from pipelines.core.devices import cpu_threads, pick_device
+from pipelines.core.devices import cpu_threads, is_cuda, pick_device
 from pipelines.core.layout import RunLayout, expert_name
 from pipelines.core.manifest import atomic_write_json, combine, file_sha256, remove_stale_temps
 from pipelines.core.stage import Fingerprint, Hooks, Stage, StageContext, StageResult
@@ -128,7 +128,7 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
     # Over several nodes, each runs `gpus_per_expert` trainer processes (one on a CPU) on the GPUs
     # its launcher gave it; on one, the model takes the GPUs of its slot.
     nodes = cfg.nodes_per_expert
-    per_node = (cfg.gpus_per_expert if device == "cuda" else 1) if nodes > 1 else max(1, len(gpus or []))
+    per_node = (cfg.gpus_per_expert if is_cuda(device) else 1) if nodes > 1 else max(1, len(gpus or []))
     masked_until = job.epochs - job.tune_epochs
     phases = [(masked_until, False)] if masked_until > job.start_epoch else []
     if job.tune_epochs:
@@ -274,8 +274,9 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     layout, hooks, model_cfg = ctx.layout, ctx.hooks, fp.details["model_cfg"]
     split = ctx.upstream["split"]
     device = pick_device(cfg.device)
-    gpus = allowed_gpus(visible_gpus(), cfg.gpus) if device == "cuda" else []
-    slots = gpu_slots(gpus, cfg.gpus_per_expert)
+    gpus = run_gpus(device, cfg.gpus)
+    device = trainer_device(device)
+    slots = gpu_slots(gpus, cfg.gpus_per_expert, cfg.models_per_gpu)
     write_model_folder(layout.model_config, model_cfg)
     model_spec = f"local-dir:{layout.model_config.resolve()}"
     num_experts = split["num_experts"]
@@ -368,17 +369,6 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
                 "flops_per_sample": flops_per_sample(model_cfg, cfg.batch_size)},
         extra={"device": device, "gpu_slots": slots},
     )
-
-
-def allowed_gpus(visible: list[str], allowed: list[str]) -> list[str]:
-    """The visible GPUs this run may use (`train.gpus`; empty: all); an id not visible is an error."""
-    if not allowed:
-        return visible
-    unknown = [g for g in allowed if g not in visible]
-    if unknown:
-        raise ValueError(f"train.gpus {allowed}: {unknown} not among the visible GPUs {visible} "
-                         "(CUDA_VISIBLE_DEVICES): list visible ids, or leave train.gpus empty for all")
-    return list(allowed)
 
 
 def clean(stage_dir: Path) -> int:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from clustering.encoder import encode, load_run_encoder
 from experts.registry import added_fingerprint, current_added, load_experts, ownership, read_registry
 from pipelines.core.config import EvaluateConfig, parse_ablation, section_hash
-from pipelines.core.devices import pick_device
+from pipelines.core.devices import is_cuda, pick_device
 from pipelines.core.jobs import Call, run_jobs
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import (
@@ -260,7 +260,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     if ctx.hooks.pool is not None:  # every model's image features on the cluster, then read from the cache
         models = [*singles.values(), *system.models,
                   *(m for v in cfg.ablations for m in ablation_system(layout, v).models)]
-        gpu, both = device == "cuda", tasks + val_tasks
+        gpu, both = is_cuda(device), tasks + val_tasks
         run_jobs(ctx.hooks.pool, [Call(warm_features, (scorer, "cuda" if gpu else "cpu", m, both,
                                                         [cfg.linear_probe] * len(tasks) + [False] * len(val_tasks)),
                                        name=f"features-{Path(m).name}") for m in dict.fromkeys(models)], gpu=gpu)

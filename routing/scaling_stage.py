@@ -30,6 +30,7 @@ import numpy as np
 from experts.flops import parameter_count
 from experts.models import read_model_config
 from pipelines.core.config import SweepConfig, section_hash
+from pipelines.core.devices import is_cuda
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import atomic_write_json, atomic_write_text, combine, hash_outputs, require_manifest
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
@@ -97,7 +98,7 @@ def gpu_hours(layouts: list[RunLayout]) -> float | None:
     for layout in layouts:
         manifest = require_manifest(layout.train, "train")
         slots = manifest.get("gpu_slots") or []
-        if manifest.get("device") != "cuda" or not slots:
+        if not is_cuda(manifest.get("device", "")) or not slots:
             continue
         on_gpu = True
         every, per_expert = sum(len(s) for s in slots), len(slots[0])

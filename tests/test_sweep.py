@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experts.train import allowed_gpus
+from experts.launch import allowed_gpus
 from pipelines.core.config import ConfigError, load_config, section_hash
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import file_sha256

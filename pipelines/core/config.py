@@ -208,6 +208,15 @@ class TrainConfig:
 
     `gpus`: the GPU ids this run may use
     (empty: every visible one); `moda sweep` gives the points it trains at once disjoint shares.
+    `device`: `auto` (a GPU when one is visible), `cuda` (every visible GPU), `cuda:N` (the N-th
+    visible GPU only, in bf16 as `cuda`), `cpu`. `models_per_gpu`: how many models (experts, or
+    a sweep's points) train on one GPU at once: a 20M-parameter expert leaves an H100 mostly
+    idle, so several share it (with `gpus_per_expert: 1` only).
+    `keep_checkpoints`: `needed` deletes, as training goes, every checkpoint no resume or export
+    needs (each model keeps its final epoch, plus the newest while it trains); `all` keeps every
+    epoch's (about 12 bytes a parameter each with AdamW's state). Before training the stage
+    prints the disk the run needs and refuses to start, in one line, when the run folder's disk
+    cannot hold it.
     """
 
     model: str = "experts/model_configs/moda-tiny.json"
@@ -240,6 +249,8 @@ class TrainConfig:
     dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
     gpus: list[str] = run_only(default_factory=list)
+    models_per_gpu: int = run_only(1)
+    keep_checkpoints: str = run_only("needed")
 
 
 @dataclass(frozen=True)

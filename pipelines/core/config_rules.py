@@ -95,6 +95,10 @@ def validate(cfg: Any) -> None:
     _positive(t.gpus_per_expert, "train.gpus_per_expert")
     _positive(t.nodes_per_expert, "train.nodes_per_expert")
     _positive(t.workers, "train.workers")
+    _positive(t.models_per_gpu, "train.models_per_gpu")
+    _choice(t.keep_checkpoints, ("needed", "all"), "train.keep_checkpoints")
+    if t.models_per_gpu > 1 and t.gpus_per_expert > 1:
+        raise ConfigError("train.models_per_gpu packs one-GPU models: set it to 1 with train.gpus_per_expert > 1")
     _choice(cfg.executor, ("local", "dask"), "executor")
     d = cfg.dask
     if d.address and d.cluster:

@@ -87,9 +87,41 @@ def pin_cpu_threads(threads: int | None = None) -> int:
 
 
 def pick_device(device: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu`; anything else is kept."""
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; anything else is kept (`cuda:1` too:
+    ask `is_cuda` whether it is a GPU, never `== "cuda"`)."""
     if device != "auto":
         return device
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_cuda(device: str) -> bool:
+    """Whether a torch device string names a CUDA GPU: `cuda` and `cuda:N` alike.
+
+    Every choice that depends on running on a GPU (bf16 autocast, GPU slots, CUDA_VISIBLE_DEVICES,
+    one embed process per GPU, a worker's GPU resource) asks this: comparing with `"cuda"` sent an
+    explicit `cuda:0` down the CPU path (fp32, no GPU slot) without a word."""
+    kind, _, index = str(device).partition(":")
+    return kind == "cuda" and (not index or index.isdigit())
+
+
+def cuda_index(device: str) -> int | None:
+    """N of `cuda:N` (torch numbers the GPUs CUDA_VISIBLE_DEVICES leaves visible), None for a bare
+    `cuda` or a device that is no GPU."""
+    kind, _, index = str(device).partition(":")
+    return int(index) if kind == "cuda" and index.isdigit() else None
+
+
+def device_gpus(device: str, visible: list[str]) -> list[str]:
+    """The visible GPU ids a device string may use: all for `cuda`, the N-th for `cuda:N`, none for
+    a CPU. `visible` are the ids CUDA_VISIBLE_DEVICES lists (or 0..count-1)."""
+    if not is_cuda(device):
+        return []
+    index = cuda_index(device)
+    if index is None:
+        return list(visible)
+    if index >= len(visible):
+        raise ValueError(f"device {device!r}: only {len(visible)} GPU(s) visible ({visible}); "
+                         f"use cuda:0..cuda:{max(0, len(visible) - 1)} or cuda for all")
+    return [visible[index]]

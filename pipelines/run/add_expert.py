@@ -48,7 +48,7 @@ from clustering.embed import STAGE as EMBED
 from clustering.embeddings import embedding_files
 from clustering.encoder import load_run_encoder, run_encoder_spec
 from clustering.incremental import covering_fine_clusters, task_fine_clusters, widest_expert, widest_part
-from experts.launch import gpu_slots, visible_gpus
+from experts.launch import gpu_slots, run_gpus, trainer_device
 from experts.models import model_files, read_model_config
 from experts.registry import current_added, read_added, read_registry, register_added
 from experts.shard_sets import check_shard_counts, shard_set, shard_set_fingerprint
@@ -304,7 +304,8 @@ def train_added(cfg: Config, run: RunLayout, work: RunLayout, name: str, fingerp
     start = expert_start(t, seed_ckpt, int(registry["seed"]["epochs"]), work)
     paths, sizes = shard_set(work.expert_shards(0))
     device = pick_device(t.device)
-    gpus = visible_gpus() if device == "cuda" else []
+    gpus = run_gpus(device, t.gpus)
+    device = trainer_device(device)
     slot = gpu_slots(gpus, t.gpus_per_expert)[0]
     check_shard_counts(t, {"the new expert": list(sizes.values())}, world_size(t, len(slot)))
     job = expert_job(t, name, paths, start, combine(name, fingerprint, shard_set_fingerprint(work.expert_shards(0))))

@@ -25,7 +25,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 
 from pipelines.core.config import Config, DaskConfig
-from pipelines.core.devices import sharing_cores, usable_cores
+from pipelines.core.devices import is_cuda, sharing_cores, usable_cores
 
 
 def logger() -> logging.Logger:
@@ -140,7 +140,7 @@ def dask_runner(gpus_per_expert: int):
 
         futures = []
         for job in jobs:
-            annotations = {"resources": {"GPU": gpus_per_expert}} if job.common["device"] == "cuda" else {}
+            annotations = {"resources": {"GPU": gpus_per_expert}} if is_cuda(job.common["device"]) else {}
             with dask.annotate(**annotations):
                 futures.append(_run_job.with_options(task_run_name=job.__name__).submit(job))
         return [future.result() for future in futures]

@@ -24,9 +24,9 @@ from prefect.artifacts import (
 from prefect.exceptions import MissingContextError
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from experts.launch import visible_gpus
+from experts.launch import run_gpus, visible_gpus
 from pipelines.core.config import Config, load_config
-from pipelines.core.devices import pick_device
+from pipelines.core.devices import is_cuda, pick_device
 from pipelines.core.stage import Hooks, Report, Stage
 from pipelines.run.ablations import ablation_done, cluster_and_split, run_ablation
 from pipelines.run.add_expert import AddRequest, run_add_expert
@@ -297,16 +297,20 @@ def sweep(config_path: str = "configs/sweep-cpu.yaml", run_dir: str | None = Non
         else:
             pending.append(point)
     parallel = cfg.sweep.parallel_points
-    visible = visible_gpus() if pick_device(cfg.train.device) == "cuda" else []
-    shares = gpu_shares(visible, parallel, cfg.train.gpus_per_expert)
+    device = pick_device(cfg.train.device)
+    visible = visible_gpus() if is_cuda(device) else []
+    shares = gpu_shares(run_gpus(device, cfg.train.gpus, visible), parallel, cfg.train.gpus_per_expert,
+                        cfg.train.models_per_gpu)
     for wave in waves(pending, parallel):
         log.info("training %s", ", ".join(p.name for p in wave))
         if len(wave) == 1:
             train_point(config_path, str(layout.sweep_point(wave[0].name).root),
                         on_share(wave[0], shares[0], visible), cfg.name)
-        else:  # each a task running the point's flow, on its own share of the GPUs
+        else:  # each a task running the point's flow, on its own share of the GPUs (or a part of one)
+            packing = [cfg.train.models_per_gpu // shares.count(share) for share in shares]
             futures = [point_task.submit(config_path, str(layout.sweep_point(p.name).root),
-                                         on_share(p, share, visible), cfg.name) for p, share in zip(wave, shares)]
+                                         on_share(p, share, visible, models), cfg.name)
+                       for p, share, models in zip(wave, shares, packing)]
             for future in futures:
                 future.result()
     manifest, published = run_scaling(sweep_plan, layout)

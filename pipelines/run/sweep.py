@@ -109,28 +109,37 @@ def run_done(cfg: Config, layout: RunLayout) -> bool:
                     for step in ("train", "evaluate")))
 
 
-def gpu_shares(visible: list[str], parallel: int, per_expert: int) -> list[list[str]]:
-    """Disjoint shares of the visible GPUs for `parallel` points trained at once, in order (no GPU:
-    every point an empty share, the CPU's). Fewer than `per_expert` GPUs a point is an error."""
+def gpu_shares(visible: list[str], parallel: int, per_expert: int, models_per_gpu: int = 1) -> list[list[str]]:
+    """Shares of the visible GPUs for `parallel` points trained at once, in order (no GPU: every
+    point an empty share, the CPU's): disjoint while there are GPUs enough; with
+    `train.models_per_gpu` > 1, up to that many points share one GPU (round-robin), which is how a
+    sweep of small models keeps one H100 busy. More points than that is an error."""
     if not visible:
         return [[] for _ in range(max(1, parallel))]
     if parallel <= 1:
         return [list(visible)]
     each = len(visible) // parallel
-    if each < per_expert:
-        raise ValueError(f"sweep.parallel_points {parallel} with train.gpus_per_expert {per_expert} needs "
-                         f"{parallel * per_expert} GPUs, {len(visible)} visible ({visible}): lower parallel_points")
-    return [visible[k * each:(k + 1) * each] for k in range(parallel)]
+    if each >= per_expert:
+        return [visible[k * each:(k + 1) * each] for k in range(parallel)]
+    groups = [visible[i:i + per_expert] for i in range(0, len(visible) - per_expert + 1, per_expert)]
+    if not groups or parallel > len(groups) * max(1, models_per_gpu):
+        raise ValueError(f"sweep.parallel_points {parallel} with train.gpus_per_expert {per_expert} and "
+                         f"train.models_per_gpu {models_per_gpu} needs {-(-parallel // max(1, models_per_gpu)) * per_expert} "
+                         f"GPUs, {len(visible)} visible ({visible}): lower parallel_points "
+                         "or raise models_per_gpu")
+    return [list(groups[k % len(groups)]) for k in range(parallel)]
 
 
-def on_share(point: SweepPoint, share: list[str], visible: list[str]) -> SweepPoint:
-    """The point restricted to a share of the visible GPUs: its training (`train.gpus`) and its
-    evaluation (`evaluate.device`, the share's first GPU as torch numbers the visible ones); both
-    run-only, so a share changes no fingerprint."""
+def on_share(point: SweepPoint, share: list[str], visible: list[str], models_per_gpu: int | None = None) -> SweepPoint:
+    """The point restricted to a share of the visible GPUs: its training (`train.gpus`; with
+    `models_per_gpu`, the models it may put on each of them, its part of what the points sharing
+    that GPU may) and its evaluation (`evaluate.device`, the share's first GPU as torch numbers the
+    visible ones); all run-only, so a share changes no fingerprint."""
     if not share:
         return point
+    packing = {} if models_per_gpu is None else {"models_per_gpu": max(1, models_per_gpu)}
     overrides = {**point.overrides,
-                 "train": {**point.overrides.get("train", {}), "gpus": share},
+                 "train": {**point.overrides.get("train", {}), "gpus": share, **packing},
                  "evaluate": {**point.overrides.get("evaluate", {}), "device": f"cuda:{visible.index(share[0])}"}}
     return dataclasses.replace(point, overrides=overrides)
 
