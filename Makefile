@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo ui test test-gpu lint repro-cpu sweep-cpu clean
+.PHONY: venv demo ui test test-gpu gpu-wheels gpu-smoke lint repro-cpu sweep-cpu clean
 
 # The venv is (re)built when the dependency pins change. constraints.txt pins
 # every transitive package of a set known to install offline (pip freeze).
@@ -43,8 +43,21 @@ sweep-cpu: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Tests marked gpu: on a CPU every one is skipped, each with its reason, and the command exits 0.
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -ra -m gpu
+
+# The wheels bench/gpu/run.sh needs on a bare device (bench/gpu/wheels.txt), into .whl/ (ignored by git).
+gpu-wheels:
+	mkdir -p .whl
+	grep -v '^#' bench/gpu/wheels.txt | xargs $(PYTHON) -m pip download -q --no-deps --only-binary=:all: \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl
+	du -ch .whl/*.whl | tail -1
+
+# The GPU suite's code paths at toy sizes on this CPU (what CI runs through tests/test_gpu_suite.py).
+gpu-smoke: $(STAMP)
+	bash bench/gpu/run.sh --smoke runs/gpu-smoke
 
 clean:
 	rm -rf runs .prefect data/demo

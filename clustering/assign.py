@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from clustering.embeddings import read_matrix
-from clustering.kmeans import top_candidates
+from clustering.search import CentreSearch
+from pipelines.core.devices import is_cuda
 from pipelines.core.jobs import Call, Pool, run_jobs
 from pipelines.core.manifest import atomic_path
 
@@ -45,9 +46,10 @@ def read_sample(files: list[Path], rows_per_file: list[int], sample: np.ndarray)
 
 
 def nearest_centres(files: list[Path], fine_centroids: np.ndarray,
-                    bar: bool = True) -> tuple[list[np.ndarray], list[float]]:
+                    bar: bool = True, device: str = "cpu") -> tuple[list[np.ndarray], list[float]]:
     """Nearest fine centre of every sample of each file (int32) and each file's inertia (sum of
-    squared distances), one file at a time."""
+    squared distances), one file at a time, the centres on `device` once for all files."""
+    search = CentreSearch(fine_centroids, device)
     labels, inertias = [], []
     for path in tqdm(files, desc="assign", unit="shard", disable=not bar):
         x = read_matrix(path)
@@ -55,7 +57,7 @@ def nearest_centres(files: list[Path], fine_centroids: np.ndarray,
             labels.append(np.zeros(0, np.int32))
             inertias.append(0.0)
             continue
-        _, idx = top_candidates(x, fine_centroids, 1)
+        _, idx = search.top(x, 1)
         labels.append(idx[:, 0].astype(np.int32))
         # The inertia from each row's own dot product in float64, not FAISS's similarities: those
         # come from a BLAS call whose last bits depend on its thread count (a Dask worker's one
@@ -66,7 +68,7 @@ def nearest_centres(files: list[Path], fine_centroids: np.ndarray,
 
 
 def assign_files(files: list[Path], fine_centroids: np.ndarray,
-                 pool: Pool | None = None) -> tuple[list[np.ndarray], float]:
+                 pool: Pool | None = None, device: str = "cpu") -> tuple[list[np.ndarray], float]:
     """Nearest fine centre of every embedded sample: here file by file, or as contiguous runs of
     files on the hooks' pool (four per worker).
 
@@ -75,11 +77,12 @@ def assign_files(files: list[Path], fine_centroids: np.ndarray,
     where a file was assigned does not change it).
     """
     if pool is None or len(files) < 2:
-        labels, inertias = nearest_centres(files, fine_centroids)
+        labels, inertias = nearest_centres(files, fine_centroids, device=device)
     else:
         runs = [list(run) for run in np.array_split(np.array(files, dtype=object), min(len(files), 4 * pool.workers))]
-        done = run_jobs(pool, [Call(nearest_centres, (run, fine_centroids, False), name=f"assign-{i}")
-                               for i, run in enumerate(runs)])
+        gpu = is_cuda(device)  # a GPU job asks its worker for a GPU and searches on the worker's own
+        done = run_jobs(pool, [Call(nearest_centres, (run, fine_centroids, False, "cuda" if gpu else "cpu"),
+                                    name=f"assign-{i}") for i, run in enumerate(runs)], gpu=gpu)
         labels = [lab for run_labels, _ in done for lab in run_labels]
         inertias = [v for _, run_inertias in done for v in run_inertias]
     total = 0.0

@@ -36,7 +36,7 @@ from clustering.kmeans import (
     use_gpu,
 )
 from pipelines.core.config import ClusterConfig, section_hash
-from pipelines.core.devices import pin_cpu_threads
+from pipelines.core.devices import pick_device, pin_cpu_threads
 from pipelines.core.manifest import atomic_path, atomic_write_json, combine, hash_outputs
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 
@@ -96,6 +96,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     """Fit on a sample, assign everything file by file, group fine centres into experts."""
     cfg: ClusterConfig = ctx.section
     layout = ctx.layout
+    device = pick_device(cfg.device)
     if not use_gpu():
         pin_cpu_threads()  # again, now that FAISS is loaded (run_stage pinned torch's)
     files = embedding_files(layout, ctx.upstream["embed"])
@@ -115,7 +116,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     t_fit = time.time()
     fine_centroids, sample_labels = balanced_kmeans(
         x_sample, cfg.num_fine, niter=cfg.niter, balance_iters=cfg.balance_iters, seed=cfg.seed,
-        slack=cfg.balance_slack, topk=cfg.balance_topk,
+        slack=cfg.balance_slack, topk=cfg.balance_topk, device=device,
     )
     fit_seconds = time.time() - t_fit
     sample_inertia = inertia(normalize_rows(x_sample), fine_centroids, sample_labels)
@@ -126,7 +127,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         fine_per_file = np.split(sample_labels.astype(np.int32), np.cumsum(rows_per_file)[:-1])
         total_inertia = sample_inertia
     else:  # the rest was never seen by the fit: each sample to its nearest centre, file by file
-        fine_per_file, total_inertia = assign_files(files, fine_centroids, ctx.hooks.pool)
+        fine_per_file, total_inertia = assign_files(files, fine_centroids, ctx.hooks.pool, device)
     fine = np.concatenate(fine_per_file)
     mass = np.bincount(fine, minlength=cfg.num_fine)
     expert_centroids, expert_of_fine = coarse_cluster(

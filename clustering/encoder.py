@@ -108,15 +108,20 @@ def run_encoder_spec(embed_dir: Path) -> tuple[str, str]:
 
 
 def encode(encoder, texts: list[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
-    """Embed `texts` -> float32 array (len(texts), dim), each row of unit L2 norm."""
+    """Embed `texts` -> float32 array (len(texts), dim), each row of unit L2 norm.
+
+    The embeddings stay on the encoder's device until all are done and come back in one copy
+    (`convert_to_tensor`): `convert_to_numpy` copied every batch to the host as it finished, a
+    synchronisation per batch that keeps a GPU waiting on tokenisation. The same numbers (a bf16
+    value widens to float32 exactly)."""
     if not texts:
         dim = encoder.get_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
     vectors = encoder.encode(
         texts,
         batch_size=batch_size,
-        convert_to_numpy=True,
+        convert_to_tensor=True,
         normalize_embeddings=True,
         show_progress_bar=progress,
     )
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    return np.ascontiguousarray(vectors.float().cpu().numpy(), dtype=np.float32)

@@ -40,17 +40,12 @@ import math
 
 import numpy as np
 
+from clustering.search import CentreSearch, use_gpu
+
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def use_gpu() -> bool:
-    """FAISS GPU indexes when the installed faiss is a GPU build and sees a GPU."""
-    import faiss  # lazy, as everywhere: a stage that is skipped never pays the import
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
@@ -71,23 +66,17 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
     return normalize_rows(km.centroids)
 
 
-def top_candidates(x: np.ndarray, centroids: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
+def top_candidates(x: np.ndarray, centroids: np.ndarray, topk: int,
+                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Inner products and indices of each row's `topk` most similar centroids, best first."""
-    import faiss
-
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    if use_gpu():
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    sims, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), min(topk, centroids.shape[0]))
-    return sims, idx.astype(np.int64)
+    return CentreSearch(centroids, device).top(x, topk)
 
 
-def assign_nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def assign_nearest(x: np.ndarray, centroids: np.ndarray, device: str = "cpu") -> np.ndarray:
     """Index of each row's most similar centroid (inner product on unit vectors)."""
     if x.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    _, idx = top_candidates(x, centroids, 1)
+    _, idx = top_candidates(x, centroids, 1, device)
     return idx[:, 0]
 
 
@@ -131,7 +120,8 @@ def deferred_acceptance(sims: np.ndarray, cand: np.ndarray, capacity: np.ndarray
     return labels
 
 
-def balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: np.ndarray, topk: int = 8) -> np.ndarray:
+def balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: np.ndarray, topk: int = 8,
+                    search: CentreSearch | None = None) -> np.ndarray:
     """Every row to a centre, no centre above its integer capacity (sum >= N).
 
     Deferred acceptance on the `topk` nearest centres; points left over go
@@ -145,9 +135,10 @@ def balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: np.ndarray, 
     left = np.arange(n)
     open_centres = np.arange(k)
     room = capacity.copy()
+    search = search or CentreSearch(centroids)
     while left.size:
-        sims, idx = top_candidates(x[left], centroids[open_centres], topk)
-        placed = deferred_acceptance(sims, open_centres[idx], room)
+        sims, idx = search.top(x[left], topk, None if open_centres.size == k else open_centres)
+        placed = deferred_acceptance(sims, idx, room)
         labels[left] = placed
         room = capacity - np.bincount(labels[labels >= 0], minlength=k)
         left = np.flatnonzero(labels < 0)
@@ -176,22 +167,25 @@ def update_centroids(x: np.ndarray, labels: np.ndarray, previous: np.ndarray,
 
 
 def balanced_kmeans(x: np.ndarray, k: int, niter: int = 20, balance_iters: int = 8,
-                    seed: int = 0, slack: float = 0.05, topk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                    seed: int = 0, slack: float = 0.05, topk: int = 8, device: str = "cpu",
+                    engine: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Fine clustering: `niter` spherical Lloyd iterations, the last `balance_iters` balanced.
 
     Returns (centroids (k, d), labels (N,)): every cluster holds at most
     ceil(N / k * (1 + slack)) points (balance_iters = 0: plain k-means) and each centroid is its members'
-    normalised mean. Deterministic for a given seed.
+    normalised mean. Deterministic for a given seed. The balanced iterations' candidate search runs
+    on `device` (CentreSearch: torch on a GPU, FAISS on a CPU).
     """
     x = normalize_rows(x)
     balance_iters = min(balance_iters, niter - 1)
     centroids = spherical_kmeans(x, k, niter=niter - max(0, balance_iters), seed=seed)
     if balance_iters <= 0:  # plain spherical k-means (the unbalanced peer)
-        return centroids, assign_nearest(x, centroids)
+        return centroids, CentreSearch(centroids, device, engine).top(x, 1)[1][:, 0]
     capacity = np.full(k, math.ceil(x.shape[0] / k * (1 + slack)), dtype=np.int64)
     labels = np.zeros(x.shape[0], dtype=np.int64)
     for _ in range(balance_iters):
-        labels = fill_empty_clusters(x, centroids, balanced_assign(x, centroids, capacity, topk))
+        search = CentreSearch(centroids, device, engine)  # the centres of this iteration, uploaded once
+        labels = fill_empty_clusters(x, centroids, balanced_assign(x, centroids, capacity, topk, search))
         centroids = update_centroids(x, labels, centroids)
     return centroids, labels
 

@@ -140,6 +140,8 @@ def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_s
         "--device", device,
         "--report-to", "tensorboard",
     ]
+    if cfg.keep_checkpoints == "needed":  # each epoch's file replaces its predecessor's (train.prune_checkpoints)
+        cmd += ["--delete-previous-checkpoint"]
     if cfg.optimizer == "lamb":
         cmd += ["--opt", "timm/lamb"]
     if num_samples is not None:

@@ -13,8 +13,11 @@ Efficient-training switches (config `train`): bf16 autocast (`precision:
 auto` picks amp_bf16 on a GPU), FLIP patch dropout with a final unmasked
 tune (`patch_dropout`, `unmasked_tune_share`), LAMB with EVA-CLIP's betas
 (`optimizer: lamb`), gradient checkpointing, torch.compile, local loss with
-gathered gradients. Attention runs through PyTorch's fused SDPA kernels
-(flash attention on a GPU), which open_clip's default blocks use.
+gathered gradients. Attention runs through PyTorch's fused SDPA kernels, which
+open_clip's default blocks use: the image tower (no mask) can take the flash
+kernel on a GPU; the text tower passes an additive causal mask, which the flash
+kernel does not accept, so it runs the memory-efficient kernel (bench/gpu's
+profile names the kernel each tower ran).
 
 Scheduling: the seed and the baseline use every visible GPU; experts run in
 parallel, one per group of `gpus_per_expert` GPUs (CUDA_VISIBLE_DEVICES is
@@ -47,15 +50,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from experts.flops import flops_per_sample, samples_per_epoch
+from experts.budget import check_disk, train_disk_need
+from experts.flops import flops_per_sample, parameter_count, samples_per_epoch
 from experts.launch import gpu_slots, run_gpus, run_trainer, trainer_command, trainer_device
 from experts.models import (
+    WEIGHTS_FILE,
     ensure_latest,
     export_checkpoint,
     given_seed,
     model_config_dict,
     model_files,
+    newest_epoch,
+    prune_checkpoints,
     weights_only,
     write_model_folder,
 )
@@ -134,7 +142,7 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
     if job.tune_epochs:
         phases.append((job.epochs, True))
     for target, unmasked in phases:
-        if layout.checkpoint(job.name, target).is_file():
+        if newest_epoch(checkpoints) >= target:  # this part is done (its own file may be pruned since)
             continue
         if ensure_latest(checkpoints):
             resume = "latest"
@@ -163,6 +171,8 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
             raise RuntimeError(f"open_clip_train finished without writing epoch_{target}.pt; see {log_file}")
     final = layout.checkpoint(job.name, job.epochs)
     export_checkpoint(final, model_cfg, layout.model(job.name))
+    if cfg.keep_checkpoints == "needed":
+        prune_checkpoints(checkpoints, job.epochs)
     return final
 
 
@@ -288,6 +298,13 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     check_shard_counts(cfg, {expert_name(e): list(sizes.values()) for e, (_, sizes) in enumerate(shard_sets)},
                        expert_world)
     common = dict(layout=layout, model_spec=model_spec, model_cfg=model_cfg, device=device, hooks=hooks)
+    names = ([] if cfg.seed_checkpoint else ["seed"]) + [expert_name(e) for e in range(num_experts)] \
+        + (["baseline"] if cfg.baseline else [])
+    left = [n for n in names if not (layout.model(n) / WEIGHTS_FILE).is_file()]
+    need = train_disk_need(parameter_count(model_cfg), len(left), cfg.seed_epochs + cfg.expert_epochs,
+                           len(slots), cfg.keep_checkpoints)
+    tqdm.write(f"train: {len(left)} of {len(names)} models to train; "
+               + check_disk(layout.train, need, "their checkpoints and exported models"))
 
     # Seed: all experts' shards together (clean, deduplicated data). An epoch is
     # the number of distinct samples; out-of-cluster copies only add repeats.

@@ -18,6 +18,9 @@ seed give the same order, hence the same model on a CPU.
 On a CPU, several trainer processes (gloo) need DistributedDataParallel
 without `device_ids`, which open_clip_train always passes (`cpu_ddp`).
 
+On a GPU the webdataset loader pins its batches (`pinned_loader`), as open_clip_train's other
+loaders do.
+
 One flag is added: `--moda-stop-after-epoch N` ends the run once epoch N is
 saved, inside a schedule of `--epochs` epochs. open_clip_train sizes its
 cosine over `--epochs`, so this is how a run trains the first part of a
@@ -82,9 +85,23 @@ def cpu_ddp(ddp):
     return CpuDDP
 
 
+def pinned_loader(loader, pin: bool):
+    """webdataset's WebLoader with `pin_memory=pin` unless the caller chose: open_clip_train's
+    webdataset loader (the one moda's shards go through) pins nothing, so every batch's host-to-GPU
+    copy was a synchronous copy from pageable memory, while its CSV and synthetic loaders pin."""
+    class PinnedLoader(loader):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("pin_memory", pin)
+            super().__init__(*args, **kwargs)
+    PinnedLoader.__name__ = PinnedLoader.__qualname__ = loader.__name__
+    return PinnedLoader
+
+
 def main(argv: list[str] | None = None) -> None:
     install()
     import torch
+
+    webdataset.WebLoader = pinned_loader(webdataset.WebLoader, torch.cuda.is_available())
 
     torch.nn.parallel.DistributedDataParallel = cpu_ddp(torch.nn.parallel.DistributedDataParallel)
     import open_clip_train.main as trainer

@@ -68,6 +68,7 @@ from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, Stage
 from pipelines.shardio.remote import is_url, mirror
 from routing.clip_benchmark_format import cb_metrics, cb_probe_result, cb_result, main_metric
 from routing.clip_features import load_clip
+from routing.image_stream import decode_threads
 from routing.linear_probe import probe
 from routing.metadata import classname_embeddings
 from routing.scorer import Scorer, num_images, warm_features
@@ -244,7 +245,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     val_roots = [r for r in task_roots(local_roots(ctx.data.val_tasks, layout)) if r.is_dir()] \
         if ctx.data.val_tasks else []
     val_tasks = load_tasks("::".join(map(str, val_roots)), check_images=not skip) if val_roots else []
-    scorer = Scorer(device, cfg.batch_size, cfg.workers, layout.feature_cache, fp.details["task_hashes"], skip)
+    scorer = Scorer(device, cfg.batch_size, decode_threads(cfg.workers, device), layout.feature_cache,
+                    fp.details["task_hashes"], skip)
     tasks = scorer.readable_tasks(layout.model("seed"), tasks, cfg.linear_probe)
     val_tasks = scorer.readable_tasks(layout.model("seed"), val_tasks, False)
     encoder = load_run_encoder(layout.embed, device)

@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.core.devices import is_cuda, usable_cores
 from pipelines.core.manifest import atomic_path, atomic_write_json, combine, file_sha256
 from pipelines.shardio.shards import iter_samples
+from routing.clip_features import inference, to_device
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order: a sample's first one is its image
 
@@ -148,6 +150,14 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
+def decode_threads(workers: int, device: str) -> int:
+    """`evaluate.workers`, with -1 resolved: 2 on a CPU (bench/decode_threads.py: more compete with the
+    model's own threads), all usable cores but one on a GPU (the GPU waits on decoding)."""
+    if workers >= 0:
+        return workers
+    return max(2, usable_cores() - 1) if is_cuda(device) else 2
+
+
 def stream_image_features(clip, images: TaskImages, batch_size: int = 256, workers: int = 0,
                           unreadable: list[dict] | None = None) -> np.ndarray:
     """(N, D) unit image embeddings of every image of a task, in the task's order.
@@ -160,13 +170,13 @@ def stream_image_features(clip, images: TaskImages, batch_size: int = 256, worke
     out: np.ndarray | None = None
     seen = 0
     bad: list[dict] = []
-    with torch.no_grad():
+    with inference(clip.device):
         for batch in preprocessed_batches(images, clip.preprocess, batch_size, workers, unreadable is not None):
             bad += [{"index": seen + i, "shard": str(shard), "key": key, "error": why}
                     for i, shard, key, why in batch.unreadable]
             if batch.pixels is not None:
-                feats = torch.nn.functional.normalize(clip.model.encode_image(batch.pixels.to(clip.device)).float(),
-                                                      dim=-1)
+                pixels = to_device(batch.pixels, clip.device)
+                feats = torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1)
                 if out is None:
                     out = np.zeros((images.total, feats.shape[1]), dtype=np.float32)
                 if seen + batch.size <= images.total:

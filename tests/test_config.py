@@ -25,7 +25,9 @@ def test_every_shipped_config_loads_and_names_a_model_open_clip_can_build(path):
 
 def test_the_reproductions_share_one_recipe_at_two_scales():
     cpu, gpu = load_config("configs/repro-cpu.yaml"), load_config("configs/repro-gpu.yaml")
-    assert cpu.report.seeds >= 3 and gpu.report.seeds >= 3  # intervals over trainer seeds
+    assert cpu.report.seeds >= 3  # intervals over trainer seeds
+    # the GPU preset fits one H100 in 8 minutes with one trainer seed; its header says to rerun with --seeds 3
+    assert gpu.report.seeds == 1 and "--seeds 3" in Path("configs/repro-gpu.yaml").read_text()
     assert cpu.train.seed_schedule == gpu.train.seed_schedule == "continued"  # the reference's
     assert {"random", "one_step", "experts=2"} <= set(cpu.evaluate.ablations)
     assert len([a for a in cpu.evaluate.ablations if a.startswith("fine=")]) == 2  # m at three values

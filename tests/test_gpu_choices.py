@@ -66,3 +66,45 @@ def test_embed_runs_one_process_on_a_named_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert worker_devices(EmbedConfig(device="cuda")) == ["cuda:0", "cuda:1", "cuda:2"]
     assert worker_devices(EmbedConfig(device="cuda", processes=2)) == ["cuda:0", "cuda:1"]
+
+
+def test_the_trainers_webdataset_loader_pins_memory_on_a_gpu_only():
+    import webdataset
+
+    from experts.trainer_main import pinned_loader
+
+    seen = {}
+
+    class Loader:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    pinned_loader(Loader, True)([], batch_size=None)
+    assert seen["pin_memory"] is True
+    pinned_loader(Loader, False)([])
+    assert seen["pin_memory"] is False
+    pinned_loader(Loader, True)([], pin_memory=False)  # a caller's own choice is kept
+    assert seen["pin_memory"] is False
+    assert pinned_loader(webdataset.WebLoader, False).__name__ == "WebLoader"
+
+
+def test_evaluation_decodes_on_every_core_but_one_on_a_gpu_and_two_on_a_cpu(monkeypatch):
+    import routing.image_stream as evaluate
+
+    monkeypatch.setattr(evaluate, "usable_cores", lambda: 16)
+    assert evaluate.decode_threads(-1, "cpu") == 2
+    assert evaluate.decode_threads(-1, "cuda:0") == 15
+    assert evaluate.decode_threads(4, "cuda") == 4 and evaluate.decode_threads(0, "cuda") == 0
+
+
+def test_inference_is_fp32_on_a_cpu_and_bf16_autocast_on_a_gpu():
+    import torch
+
+    from routing.clip_features import autocast_dtype, inference, to_device
+
+    with inference("cpu"):
+        assert not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
+    batch = torch.zeros(2, 3)
+    assert to_device(batch, "cpu") is batch  # no copy on a CPU
+    assert autocast_dtype("cpu") is None
+    assert autocast_dtype("cuda:0") == autocast_dtype("cuda") == torch.bfloat16

@@ -197,3 +197,30 @@ def test_balanced_kmeans_leaves_no_cluster_empty():
     x = normalize_rows(np.concatenate([rng.normal(size=(300, 8)) + 6, rng.normal(size=(20, 8))]).astype(np.float32))
     _, labels = balanced_kmeans(x, 40, niter=6, balance_iters=3, seed=0)
     assert np.bincount(labels, minlength=40).min() >= 1
+
+
+def test_the_torch_search_finds_the_candidates_faiss_finds():
+    from clustering.search import CentreSearch
+
+    rng = np.random.default_rng(4)
+    x = normalize_rows(rng.normal(size=(5000, 32)).astype(np.float32))
+    centres = normalize_rows(rng.normal(size=(64, 32)).astype(np.float32))
+    CentreSearch.CHUNK = 777  # several chunks, the last one short
+    faiss_sims, faiss_idx = CentreSearch(centres, engine="faiss").top(x, 8)
+    torch_search = CentreSearch(centres, engine="torch")
+    torch_sims, torch_idx = torch_search.top(x, 8)
+    assert torch_search.engine == "torch" and CentreSearch(centres).engine == "faiss"  # auto on a CPU
+    np.testing.assert_array_equal(torch_idx, faiss_idx)
+    np.testing.assert_allclose(torch_sims, faiss_sims, atol=1e-5)
+    columns = np.array([3, 10, 11, 40, 63])  # a restricted round of the balanced assignment
+    _, sub_idx = torch_search.top(x, 2, columns)
+    np.testing.assert_array_equal(sub_idx, CentreSearch(centres, engine="faiss").top(x, 2, columns)[1])
+    assert set(np.unique(sub_idx)) <= set(columns.tolist())
+
+
+def test_balanced_kmeans_on_the_torch_path_gives_the_cpu_path_assignments():
+    x = blobs([900, 500, 300, 100], None, seed=5)
+    faiss_centres, faiss_labels = balanced_kmeans(x, 16, niter=10, balance_iters=4, seed=1, engine="faiss")
+    torch_centres, torch_labels = balanced_kmeans(x, 16, niter=10, balance_iters=4, seed=1, engine="torch")
+    np.testing.assert_array_equal(torch_labels, faiss_labels)
+    np.testing.assert_allclose(torch_centres, faiss_centres, atol=1e-6)

@@ -115,3 +115,18 @@ def test_a_training_sample_redrawn_alone_is_the_one_written_so_generation_needs_
         assert meta["wrong_caption"] or drawn.caption == meta["caption"]
     parquet_rows = sum(json.loads(p.read_text())["count"] for p in (tiny_data / "train").glob("*_stats.json"))
     assert parquet_rows == len(metas)
+
+
+def test_several_processes_write_the_bytes_one_process_writes(tmp_path):
+    cfg = SynthConfig(num_train=50, shard_size=10, eval_per_class=1, val_per_class=1, retrieval_pairs=2,
+                      wrong_caption_rate=0.2, seed=3)
+    one = generate(cfg, tmp_path / "one", processes=1)
+    three = generate(cfg, tmp_path / "three", processes=3)
+    assert one == three
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a, b = files(tmp_path / "one"), files(tmp_path / "three")
+    assert sorted(a) == sorted(b) and len([n for n in a if n.endswith(".tar")]) >= 5 + 5
+    assert [n for n in a if a[n] != b[n]] == []  # shards, parquet, sizes.json, held-out tasks alike

@@ -178,3 +178,29 @@ def test_the_seed_of_a_41000_shard_run_launches_with_a_short_command_naming_ever
     every_shard = [str((layout.expert_shards(e) / f"{i:05d}.tar").resolve())
                    for e, count in enumerate(per_expert) for i in range(count)]
     assert expand_urls(cmd[cmd.index("--train-data") + 1]) == every_shard
+
+
+def test_a_trained_run_keeps_only_the_checkpoints_that_resume_and_export_need(tiny_run):
+    logs = tiny_run["run_dir"] / "train" / "logs"
+    kept = {p.parent.name: sorted(f.name for f in p.iterdir()) for p in logs.glob("*/checkpoints")}
+    # the seed's final epoch (every expert resumes it), each other model's final epoch; no epoch_latest.pt copy
+    assert kept == {"seed": ["epoch_1.pt"], "baseline": ["epoch_2.pt"], "expert_000": ["epoch_2.pt"],
+                    "expert_001": ["epoch_2.pt"]}
+
+
+def test_a_run_whose_disk_cannot_hold_its_checkpoints_is_refused_before_training(tiny_run, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from experts.budget import DiskSpaceError
+    from pipelines.core.config import load_config
+    from pipelines.run.stages import run_stage
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("embed", "cluster", "split"):
+        os.symlink(tiny_run["run_dir"] / stage, run / stage)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    with pytest.raises(DiskSpaceError, match=r"needs about .* GB on disk; 0.00 GB free at .*nothing was trained"):
+        run_stage("train", load_config(tiny_run["config"]), run)
+    assert not (run / "train" / "logs").exists()  # no trainer was launched

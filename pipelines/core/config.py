@@ -129,7 +129,9 @@ class ClusterConfig:
     samples) where the fine clusters' granularity allows. `terms_sample`
     captions (of the fit sample) give each expert's top terms in the report.
     `random_split` (the paper's Rand-n ablation) keeps the expert sizes but
-    deals samples to experts at random instead of by cluster.
+    deals samples to experts at random instead of by cluster. `device`: where the balanced
+    iterations' candidate search and the assignment of every sample run (`auto`: a GPU when one
+    is visible, through torch; on a CPU through FAISS); the same assignments either way.
     """
 
     num_fine: int = 1024
@@ -143,6 +145,7 @@ class ClusterConfig:
     terms_sample: int = 100_000
     seed: int = 0
     random_split: bool = False
+    device: str = run_only("auto")
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,8 @@ class EvaluateConfig:
     run's seed: `random` (Rand-n), `one_step` (m = n), `experts=<k>` (MoDE-k),
     `fine=<m>` (m fine clusters). `workers`: threads that decode and preprocess
     the evaluation images, streamed from their shards (0: the stage's own).
+    (`-1`: 2 on a CPU, where more threads slow the model's own; every usable core but one on a
+    GPU, which 2 threads of JPEG decoding leave waiting.)
     `linear_probe`: also fit logistic-regression probes on frozen image
     features for every classification task with a train split (`train/`):
     the seed, the baseline, each expert and the experts' features
@@ -280,7 +285,7 @@ class EvaluateConfig:
     routing: str = "paper"
     lam: float = 0.2
     batch_size: int = run_only(256)
-    workers: int = run_only(2)
+    workers: int = run_only(-1)
     device: str = run_only("auto")
     ablations: list[str] = field(default_factory=list)
     linear_probe: bool = False

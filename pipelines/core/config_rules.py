@@ -113,6 +113,8 @@ def validate(cfg: Any) -> None:
     if not all(isinstance(k, int) and k >= 1 for k in cfg.evaluate.probe_shots):
         raise ConfigError("evaluate.probe_shots must be whole numbers of images per class, each >= 1")
     _positive(cfg.evaluate.lam, "evaluate.lam")
+    if cfg.evaluate.workers < -1:
+        raise ConfigError("evaluate.workers must be -1 (auto), 0 (decode in the stage's thread) or a thread count")
     for ablation in cfg.evaluate.ablations:
         kind, value = parse_ablation(ablation)
         if kind == "experts" and not 2 <= value <= cfg.cluster.num_fine:

@@ -26,9 +26,11 @@ from PIL import Image
 
 from experts.verify import INPUT_MODES, verify_split
 from pipelines.core.config import ConfigError, load_config, merge_settings, parse_setting
+from pipelines.core.devices import usable_cores
 from pipelines.run.add_expert import AddRequest
 from pipelines.run.demo import main as demo_main
 from pipelines.run.demo import ui as demo_ui
+from pipelines.run.estimate import estimate_config, stated_line
 from pipelines.run.stages import NAMES, run_stage
 from pipelines.shardio.shards import ShardError
 from pipelines.synth.generate import generate
@@ -37,7 +39,7 @@ from routing.predict import MoDESystem
 
 def _synth(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    summary = generate(cfg.synth, args.out)
+    summary = generate(cfg.synth, args.out, args.processes or usable_cores())
     print(json.dumps({"train_samples": summary["train_samples"], "eval": summary["eval"]}))
     return 0
 
@@ -105,6 +107,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    estimate = estimate_config(Path(args.config), sweep=args.sweep, samples=args.samples, gpu=args.gpu,
+                               gpus=args.gpus, mfu=args.mfu)
+    print("\n".join(estimate.lines() + [stated_line(estimate)]))
+    return 0
+
+
 def _stage(args: argparse.Namespace) -> int:
     manifest = run_stage(args.stage, load_config(args.config, overrides(args)), args.run_dir)
     state = "skipped" if manifest.get("skipped") else f"done in {manifest['seconds']} s"
@@ -153,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("synth", help="generate the synthetic demo data set")
     p.add_argument("config")
     p.add_argument("--out", default=None, help="output folder (default: synth.out_dir)")
+    p.add_argument("--processes", type=int, default=0,
+                   help="processes writing the training shards (default: one per usable core); same bytes")
     p.set_defaults(func=_synth)
     p = sub.add_parser("run", help="run the pipeline in-process (Prefect ephemeral mode)")
     p.add_argument("config")
@@ -167,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="trainer seeds per point (report.seeds)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=_sweep)
+    p = sub.add_parser("estimate", help="launches, FLOPs, disk and wall time of a run on a GPU, before it runs")
+    p.add_argument("config")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
+                   help="estimate `moda sweep` (default: when the config lists sweep.models)")
+    p.add_argument("--samples", type=int, default=None, help="training pairs (default: counted from the data)")
+    p.add_argument("--gpu", choices=["h100", "h200"], default="h100")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--mfu", type=float, default=0.10, help="assumed model FLOPs utilisation (default 0.10)")
+    p.set_defaults(func=_estimate)
     p = sub.add_parser("stage", help="run one stage directly, without Prefect")
     p.add_argument("stage", choices=list(NAMES))
     p.add_argument("config")

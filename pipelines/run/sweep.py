@@ -123,8 +123,9 @@ def gpu_shares(visible: list[str], parallel: int, per_expert: int, models_per_gp
         return [visible[k * each:(k + 1) * each] for k in range(parallel)]
     groups = [visible[i:i + per_expert] for i in range(0, len(visible) - per_expert + 1, per_expert)]
     if not groups or parallel > len(groups) * max(1, models_per_gpu):
+        needed = -(-parallel // max(1, models_per_gpu)) * per_expert
         raise ValueError(f"sweep.parallel_points {parallel} with train.gpus_per_expert {per_expert} and "
-                         f"train.models_per_gpu {models_per_gpu} needs {-(-parallel // max(1, models_per_gpu)) * per_expert} "
+                         f"train.models_per_gpu {models_per_gpu} needs {needed} "
                          f"GPUs, {len(visible)} visible ({visible}): lower parallel_points "
                          "or raise models_per_gpu")
     return [list(groups[k % len(groups)]) for k in range(parallel)]

@@ -325,9 +325,12 @@ class ShardSetWriter:
         if self._count >= self.shard_size:
             self._close_shard()
 
-    def close(self) -> dict[str, int]:
+    def close(self, write_sizes: bool = True) -> dict[str, int]:
+        """Close the open shard and write `sizes.json` (not when several writers share the folder and
+        their caller writes it once for all)."""
         self._close_shard()
-        atomic_write_json(self.out_dir / SIZES, self.sizes)
+        if write_sizes:
+            atomic_write_json(self.out_dir / SIZES, self.sizes)
         return self.sizes
 
     @property

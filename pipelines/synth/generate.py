@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.core.config import SynthConfig
-from pipelines.core.layout import TASK_FILE
+from pipelines.core.layout import SIZES, TASK_FILE
 from pipelines.core.manifest import atomic_path, atomic_write_json
 from pipelines.shardio.shards import ShardSetWriter, encode_json, jpeg_bytes
 from pipelines.synth.domains import DOMAINS, TASK_DOMAIN, TASKS, Drawn
@@ -52,21 +54,18 @@ def _draw_train(cfg: SynthConfig, i: int) -> Drawn:
     return DOMAINS[names[int(rng.integers(len(names)))]](rng, cfg.image_size)
 
 
-def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], Thumbnails]:
-    """Write the training shards; return shard sizes and the images' thumbnails.
-
-    One sample is in memory at a time (plus the captions of the few samples
-    whose caption another sample borrows as its wrong caption, drawn first,
-    and a 448-byte thumbnail a sample, 90 MB at 200,000 pairs). Measured peak
-    RSS of the whole `moda synth`: 189 MB at 20,000 pairs, 564 MB at 200,000
-    (bench/results/synth_scale_cpu_2026-12-02.md): ~1.5 KB a pair beyond the
-    thumbnails is not yet traced.
-    """
-    writer = ShardSetWriter(out_dir, cfg.shard_size)
+def _write_train_shards(cfg: SynthConfig, out_dir: Path, first_shard: int, last_shard: int,
+                        progress: bool) -> tuple[dict[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Training shards `first_shard` to `last_shard - 1` (samples i of those shards, each drawn from its
+    own stream), with their parquet and stats files; returns their sizes and their images'
+    thumbnails, in sample order. A job of `generate_train`: it needs nothing from other shards."""
+    lo, hi = first_shard * cfg.shard_size, min(cfg.num_train, last_shard * cfg.shard_size)
+    writer = ShardSetWriter(out_dir, cfg.shard_size, start_index=first_shard)
     wrong_rng = _rng(cfg.seed, 1)
     wrong = wrong_rng.random(cfg.num_train) < cfg.wrong_caption_rate
     donors = wrong_rng.integers(cfg.num_train, size=cfg.num_train)
-    borrowed = {d: _draw_train(cfg, d).caption for d in sorted(set(donors[wrong].tolist()))}
+    mine = wrong[lo:hi]
+    borrowed = {d: _draw_train(cfg, d).caption for d in sorted(set(donors[lo:hi][mine].tolist()))}
     seen = Thumbnails()
     rows: list[dict] = []
 
@@ -76,7 +75,7 @@ def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], Thu
         atomic_write_json(out_dir / f"{shard}_stats.json", {"count": len(rows), "successes": len(rows)})
         rows.clear()
 
-    for i in tqdm(range(cfg.num_train), desc="synth train", unit="img"):
+    for i in tqdm(range(lo, hi), desc="synth train", unit="img", disable=not progress):
         sample = _draw_train(cfg, i)
         caption = borrowed[int(donors[i])] if wrong[i] else sample.caption
         seen.add(sample.image)
@@ -89,9 +88,43 @@ def generate_train(cfg: SynthConfig, out_dir: Path) -> tuple[dict[str, int], Thu
         writer.write(key, {"jpg": jpeg_bytes(sample.image), "txt": caption.encode("utf-8"),
                            "json": encode_json(meta)})
         rows.append({**meta, "shard": shard})
-    sizes = writer.close()
+    sizes = writer.close(write_sizes=False)
     if rows:
         write_rows(rows[-1]["shard"])
+    return sizes, seen.arrays()
+
+
+def generate_train(cfg: SynthConfig, out_dir: Path, processes: int = 1) -> tuple[dict[str, int], Thumbnails]:
+    """Write the training shards; return shard sizes and the images' thumbnails.
+
+    Every sample is drawn from its own seeded stream, so the shards are cut into `processes`
+    contiguous runs written at once (spawned processes) and the output is byte-identical whatever
+    their number: 200,000 pairs at 224 px drew on one core for minutes (bench/gpu's data).
+
+    One sample is in memory at a time per process (plus the captions of the few samples whose
+    caption another sample borrows as its wrong caption, drawn first, and a 448-byte thumbnail a
+    sample, 90 MB at 200,000 pairs). Measured peak RSS of the whole `moda synth` on one process:
+    189 MB at 20,000 pairs, 564 MB at 200,000 (bench/results/synth_scale_cpu_2026-12-02.md).
+    """
+    shards = -(-cfg.num_train // cfg.shard_size)
+    processes = max(1, min(processes, shards))
+    bounds = [round(k * shards / processes) for k in range(processes + 1)]
+    runs = [(bounds[k], bounds[k + 1]) for k in range(processes)]
+    if processes == 1:
+        parts = [_write_train_shards(cfg, out_dir, *runs[0], True)]
+    else:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_write_train_shards, cfg, out_dir, a, b, False): b - a for a, b in runs}
+            with tqdm(total=shards, desc=f"synth train ({processes} processes)", unit="shard") as bar:
+                for future in as_completed(futures):
+                    bar.update(futures[future])
+            parts = [future.result() for future in futures]  # in shard order
+    sizes: dict[str, int] = {}
+    seen = Thumbnails()
+    for part_sizes, thumbnails in parts:
+        sizes.update(part_sizes)
+        seen.extend(*thumbnails)
+    atomic_write_json(out_dir / SIZES, sizes)
     return sizes, seen
 
 
@@ -168,11 +201,14 @@ def is_generated(cfg: SynthConfig, out_dir: str | Path | None = None) -> bool:
     return {k: recorded.get(k) for k in ("config", "generator")} == synth_marker(cfg)
 
 
-def generate(cfg: SynthConfig, out_dir: str | Path | None = None) -> dict:
-    """Generate the whole demo set under `out_dir` (default `cfg.out_dir`); the marker is written last."""
+def generate(cfg: SynthConfig, out_dir: str | Path | None = None, processes: int = 1) -> dict:
+    """Generate the whole demo set under `out_dir` (default `cfg.out_dir`) with the training shards
+    written by `processes` processes (the same bytes whatever their number); the marker is written
+    last. The held-out tasks are drawn in one process: each image must be new against every one
+    drawn before it."""
     root = Path(out_dir or cfg.out_dir)
     (root / SYNTH_MARKER).unlink(missing_ok=True)
-    sizes, seen = generate_train(cfg, root / "train")
+    sizes, seen = generate_train(cfg, root / "train", processes)
     counts = generate_tasks(cfg, root / "eval", seen, cfg.eval_per_class, stream=2)
     summary = {"train_shards": sizes, "train_samples": sum(sizes.values()), "eval": counts}
     if cfg.val_per_class:

@@ -46,6 +46,16 @@ class Thumbnails:
     def add(self, image: Image.Image) -> None:
         self._pending.append((colour_thumbnail(image), grey_thumbnail(image)))
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(colour (n, 192), grey (n, 256)) thumbnails of every image added, in order: what a process
+        that drew some of the images hands back (448 bytes an image)."""
+        self._flush()
+        return self._colour, self._grey
+
+    def extend(self, colour: np.ndarray, grey: np.ndarray) -> None:
+        """Add thumbnails another Thumbnails' `arrays()` gave, after those already here."""
+        self._pending += list(zip(colour, grey))
+
     def __len__(self) -> int:
         return len(self._colour) + len(self._pending)
 
