@@ -275,12 +275,15 @@ def train_once(suite: Suite, model: str, variant: dict, by_hand: bool, cap: floa
     logs = suite.work / f"logs-{tag}"
     cmd = trainer_command(cfg, model_spec=f"local-dir:{arch}", train_data=data, num_samples=samples, logs=logs,
                           name="run", epochs=1, resume=None, device=suite.device)
-    started = time.perf_counter()
     log = suite.work / f"{tag}.log"
     if by_hand:
         cmd[cmd.index(TRAINER)] = "open_clip_train.main"
+    # `timeout` caps both alike (a torch.compile that outlasts the step's time ends the run, not the suite)
+    cmd = ["timeout", "-s", "KILL", str(int(cap)), *cmd]
+    started = time.perf_counter()
+    if by_hand:
         with open(log, "w") as sink:
-            subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, timeout=cap, check=True,
+            subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, check=True,
                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if suite.cuda else None)
     else:
         run_trainer(cmd, log, ["0"] if suite.cuda else None)
