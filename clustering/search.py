@@ -32,6 +32,7 @@ class CentreSearch:
     def __init__(self, centroids: np.ndarray, device: str = "cpu", engine: str = "auto"):
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.device = device
+        self._index = None
         self.engine = engine if engine != "auto" else ("torch" if is_cuda(device) else "faiss")
         if self.engine == "torch":
             import torch
@@ -44,21 +45,27 @@ class CentreSearch:
         count = self.centroids.shape[0] if columns is None else len(columns)
         topk = min(topk, count)
         if self.engine == "faiss":
-            sims, idx = self._faiss(x, self.centroids if columns is None else self.centroids[columns], topk)
+            if columns is None:  # the index over every centre, built once (a GPU build's too)
+                if self._index is None:
+                    self._index = self._faiss_index(self.centroids)
+                index = self._index
+            else:
+                index = self._faiss_index(self.centroids[columns])
+            sims, idx = index.search(x, topk)
+            idx = idx.astype(np.int64)
         else:
             sims, idx = self._torch(x, columns, topk)
         return sims, (idx if columns is None else np.asarray(columns, dtype=np.int64)[idx])
 
     @staticmethod
-    def _faiss(x: np.ndarray, centroids: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    def _faiss_index(centroids: np.ndarray):
         import faiss
 
         index = faiss.IndexFlatIP(centroids.shape[1])
         if use_gpu():
             index = faiss.index_cpu_to_all_gpus(index)
-        index.add(centroids)
-        sims, idx = index.search(x, topk)
-        return sims, idx.astype(np.int64)
+        index.add(np.ascontiguousarray(centroids))
+        return index
 
     def _torch(self, x: np.ndarray, columns: np.ndarray | None, topk: int) -> tuple[np.ndarray, np.ndarray]:
         import torch

@@ -100,6 +100,23 @@ def check_disk(folder: Path, need: int, what: str) -> str:
     return line
 
 
+def loader_advice(workers: int, models_at_once: int, cores: int) -> str | None:
+    """A line when the trainers' data-loader workers leave most of a GPU node's cores idle (they
+    decode every JPEG; 1 worker a model starves a GPU), or ask for more than there are. None when
+    they fit. Not changed for the user: `train.workers` sets how open_clip_train cuts an epoch into
+    whole batches per worker, so it changes results and is part of the fingerprint."""
+    used = workers * models_at_once
+    fit = max(1, (cores - models_at_once) // max(1, models_at_once))  # a core each for the trainers
+    if used > cores:
+        return (f"train.workers {workers} x {models_at_once} models at once = {used} loader processes on "
+                f"{cores} cores: they will compete; train.workers: {fit} fits")
+    if used * 2 < cores and workers < fit:
+        return (f"train.workers {workers} x {models_at_once} models at once uses {used} of {cores} cores for "
+                f"decoding: the GPU may wait on data; train.workers: {fit} fits (it changes each epoch's "
+                "sample count by whole batches, so it reruns training)")
+    return None
+
+
 def experts_of_variant(variant: str, num_experts: int) -> int:
     kind, number = parse_ablation(variant)
     return number if kind == "experts" else num_experts

@@ -187,8 +187,19 @@ _DIE_WITH_PARENT = (
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def compile_cache_env(folder: Path) -> dict[str, str]:
+    """Environment that keeps torch.compile's caches (inductor's FX graphs, its autograd graphs,
+    Triton kernels) in `folder`, the run's own: every launch of a run compiles the same model,
+    and without it each one compiled from nothing wherever the node's /tmp was not kept (a SLURM
+    or Kubernetes job's). A value the user set is kept."""
+    wanted = {"TORCHINDUCTOR_CACHE_DIR": str(folder), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+              "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    return {name: os.environ.get(name, value) for name, value in wanted.items()}
+
+
 def run_trainer(cmd: list[str], log_file: Path, gpus: list[str] | None = None,
-                on_line: Callable[[str], None] | None = None, threads: int | None = None) -> None:
+                on_line: Callable[[str], None] | None = None, threads: int | None = None,
+                extra_env: dict[str, str] | None = None) -> None:
     """Run the trainer on `gpus` (None: leave the mask alone), streaming its output; raise on failure.
 
     `threads`: the trainer's CPU threads, set explicitly (a CPU run's numbers depend on its thread
@@ -201,6 +212,7 @@ def run_trainer(cmd: list[str], log_file: Path, gpus: list[str] | None = None,
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     if threads:
         env.update(dict.fromkeys(THREAD_VARS, str(threads)))
+    env.update(extra_env or {})
     log_file.parent.mkdir(parents=True, exist_ok=True)
     tail: list[str] = []
     with open(log_file, "a", encoding="utf-8") as sink:

@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from experts.budget import check_disk, train_disk_need
+from experts.budget import check_disk, loader_advice, train_disk_need
 from experts.flops import flops_per_sample, parameter_count, samples_per_epoch
-from experts.launch import gpu_slots, run_gpus, run_trainer, trainer_command, trainer_device
+from experts.launch import compile_cache_env, gpu_slots, run_gpus, run_trainer, trainer_command, trainer_device
 from experts.models import (
     WEIGHTS_FILE,
     ensure_latest,
@@ -69,7 +69,7 @@ from experts.models import (
 )
 from experts.shard_sets import check_shard_counts, shard_set, shard_set_fingerprint
 from pipelines.core.config import TrainConfig, section_hash
-from pipelines.core.devices import cpu_threads, is_cuda, pick_device
+from pipelines.core.devices import cpu_threads, is_cuda, pick_device, usable_cores
 from pipelines.core.layout import RunLayout, expert_name
 from pipelines.core.manifest import atomic_write_json, combine, file_sha256, remove_stale_temps
 from pipelines.core.stage import Fingerprint, Hooks, Stage, StageContext, StageResult
@@ -163,7 +163,8 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
         local_nodes = nodes if not cfg.node_launcher else 1
         threads = max(1, cpu_threads() // local_nodes) if device == "cpu" else None
         try:
-            run_trainer(cmd, log_file, gpus if nodes == 1 else None, line_hook(job.name, hooks), threads)
+            run_trainer(cmd, log_file, gpus if nodes == 1 else None, line_hook(job.name, hooks), threads,
+                        compile_cache_env(layout.train / "compile_cache") if cfg.torchcompile else None)
         finally:
             if rendezvous is not None:
                 rendezvous.unlink(missing_ok=True)
@@ -305,6 +306,9 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
                            len(slots), cfg.keep_checkpoints)
     tqdm.write(f"train: {len(left)} of {len(names)} models to train; "
                + check_disk(layout.train, need, "their checkpoints and exported models"))
+    advice = loader_advice(cfg.workers, len(slots), usable_cores()) if gpus and left else None
+    if advice:
+        tqdm.write(f"train: {advice}")
 
     # Seed: all experts' shards together (clean, deduplicated data). An epoch is
     # the number of distinct samples; out-of-cluster copies only add repeats.

@@ -19,7 +19,7 @@ On a CPU, several trainer processes (gloo) need DistributedDataParallel
 without `device_ids`, which open_clip_train always passes (`cpu_ddp`).
 
 On a GPU the webdataset loader pins its batches (`pinned_loader`), as open_clip_train's other
-loaders do.
+loaders do, and FLIP's patch dropout draws its indices on the GPU (`patch_dropout_on_device`).
 
 One flag is added: `--moda-stop-after-epoch N` ends the run once epoch N is
 saved, inside a schedule of `--epochs` epochs. open_clip_train sizes its
@@ -85,6 +85,29 @@ def cpu_ddp(ddp):
     return CpuDDP
 
 
+def patch_dropout_on_device(self, x):
+    """open_clip's PatchDropout.forward with its random indices drawn on the tokens' device.
+
+    open_clip draws them with `torch.randn(batch, tokens)` and `torch.arange(batch)` on the CPU,
+    then indexes GPU tokens with them: a host-to-device copy and a synchronisation every step,
+    and a graph break under torch.compile. Here the same draws are made on `x.device`; on a CPU
+    they are the same calls, so a CPU run's bits do not change (tests/test_gpu_choices.py)."""
+    import torch
+
+    if not self.training or self.prob == 0.0:
+        return x
+    if self.exclude_first_token:
+        cls_tokens, x = x[:, :1], x[:, 1:]
+    batch, num_tokens = x.size()[0], x.size()[1]
+    batch_indices = torch.arange(batch, device=x.device)[..., None]
+    keep = max(1, int(num_tokens * (1 - self.prob)))
+    patch_indices_keep = torch.randn(batch, num_tokens, device=x.device).topk(keep, dim=-1).indices
+    x = x[batch_indices, patch_indices_keep]
+    if self.exclude_first_token:
+        x = torch.cat((cls_tokens, x), dim=1)
+    return x
+
+
 def pinned_loader(loader, pin: bool):
     """webdataset's WebLoader with `pin_memory=pin` unless the caller chose: open_clip_train's
     webdataset loader (the one moda's shards go through) pins nothing, so every batch's host-to-GPU
@@ -102,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     webdataset.WebLoader = pinned_loader(webdataset.WebLoader, torch.cuda.is_available())
+    import open_clip.transformer
+
+    open_clip.transformer.PatchDropout.forward = patch_dropout_on_device
 
     torch.nn.parallel.DistributedDataParallel = cpu_ddp(torch.nn.parallel.DistributedDataParallel)
     import open_clip_train.main as trainer

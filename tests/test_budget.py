@@ -83,3 +83,13 @@ def test_gpu_presets_state_an_estimate_within_eight_minutes_and_their_disk(prese
     assert est.seconds <= 8 * 60, est.lines()
     assert stated["minutes"] == pytest.approx(est.seconds / 60, abs=0.05), est.lines()
     assert stated["disk_gb"] == pytest.approx(est.disk_bytes / 1e9, abs=0.05), est.lines()
+
+
+def test_loader_workers_are_fitted_to_the_node_in_advice_not_silently():
+    from experts.budget import loader_advice
+
+    assert "train.workers: 15 fits" in loader_advice(1, 1, 16)  # one model starving a 16-core node
+    assert "train.workers: 3 fits" in loader_advice(1, 4, 16)
+    assert loader_advice(3, 4, 16) is None  # the preset's choice: 12 of 16 cores
+    assert "compete" in loader_advice(8, 4, 16)
+    assert loader_advice(1, 1, 2) is None  # a 2-core CPU box is not a GPU node to fill

@@ -108,3 +108,33 @@ def test_inference_is_fp32_on_a_cpu_and_bf16_autocast_on_a_gpu():
     assert to_device(batch, "cpu") is batch  # no copy on a CPU
     assert autocast_dtype("cpu") is None
     assert autocast_dtype("cuda:0") == autocast_dtype("cuda") == torch.bfloat16
+
+
+def test_patch_dropout_draws_on_the_tokens_device_and_keeps_a_cpu_runs_bits():
+    import open_clip.transformer
+    import torch
+
+    from experts.trainer_main import patch_dropout_on_device
+
+    layer = open_clip.transformer.PatchDropout(0.5).train()
+    x = torch.randn(4, 17, 8)
+    torch.manual_seed(3)
+    theirs = layer(x)
+    torch.manual_seed(3)
+    ours = patch_dropout_on_device(layer, x)
+    assert torch.equal(ours, theirs)  # the same draws on a CPU
+    # tokens on another device: every index is made there (open_clip's forward mixes in CPU indices)
+    meta = patch_dropout_on_device(layer, torch.empty(4, 17, 8, device="meta"))
+    assert meta.shape == (4, 1 + 8, 8) and meta.device.type == "meta"
+    assert torch.equal(patch_dropout_on_device(layer.eval(), x), x)
+
+
+def test_torch_compile_caches_live_in_the_run_folder(tmp_path, monkeypatch):
+    from experts.launch import compile_cache_env
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    env = compile_cache_env(tmp_path / "compile_cache")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile_cache")
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/scratch/mine")
+    assert compile_cache_env(tmp_path)["TORCHINDUCTOR_CACHE_DIR"] == "/scratch/mine"  # the user's choice kept
