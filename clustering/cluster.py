@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from clustering.assign import assign_files, choose_sample, read_sample, write_assignments
 from clustering.embeddings import embedding_files
@@ -119,6 +121,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         slack=cfg.balance_slack, topk=cfg.balance_topk, device=device,
     )
     fit_seconds = time.time() - t_fit
+    tqdm.write(f"cluster: {cfg.num_fine} fine centres fitted on {sample.size:,} embeddings in {fit_seconds:.1f} s "
+               f"({device})", file=sys.stdout)
     sample_inertia = inertia(normalize_rows(x_sample), fine_centroids, sample_labels)
     del x_sample
     if sample.size == n:
@@ -135,6 +139,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         seed=cfg.seed, max_ratio=cfg.max_expert_ratio,
     )
     expert = expert_of_fine[fine]
+    tqdm.write(f"cluster: experts formed: {cfg.num_experts} from {cfg.num_fine} fine clusters, "
+               f"{n:,} samples assigned", file=sys.stdout)
     override = None
     if cfg.random_split:
         # Rand-n ablation: the same expert sizes, samples dealt at random.

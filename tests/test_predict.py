@@ -49,14 +49,19 @@ def test_rank_captions_scores_every_caption(system, tiny_data):
     assert scores.shape == (3,) and np.isfinite(scores).all()
 
 
-def test_cli_predict_prints_classes_and_weights(tiny_run, tiny_data, tmp_path, capsys):
-    path = tmp_path / "img.jpg"
-    eval_images(tiny_data, "shapes", 1)[0].save(path)
-    code = cli_main(["predict", str(tiny_run["run_dir"]), str(path), "--classes", "circle,square,star"])
+def test_cli_predict_prints_the_classify_apis_classes_and_weights(system, tiny_run, tiny_data, tmp_path, capsys):
+    path = tmp_path / "img.png"  # lossless: the CLI reads back the very pixels classify() is given
+    image = eval_images(tiny_data, "shapes", 1)[0]
+    image.save(path)
+    classes = ["circle", "square", "star"]
+    code = cli_main(["predict", str(tiny_run["run_dir"]), str(path), "--classes", ",".join(classes)])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["routing_weights"]) == {"expert_000", "expert_001"}
-    assert [p["class"] for p in out["predictions"][0]["top"]] != []
+    probs, weights = system.classify([image], classes)
+    assert out["routing_weights"] == pytest.approx(dict(zip(["expert_000", "expert_001"], weights.tolist())))
+    top = out["predictions"][0]["top"]
+    assert [p["class"] for p in top] == [classes[j] for j in probs[0].argsort()[::-1]]  # every class, best first
+    assert [p["prob"] for p in top] == pytest.approx(sorted(probs[0].tolist(), reverse=True), abs=1e-4)
 
 
 def test_missing_run_folder_is_a_clear_error(tmp_path):

@@ -40,8 +40,19 @@ def _missing() -> str | None:
     try:
         import dask_jobqueue  # noqa: F401
     except ImportError:
-        return "dask-jobqueue is not installed (pip install -e '.[dev]')"
+        return "dask-jobqueue is not installed (pip install -e '.[test]')"
     return None
+
+
+# .ci/run installs SLURM and sets this: there a test that cannot start SLURM fails instead of
+# skipping, so a broken install or daemon cannot pass CI as a skip.
+REQUIRED = os.environ.get("MODA_REQUIRE_SLURM") == "1"
+
+
+def _cannot_run(why: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"MODA_REQUIRE_SLURM=1 (.ci/run installed SLURM) but: {why}")
+    pytest.skip(why)
 
 
 def _free_port() -> int:
@@ -73,7 +84,7 @@ def slurm():
     """A one-node SLURM on this host for the module; `SLURM_CONF` set; stopped afterwards."""
     why = _missing()
     if why:
-        pytest.skip(why)
+        _cannot_run(why)
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="moda-slurm-"))
@@ -103,7 +114,7 @@ def slurm():
         else:
             logs = "".join((root / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log")
                            if (root / f).is_file())
-            pytest.skip(f"SLURM did not start (node state {state!r}):\n{logs}")
+            _cannot_run(f"SLURM did not start (node state {state!r}):\n{logs}")
         os.environ["SLURM_CONF"] = str(conf)
         yield root
     finally:
