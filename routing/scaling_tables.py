@@ -35,13 +35,14 @@ def _flops(value) -> str:
     return "-" if value is None else ("inf" if not np.isfinite(value) else f"{value:.3g}")
 
 
-def verdict(difference: dict) -> str:
-    """What the measured error difference at the largest compute (other minus single) says."""
+def verdict(difference: dict, seeds: int) -> str:
+    """What the measured error difference at the largest compute (other minus single) says: with one
+    trainer seed a lead ("ahead of", "behind"), "beat" and "lost to" need two seeds or more."""
     low, high = difference["interval"]
     if high < 0:
-        return "beat the single model"
+        return "beat the single model" if seeds >= 2 else "ahead of the single model"
     if low > 0:
-        return "lost to the single model"
+        return "lost to the single model" if seeds >= 2 else "behind the single model"
     return "no significant difference from the single model"
 
 
@@ -104,7 +105,7 @@ def answer(summary: dict) -> list[str]:
             d = c["difference_at_largest"]
             measured = f"{100 * d['value']:+.1f} {_span(d['interval'], lambda v: f'{100 * v:+.1f}')}"
             if not c["multipliers"]:
-                out.append(f"| {task} | {label} | {measured} | {verdict(d)} | no law to compare | |")
+                out.append(f"| {task} | {label} | {measured} | {verdict(d, summary['seeds'])} | no law to compare | |")
                 continue
             low, high = c["range"]
             cross = f"{_flops(c['crossing'])} {_span(c['crossing_interval'], _flops)}, in " \
@@ -112,7 +113,7 @@ def answer(summary: dict) -> list[str]:
                 f"no crossing in {_flops(low)}-{_flops(high)} ({c['redraws_crossing']}/{c['redraws']} redraws cross)"
             steps = "; ".join(f"{_flops(m['compute'])}: {m['value']:.2f}x {_span(m['interval'], lambda v: f'{v:.2f}')}"
                               for m in c["multipliers"])
-            out.append(f"| {task} | {label} | {measured} | {verdict(d)} | {cross} | {steps} |")
+            out.append(f"| {task} | {label} | {measured} | {verdict(d, summary['seeds'])} | {cross} | {steps} |")
     return out
 
 

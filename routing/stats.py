@@ -12,7 +12,8 @@ interval that covers both:
   samples for every seed: the systems are paired on them), and takes the
   mean difference. The interval is the percentile interval of those means.
   With one trainer seed only the test samples are resampled, and the
-  interval says nothing about training noise (the report says so).
+  interval says nothing about training noise (the report says so, and its
+  verdict words are "ahead" and "behind", leads to rerun with `--seeds 3`).
 - Several tasks at once (a mean over tasks): each task's samples are drawn
   on their own and the per-task means averaged, as the point estimate is.
 
@@ -40,11 +41,14 @@ class Interval:
 
     @property
     def verdict(self) -> str:
-        """"beat" or "lost" only when the interval excludes zero."""
+        """"beat" or "lost" only when the interval excludes zero and covers training noise (2 trainer
+        seeds or more); with one seed the interval covers test samples only, so the same interval is
+        a lead: "ahead" or "behind" (`make demo` once printed "beat: +4.0 [+1.0, +6.9]" for what three
+        seeds then showed to be a tie)."""
         if self.low > 0:
-            return "beat"
+            return "beat" if self.seeds >= 2 else "ahead"
         if self.high < 0:
-            return "lost"
+            return "lost" if self.seeds >= 2 else "behind"
         return "no significant difference"
 
     def scaled(self, factor: float) -> Interval:

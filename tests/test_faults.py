@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clustering.embed import GROUP_SHARDS
 from pipelines.core.config import load_config
 from pipelines.core.devices import cpu_threads
 from pipelines.core.manifest import file_sha256
@@ -74,16 +75,20 @@ def mtimes(paths) -> dict:
 def test_a_killed_embed_resumes_at_the_unfinished_shards(data):
     config, cfg, root = data
     expected = outputs(root / "reference" / "embed", "0*.parquet")
+    stems = [f"{i:05d}" for i in range(20)]
+    groups = [stems[i:i + GROUP_SHARDS] for i in range(0, 20, GROUP_SHARDS)]  # the unit of work: one encode()
     for point, done in enumerate([1, 9]):
         run = root / f"embed_killed_{point}"
         assert kill_when(config, "embed", run, lambda: len(list((run / "embed").glob("*.done.json"))) >= done)
-        markers = sorted((run / "embed").glob("*.done.json"))
-        finished = mtimes(markers + [run / "embed" / f"{m.name.split('.')[0]}.parquet" for m in markers])
-        assert done <= len(markers) < 20  # the kill came after real work and left work to do
+        marked = {m.name.split(".")[0] for m in (run / "embed").glob("*.done.json")}
+        assert done <= len(marked) < 20  # the kill came after real work and left work to do
+        finished = mtimes(run / "embed" / f"{stem}{suffix}" for group in groups if set(group) <= marked
+                          for stem in group for suffix in (".done.json", ".parquet"))
+        assert finished or done < GROUP_SHARDS  # from the second kill on, a whole group was done
         resumed = run_stage("embed", cfg, run)
         assert outputs(run / "embed", "0*.parquet") == expected
         assert resumed["counts"]["samples_in"] == 600
-        assert mtimes(Path(p) for p in finished) == finished  # finished shards were not embedded again
+        assert mtimes(Path(p) for p in finished) == finished  # finished groups were not embedded again
 
 
 @pytest.mark.slow

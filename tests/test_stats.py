@@ -12,7 +12,8 @@ def test_a_difference_far_from_zero_is_a_win_and_the_interval_holds_the_mean():
     interval = paired_bootstrap(diff, resamples=1000, seed=1)
     assert interval.mean == pytest.approx(0.2)
     assert interval.low < 0.2 < interval.high and interval.low > 0
-    assert interval.verdict == "beat"
+    assert interval.verdict == "ahead"  # one trainer seed: the interval covers test samples only, a lead
+    assert paired_bootstrap(np.tile(diff, (2, 1)), resamples=1000, seed=1).verdict == "beat"
 
 
 def test_a_noise_sized_difference_is_no_significant_difference():
@@ -20,7 +21,8 @@ def test_a_noise_sized_difference_is_no_significant_difference():
     diff = rng.choice([-1, 0, 1], size=300, p=[0.1, 0.8, 0.1])  # as often better as worse
     interval = paired_bootstrap(diff, resamples=1000)
     assert interval.low < 0 < interval.high and interval.verdict == "no significant difference"
-    assert paired_bootstrap(-np.abs(diff) - 0.5, resamples=200).verdict == "lost"
+    assert paired_bootstrap(-np.abs(diff) - 0.5, resamples=200).verdict == "behind"
+    assert paired_bootstrap(np.tile(-np.abs(diff) - 0.5, (3, 1)), resamples=200).verdict == "lost"
 
 
 def test_the_interval_widens_when_trainer_seeds_disagree():
