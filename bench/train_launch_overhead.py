@@ -1,7 +1,7 @@
 """moda's expert launch against the same open_clip_train command run by hand: wall clock from launch
 to the final checkpoint.
 
-    .venv/bin/python bench/train_launch_overhead.py [--samples 1500] [--epochs 2] [--pairs 5]
+    .venv/bin/python bench/train_launch_overhead.py [--samples 1500] [--epochs 2] [--pairs 6]
 
 Peer, named: the exact `python -m open_clip_train.main ...` command that moda builds, run directly
 with subprocess (no moda, no log streaming, no PDEATHSIG wrapper, no checkpoint check or export).
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=6, help="an even number: each order runs as often")
     args = parser.parse_args()
     cfg = TrainConfig(batch_size=32, warmup=5, patch_dropout=0.0)
     threads = cpu_threads()
@@ -87,6 +87,9 @@ def main() -> None:
             print(f"pair {r + 1}: moda {m[0]:.2f} s ({m[1]:.1f} samples/s), "
                   f"by hand {h[0]:.2f} s ({h[1]:.1f} samples/s)", flush=True)
     ratios = [h[0] / m[0] for m, h in pairs]
+    for name, chosen in (("moda first", ratios[0::2]), ("by hand first", ratios[1::2])):
+        if chosen:
+            print(f"  pairs with {name}: ratio median {statistics.median(chosen):.3f}x over {len(chosen)}")
     print(f"wall clock, launch to final checkpoint: moda median {statistics.median(m[0] for m, _ in pairs):.2f} s, "
           f"by hand median {statistics.median(h[0] for _, h in pairs):.2f} s")
     print(f"ratio by hand / moda (wall clock; > 1: moda costs less): median {statistics.median(ratios):.3f}x, "
