@@ -102,6 +102,7 @@ def test_a_killed_cluster_reruns_to_the_same_outputs(data):
         os.symlink(root / "reference" / "embed", run / "embed")
         log = run / "cluster.out"
         assert kill_when(config, "cluster", run, lambda: log.is_file() and line in log.read_text())
+        assert line in log.read_text()  # the kill came after that much work
         # Rerun in a new process, as after a real kill: the pytest process carries state
         # (thread pools, allocator) from a hundred earlier tests that no user rerun has.
         moda_stage(config, "cluster", run)
