@@ -28,9 +28,8 @@ from pipelines.core.layout import RunLayout
 from routing.clip_features import ClipModel, classifier_weights, image_features, load_clip, text_features
 from routing.ensemble import ensemble_logits
 from routing.metadata import classname_embeddings
+from routing.prompts import DEFAULT_TEMPLATES
 from routing.weights import route
-
-DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
 def evaluated_lambda(layout: RunLayout, default: float = 0.2) -> float:

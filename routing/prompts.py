@@ -14,6 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+# The prompt a task without its own templates is read with (CLIP's plainest), everywhere.
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
 
 def fill(template: str, classname: str) -> str:
     """The template with the class name in its placeholder: `{}` (moda, OpenAI) or `{c}` (clip_benchmark)."""

@@ -31,6 +31,7 @@ from pipelines.core.layout import TASK_FILE
 from pipelines.shardio.shards import ShardError, expand_shards, iter_samples
 from routing import clip_benchmark_format as cb
 from routing.image_stream import IMAGE_EXTS, ImageError, TaskImages, image_bytes
+from routing.prompts import DEFAULT_TEMPLATES
 
 
 @dataclass
@@ -129,7 +130,6 @@ def read_spec(folder: Path) -> dict:
     return spec
 
 
-DEFAULT_TEMPLATES = ["a photo of a {}."]
 BUILTIN_CLASSNAMES = ("imagenet1k",)
 
 
@@ -187,6 +187,19 @@ def load_tasks(spec: str | Path, check_images: bool = True) -> list[Task]:
                             "rename one (its task.json's name, or its folder)")
         seen[task.name] = task.folder
     return tasks
+
+
+def task_spec(folder: Path) -> dict:
+    """A task folder's metadata, moda's (task.json) or clip_benchmark's, checked, without reading
+    its images: {"kind", "classnames", "templates", ...}."""
+    if not is_task(folder):
+        raise TaskError(f"{folder}: neither a moda task ({TASK_FILE}) nor a clip_benchmark set")
+    try:
+        spec = read_spec(folder) if (folder / TASK_FILE).is_file() else cb.read_spec(folder)
+    except cb.FormatError as err:
+        raise TaskError(str(err)) from None
+    return {**spec, "templates": spec.get("templates") or DEFAULT_TEMPLATES} if spec["kind"] == "classification" \
+        else spec
 
 
 def load_task(folder: Path, check_images: bool = True) -> Task:

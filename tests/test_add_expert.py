@@ -147,3 +147,24 @@ def test_moda_predict_loads_the_added_experts_and_routes_over_them(run, added):
     assert system.expert_names[-3:] == ["expert_002", "expert_003", "expert_004"]
     weights = system.route_texts(np.eye(1, system.fine_centroids.shape[1], dtype=np.float32))
     assert weights.shape == (5,) and weights.sum() == pytest.approx(1.0)
+
+
+def test_a_task_request_reads_a_clip_benchmark_set_as_evaluation_does(tmp_path):
+    import tarfile
+
+    from pipelines.run.add_expert import AddRequest
+
+    folder = tmp_path / "cb_pets"
+    (folder / "test").mkdir(parents=True)
+    tarfile.open(folder / "test" / "0.tar", "w").close()  # the set's images are not read for its metadata
+    (folder / "classnames.txt").write_text("cat\ndog\n")
+    (folder / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c} pet.\n")
+    names, templates = AddRequest(mode="task", task=str(folder)).task_metadata()
+    assert names == ["cat", "dog"] and templates == ["a photo of a {c}.", "a {c} pet."]
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "task.json").write_text('{"kind": "classification", "classnames": ["a", "b"]}')
+    assert AddRequest(mode="task", task=str(own)).task_metadata() == (["a", "b"], ["a photo of a {}."])
+    (own / "task.json").write_text('{"kind": "retrieval"}')
+    with pytest.raises(ValueError, match="needs class names"):
+        AddRequest(mode="task", task=str(own)).task_metadata()

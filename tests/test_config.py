@@ -73,3 +73,13 @@ def test_invalid_yaml_names_the_file(tmp_path):
     bad.write_text("cluster: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_the_cli_sends_no_telemetry_by_default_keeping_a_users_choice(monkeypatch):
+    from pipelines.run.cli import OFFLINE_DEFAULTS, offline_defaults
+
+    for name in OFFLINE_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DO_NOT_TRACK", "0")  # a user who chose to send it
+    env = offline_defaults()
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and env["DO_NOT_TRACK"] == "0"

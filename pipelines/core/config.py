@@ -6,7 +6,7 @@ fails at once with a message naming the key and the file, because a typo that
 silently falls back to a default costs a whole training run.
 
 Why this file is long: it is the one visible place for every knob of every
-stage (STYLE.md, as nanoGPT's), each documented where it is declared; the
+stage (as nanoGPT's train.py keeps them), each documented where it is declared; the
 rules that check them live in config_rules.py.
 """
 

@@ -73,9 +73,10 @@ from pipelines.core.stage import Fingerprint, Hooks, Stage, StageContext, StageR
 from pipelines.run.stages import layout_of
 from pipelines.shardio.shards import expand_shards
 from routing.metadata import classname_embeddings
+from routing.prompts import DEFAULT_TEMPLATES
+from routing.tasks import task_spec
 
 MODES = ("new-data", "split-widest", "task")
-DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,15 @@ class AddRequest:
         """(class names, prompt templates) of a task request."""
         if self.classnames:
             return list(self.classnames), list(self.templates) or DEFAULT_TEMPLATES
-        spec_path = Path(self.task) / TASK_FILE
-        if not spec_path.is_file():
-            raise FileNotFoundError(f"add-expert --task: {spec_path} not found")
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        if not spec.get("classnames"):
-            raise ValueError(f"{spec_path}: a task-targeted expert needs class names (a classification task)")
-        return spec["classnames"], list(self.templates) or spec.get("templates") or DEFAULT_TEMPLATES
+        folder = Path(self.task)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"add-expert --task: {folder} not found (a moda task folder or a "
+                                    "clip_benchmark set)")
+        spec = task_spec(folder)  # moda's task.json or a clip_benchmark set, as evaluation reads them
+        if spec["kind"] != "classification":
+            raise ValueError(f"add-expert --task {folder}: a task-targeted expert needs class names "
+                             "(a classification task)")
+        return spec["classnames"], list(self.templates) or spec["templates"]
 
 
 @dataclass

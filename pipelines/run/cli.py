@@ -155,7 +155,18 @@ def _ui(args: argparse.Namespace) -> int:
     return demo_ui(args.port)
 
 
+# Offline by default, as `make` sets them: outside make, `moda run` logged an ERROR each time Prefect's
+# telemetry could not reach the internet (a cluster node's usual state). A value the user set is kept.
+OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+
+
+def offline_defaults() -> dict[str, str]:
+    """Put OFFLINE_DEFAULTS in this process's environment (and its children's), keeping the user's."""
+    return {name: os.environ.setdefault(name, value) for name, value in OFFLINE_DEFAULTS.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
+    offline_defaults()
     parser = argparse.ArgumentParser(prog="moda", description="Mixture of Data Experts CLIP pipeline")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
