@@ -45,7 +45,7 @@ lint: $(STAMP)
 
 # Tests marked gpu: on a CPU every one is skipped, each with its reason, and the command exits 0.
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -ra -m gpu
+	$(PY) -m pytest -v -ra -m gpu
 
 # The wheels bench/gpu/run.sh needs on a bare device (bench/gpu/wheels.txt), into .whl/ (ignored by git).
 gpu-wheels:
