@@ -303,7 +303,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         + (["baseline"] if cfg.baseline else [])
     left = [n for n in names if not (layout.model(n) / WEIGHTS_FILE).is_file()]
     need = train_disk_need(parameter_count(model_cfg), len(left), cfg.seed_epochs + cfg.expert_epochs,
-                           len(slots), cfg.keep_checkpoints)
+                           len(slots), cfg.keep_checkpoints) if left else 0
     tqdm.write(f"train: {len(left)} of {len(names)} models to train; "
                + check_disk(layout.train, need, "their checkpoints and exported models"))
     advice = loader_advice(cfg.workers, len(slots), usable_cores()) if gpus and left else None
