@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.pairs import Ratio, alternate  # noqa: E402
 
 WORKLOAD = r"""
 import json, os, sys, time
@@ -90,15 +92,15 @@ def main() -> None:
     threads = args.threads or len(os.sched_getaffinity(0))
     print(f"torch threads {threads}, {args.repeats} interleaved repeats")
     for what, size, unit in (("encode", args.captions, "captions/s"), ("train", args.steps, "steps/s")):
-        rates = {"default": [], "strict": []}
-        for _ in range(args.repeats):
-            for mode in rates:
-                rates[mode].append(run(mode, what, threads, size)["per_s"])
+        done = alternate(lambda r, what=what, size=size: run("default", what, threads, size)["per_s"],
+                         lambda r, what=what, size=size: run("strict", what, threads, size)["per_s"], args.repeats)
+        rates = {"default": [d for d, _ in done], "strict": [s for _, s in done]}
         medians = {mode: statistics.median(values) for mode, values in rates.items()}
         print(f"{what}: default {medians['default']:.2f} {unit}, strict {medians['strict']:.2f} {unit}, "
               f"ratio strict/default {medians['strict'] / medians['default']:.3f}x "
               f"(default {min(rates['default']):.2f}-{max(rates['default']):.2f}, "
               f"strict {min(rates['strict']):.2f}-{max(rates['strict']):.2f})")
+        print(Ratio(f"{what}: strict / default {unit}", tuple(s / d for d, s in done)))
     for mode in ("default", "strict"):
         one, two = (run(mode, "bits", t, 0)["sha256"] for t in (1, 2))
         print(f"bits, {mode}: 1 thread and 2 threads give {'the same' if one == two else 'different'} embeddings")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.pairs import Ratio  # noqa: E402
 
 
 def encode_job(paths: list[str], model: str, pooling: str, precision: str, batch_size: int,
@@ -58,7 +59,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--tmp", default=None)
     args = parser.parse_args()
     import os
@@ -75,19 +76,30 @@ def main() -> None:
         halves = [shards[: len(shards) // 2], shards[len(shards) // 2:]]
         common = (embed.model, embed.pooling, embed.precision, embed.batch_size)
         runs: dict[str, list[float]] = {"plain processes": [], "dask, nanny's malloc": [], "dask, undone": []}
-        for _ in range(args.repeats):
-            runs["plain processes"] += run_local([Call(encode_job, (h, *common)) for h in halves])
-            for name, undo in (("dask, nanny's malloc", False), ("dask, undone", True)):
+        rounds: list[dict[str, list[float]]] = []
+        for r in range(args.repeats):  # interleaved rounds, the order reversed every other one
+            rounds.append({})
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                if name == "plain processes":
+                    rounds[-1][name] = run_local([Call(encode_job, (h, *common)) for h in halves])
+                    continue
                 with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, Client(cluster) as client:
-                    futures = [client.submit(encode_job, h, *common, undo=undo, pure=False) for h in halves]
-                    runs[name] += [f.result() for f in futures]
-            print({k: [round(v, 2) for v in vs[-2:]] for k, vs in runs.items()}, flush=True)
+                    futures = [client.submit(encode_job, h, *common, undo=name == "dask, undone", pure=False)
+                               for h in halves]
+                    rounds[-1][name] = [f.result() for f in futures]
+            for name, seconds in rounds[-1].items():
+                runs[name] += seconds
+            print({k: [round(v, 2) for v in vs] for k, vs in rounds[-1].items()}, flush=True)
     plain = statistics.median(runs["plain processes"])
     print("| where the job ran | median encode s | runs | against plain |\n|---|---|---|---|")
     for name, seconds in runs.items():
         median = statistics.median(seconds)
         print(f"| {name} | {median:.2f} | {len(seconds)} | {median / plain:.2f}x the time |")
+    for name in list(runs)[1:]:
+        print(Ratio(f"{name}: encode time against plain processes",
+                    tuple(statistics.median(one[name]) / statistics.median(one["plain processes"])
+                          for one in rounds)))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,32 @@
 """Embed, cluster and split through the Dask executor against the local one, same cores and data.
 
-    .venv/bin/python bench/dask_throughput.py [--pairs 16000] [--shard-size 500] [--workers 2]
+    .venv/bin/python bench/dask_throughput.py [--pairs 16000] [--shard-size 500] [--workers 2] [--repeats 5]
 
 Peer, named: the same three stages with `executor: local` (embed in one
 process with the machine's threads, split in `split.processes` 0's processes)
 on the same synthetic set. The Dask runs use a temporary local cluster of
 `--workers` processes (one thread each) through the real `moda` flow and a
-temporary Prefect server, so every job is a Prefect task on Dask. Prints each
+temporary Prefect server, so every job is a Prefect task on Dask. Every run,
+local or Dask, is a fresh process (cold, as a user's `moda run`). Prints each
 stage's seconds (from its manifest: the work, job submission included) and
-the flow's wall clock (the cluster's start included), and the throughput
-ratio dask / local per stage and overall (goal: at least 0.9x, distributing
+the flow's wall clock (the cluster's start included). The runs are
+interleaved: `--repeats` rounds of local and each Dask size, the order
+reversed every other round (bench/pairs.py), each in a fresh run folder; the
+throughput ratio dask / local (three stages, and flow wall clock) is each
+round's, printed as median and range (goal: at least 0.9x, distributing
 costs under 10%). Several `--workers` values (`--workers 1 4` on a machine
-with 16 cores) also print the speed-up from the first to the last (goal at
-least 3x from 1 to 4). Also checks that every Dask run wrote the local run's
-bytes.
+with 16 cores) also print the speed-up from the first to the last, per round
+(goal at least 3x from 1 to 4). Also checks that every Dask run wrote the
+local run's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.pairs import Ratio  # noqa: E402
 
 STAGES = ["embed", "cluster", "split"]
 
@@ -44,19 +52,39 @@ def write_config(path: Path, data: Path, pairs: int, shard_size: int, **top) -> 
 
 
 def timed_run(config: Path, run: Path) -> dict:
+    """One flow in a fresh process (its own temporary Prefect server, started before the clock), so
+    every run, local or Dask, starts cold as a user's `moda run` does: no run inherits another's
+    imports or loaded encoder."""
+    done = subprocess.run([sys.executable, __file__, "--child", str(config), str(run)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(f"{config.name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(config: Path, run: Path) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        print(json.dumps(flow_run(config, run)))
+
+
+def flow_run(config: Path, run: Path) -> dict:
     from pipelines.run.flows import moda
 
     t0 = time.perf_counter()
     moda(config_path=str(config), run_dir=str(run), stages=STAGES)
     wall = time.perf_counter() - t0
     manifests = {s: json.loads((run / s / "manifest.json").read_text()) for s in STAGES}
+    shutil.rmtree(run)
     return {"wall": round(wall, 1), **{s: m["seconds"] for s, m in manifests.items()},
             "outputs": {s: m["outputs"] for s, m in manifests.items()}}
 
 
 def main() -> None:
-    from prefect.testing.utilities import prefect_test_harness
-
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     from pipelines.core.config import load_config
     from pipelines.synth.generate import generate
 
@@ -64,46 +92,59 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16_000)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (local and each Dask size)")
     parser.add_argument("--tmp", default=None)
-    parser.add_argument("--keep", default=None, help="write the runs here and keep them")
     args = parser.parse_args()
     import os
     import platform
 
     print(f"# {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; {' '.join(sys.argv)}")
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, prefect_test_harness(server_startup_timeout=120):
-        tmp = Path(args.keep) if args.keep else Path(tmp)
-        tmp.mkdir(parents=True, exist_ok=True)
+    sides = ["local", *(f"dask, {w} workers" for w in args.workers)]
+    rounds: list[dict[str, dict]] = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tmp = Path(tmp)
         data = tmp / "data"
         generate(load_config(write_config(tmp / "gen.yaml", data, args.pairs, args.shard_size)).synth)
-        rows = {"local": timed_run(write_config(tmp / "local.yaml", data, args.pairs, args.shard_size),
-                                   tmp / "local")}
+        configs = {"local": write_config(tmp / "local.yaml", data, args.pairs, args.shard_size)}
         for w in args.workers:
-            config = write_config(tmp / f"dask{w}.yaml", data, args.pairs, args.shard_size, executor="dask",
-                                  dask={"local_workers": w})
-            rows[f"dask, {w} workers"] = timed_run(config, tmp / f"dask{w}")
-    local = rows["local"]
-    print("| executor | embed s | cluster s | split s | three stages s | flow wall s | same bytes |\n"
-          "|---|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        same = row["outputs"] == local["outputs"]
-        print(f"| {name} | {row['embed']} | {row['cluster']} | {row['split']} | "
-              f"{round(sum(row[s] for s in STAGES), 1)} | {row['wall']} | {'yes' if same else 'NO'} |")
-    for name, row in list(rows.items())[1:]:
+            configs[f"dask, {w} workers"] = write_config(tmp / f"dask{w}.yaml", data, args.pairs, args.shard_size,
+                                                         executor="dask", dask={"local_workers": w})
+        for r in range(args.repeats):
+            order = sides if r % 2 == 0 else sides[::-1]
+            rounds.append({name: timed_run(configs[name], tmp / f"run{r}") for name in order})
+            print(f"round {r + 1} ({' then '.join(order)}): " + ", ".join(
+                f"{name} {sum(rounds[-1][name][s] for s in STAGES):.1f} s" for name in sides), flush=True)
+    print("| round | executor | embed s | cluster s | split s | three stages s | flow wall s | same bytes |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r, rows in enumerate(rounds):
+        for name in sides:
+            row = rows[name]
+            same = row["outputs"] == rounds[0]["local"]["outputs"]
+            print(f"| {r + 1} | {name} | {row['embed']} | {row['cluster']} | {row['split']} | "
+                  f"{round(sum(row[s] for s in STAGES), 1)} | {row['wall']} | {'yes' if same else 'NO'} |")
+            for stage in STAGES:
+                ref = rounds[0]["local"]["outputs"][stage]
+                differ = sorted(f for f in set(row["outputs"][stage]) | set(ref)
+                                if row["outputs"][stage].get(f) != ref.get(f))
+                if differ:
+                    print(f"round {r + 1}, {name}: {stage} wrote other bytes than the local run in "
+                          f"{len(differ)} file(s), e.g. {differ[:4]}")
+
+    def total(row: dict) -> float:
+        return sum(row[s] for s in STAGES)
+
+    for name in sides[1:]:
+        print(Ratio(f"{name}: throughput against local, three stages",
+                    tuple(total(rows["local"]) / total(rows[name]) for rows in rounds)))
+        print(Ratio(f"{name}: throughput against local, flow wall clock",
+                    tuple(rows["local"]["wall"] / rows[name]["wall"] for rows in rounds)))
         for stage in STAGES:
-            differ = sorted(f for f in set(row["outputs"][stage]) | set(local["outputs"][stage])
-                            if row["outputs"][stage].get(f) != local["outputs"][stage].get(f))
-            if differ:
-                print(f"{name}: {stage} wrote other bytes than the local run in {len(differ)} file(s), "
-                      f"e.g. {differ[:4]}")
-        ratios = ", ".join(f"{s} {local[s] / row[s]:.2f}x" for s in STAGES)
-        total = sum(local[s] for s in STAGES) / sum(row[s] for s in STAGES)
-        print(f"{name}: throughput against local {ratios}; three stages {total:.2f}x, flow wall "
-              f"{local['wall'] / row['wall']:.2f}x")
+            per = [rows["local"][stage] / rows[name][stage] for rows in rounds]
+            print(f"  {stage}: median {statistics.median(per):.2f}x, range {min(per):.2f}-{max(per):.2f}x")
     if len(args.workers) > 1:
-        first, last = rows[f"dask, {args.workers[0]} workers"], rows[f"dask, {args.workers[-1]} workers"]
-        speedup = sum(first[s] for s in STAGES) / sum(last[s] for s in STAGES)
-        print(f"speed-up from {args.workers[0]} to {args.workers[-1]} workers: {speedup:.2f}x")
+        first, last = sides[1], sides[-1]
+        print(Ratio(f"speed-up from {args.workers[0]} to {args.workers[-1]} workers",
+                    tuple(total(rows[first]) / total(rows[last]) for rows in rounds)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluation images/s against clip_benchmark's on the same model and data, and moda's peak memory
 at two task sizes.
 
-    .venv/bin/python bench/eval_throughput.py [--sizes 5000 50000] [--peer-sizes 5000] [--workers 2] [--repeats 3]
+    .venv/bin/python bench/eval_throughput.py [--sizes 5000 50000] [--peer-sizes 5000] [--workers 2] [--pairs 5]
 
 Peer, named: clip_benchmark 1.6.2's `eval` (zeroshot_classification, `--no_amp`,
 `--num_workers W` DataLoader processes, batch 64) on a clip_benchmark WebDataset
@@ -10,8 +10,9 @@ path on the same folder (load_tasks, then the image features streamed from the
 shards with W decode threads, the zero-shot classifier, the logits), batch 64.
 Both time from the model on disk to the metrics, in a fresh process each (the
 libraries, torch and open_clip, imported before the clock on both sides), on
-the same CPU threads; repeats are interleaved (moda, peer, moda, ...) at
-the sizes both run (once elsewhere) and the medians' ratio is printed. The model is moda-small (a
+the same CPU threads; at the sizes both run, `--pairs` interleaved pairs of alternating order
+(bench/pairs.py), and the ratio moda / clip_benchmark img/s is each pair's, printed as the median
+with its range (moda alone runs once at the other sizes). The model is moda-small (a
 randomly initialised local-dir folder: throughput does not depend on the
 weights); images are 256 x 256 JPEGs (noise over a gradient), 10 classes.
 
@@ -40,6 +41,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.pairs import Ratio, alternate  # noqa: E402
+
 SHARD = 10_000  # clip_benchmark's default max_count per tar
 BATCH = 64
 CLASSES = 10
@@ -122,7 +125,7 @@ def measure(side: str, data: Path, model: Path, workers: int, n: int) -> dict:
 
 def median_run(runs: list[dict]) -> dict:
     """The median throughput of repeated runs, with the largest peak RSS seen and every run's img/s."""
-    speeds = sorted(r["images_per_second"] for r in runs)
+    speeds = [r["images_per_second"] for r in runs]
     return {**runs[0], "images_per_second": float(np.median(speeds)), "all_images_per_second": speeds,
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
             "worker_peak_rss_mib": max(r["worker_peak_rss_mib"] for r in runs)}
@@ -133,7 +136,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
     parser.add_argument("--peer-sizes", type=int, nargs="*", default=[5000])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats at the peer sizes")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs at the peer sizes")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"eval_throughput_cpu_{date.today()}.md"))
     parser.add_argument("--child", choices=["moda", "peer"])
     parser.add_argument("--data")
@@ -153,13 +156,19 @@ def main() -> None:
             t0 = time.perf_counter()
             make_set(root / f"set_{n}", n)
             print(f"[bench] wrote {n} images in {time.perf_counter() - t0:.0f} s", flush=True)
-            runs: dict[str, list[dict]] = {"moda": [], "peer": []}
-            for _ in range(args.repeats if n in args.peer_sizes else 1):
-                runs["moda"].append(measure("moda", root / f"set_{n}", root / "model", args.workers, n))
-                if n in args.peer_sizes:
-                    runs["peer"].append(measure("peer", root / f"set_{n}", root / "model", args.workers, n))
-            ours, peer = median_run(runs["moda"]), median_run(runs["peer"]) if runs["peer"] else None
-            rows.append((n, ours, peer))
+            side = {s: (lambda r, s=s, n=n: measure(s, root / f"set_{n}", root / "model", args.workers, n))
+                    for s in ("moda", "peer")}
+            ratio = None
+            if n in args.peer_sizes:
+                done = alternate(side["moda"], side["peer"], args.pairs, lambda r, a, b: print(
+                    f"[bench] pair {r + 1}: moda {a['images_per_second']:.0f}, clip_benchmark "
+                    f"{b['images_per_second']:.0f} img/s", flush=True))
+                ours, peer = median_run([a for a, _ in done]), median_run([b for _, b in done])
+                ratio = Ratio("moda / clip_benchmark img/s",
+                              tuple(a["images_per_second"] / b["images_per_second"] for a, b in done))
+            else:
+                ours, peer = median_run([side["moda"](0)]), None
+            rows.append((n, ours, peer, ratio))
             print(f"[bench] {n}: moda {ours}, clip_benchmark {peer}", flush=True)
             import shutil
 
@@ -169,17 +178,19 @@ def main() -> None:
              f"Machine: {platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} "
              f"usable cores, CPU. Command: `.venv/bin/python bench/eval_throughput.py --sizes "
              f"{' '.join(map(str, args.sizes))} --peer-sizes {' '.join(map(str, args.peer_sizes))} "
-             f"--workers {args.workers} --repeats {args.repeats}`. Medians of interleaved repeats at the sizes "
-             f"both ran (per-run img/s in brackets). Model moda-small (random init), 256 px JPEGs, batch {BATCH}, "
+             f"--workers {args.workers} --pairs {args.pairs}`. At the sizes both ran: {args.pairs} interleaved "
+             "pairs of alternating order; img/s are medians (each run's in brackets); the ratio is the median "
+             f"of the per-pair ratios, with their range. Model moda-small (random init), 256 px JPEGs, batch {BATCH}, "
              f"{args.workers} decode workers each (moda: threads; clip_benchmark: DataLoader processes).", "",
-             "| images | moda img/s | clip_benchmark img/s | ratio (moda / clip_benchmark) | moda peak RSS MiB "
+             "| images | moda img/s | clip_benchmark img/s | ratio moda / clip_benchmark: median [range] "
+             "| moda peak RSS MiB "
              "| clip_benchmark peak RSS MiB (main / workers) | acc1 moda / clip_benchmark |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, ours, peer in rows:
+    for n, ours, peer, ratio in rows:
         if peer:
             lines.append(f"| {n} | {ours['images_per_second']:.0f} {fmt(ours)} | {peer['images_per_second']:.0f} "
                          f"{fmt(peer)} | "
-                         f"{ours['images_per_second'] / peer['images_per_second']:.2f}x | {ours['peak_rss_mib']:.0f} "
+                         f"{ratio.median:.2f}x [{ratio.low:.2f}, {ratio.high:.2f}] | {ours['peak_rss_mib']:.0f} "
                          f"| {peer['peak_rss_mib']:.0f} / {peer['worker_peak_rss_mib']:.0f} | "
                          f"{ours['acc1']:.4f} / {peer['acc1']:.4f} |")
         else:
@@ -187,6 +198,7 @@ def main() -> None:
                          f"{ours['acc1']:.4f} / - |")
     lines += ["", f"moda's peak RSS at {args.sizes[-1]} images is {large / small:.2f}x that at {args.sizes[0]} "
               "(goal: within 1.2x).", ""]
+    lines += [str(ratio) for *_, ratio in rows if ratio] + [""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

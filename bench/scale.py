@@ -1,6 +1,6 @@
-"""The control path at LAION's layout: time and peak memory per stage at two sizes ten times apart.
+"""The control path at LAION's layout: time and peak memory per stage as the shard count grows.
 
-    .venv/bin/python bench/scale.py shards [--count 41000] [--per-shard 3] [--missing 3]
+    .venv/bin/python bench/scale.py shards [--count 41000] [--per-shard 3] [--missing 3] [--fractions 0.1 0.3 1]
     .venv/bin/python bench/scale.py assign [--samples 1000000] [--factor 10]
 
 `shards`: img2dataset's layout without images worth keeping: `count` input
@@ -11,9 +11,14 @@ hash of each caption, so only the control path is timed: listing, tar
 reading, one parquet file and marker per shard, the manifest), the real
 cluster stage, the split (plan and stream), `moda verify` (reading the inputs again, and
 `--inputs recorded`), and the seed's
-trainer command line over every expert shard. Peer, named: the same at a
-tenth of `count`. Goal: time per shard within 1.2x, peak RSS within 1.3x,
-every launch command line under 64 KiB (Linux caps one argument at 128 KiB).
+trainer command line over every expert shard, at `fractions` of `count` (at
+least three sizes). Time is not compared as a ratio of totals, which a fixed
+cost (imports, pools, a model load) bends towards the small run: each step's
+seconds are fitted as fixed + per_shard * shards (bench/pairs.py fit_line),
+and the claim "flat per shard" is the marginal cost per shard between the two
+largest sizes against that between the two smallest. Goal: that within 1.2x,
+peak RSS at `count` within 1.3x of the smallest size's, every launch command
+line under 64 KiB (Linux caps one argument at 128 KiB).
 
 `assign`: the cluster stage on synthetic caption embeddings written as the
 embed stage writes them (10,000 rows a file, 384-d float16, key, shard and
@@ -45,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.pairs import fit_line, slopes  # noqa: E402
 from bench.split_throughput import peak_rss_mb  # noqa: E402
 
 NOUNS = ["cat", "dog", "car", "chair", "mountain", "river", "guitar", "pizza", "bridge", "robot", "tulip", "boat"]
@@ -224,6 +230,26 @@ def assign_point(tmp: Path, samples: int) -> dict:
     return {**result, "fit_seconds": fit, "assign_seconds": round(result["seconds"] - fit, 2)}
 
 
+def shards_table(sizes: list[int], points: dict[int, dict]) -> str:
+    """Per step: seconds at each size, the fitted fixed and per-shard costs, the marginal per-shard
+    cost's growth (largest interval against smallest) and peak RSS at the largest size against the
+    smallest."""
+    head = " | ".join(f"s at {n:,}" for n in sizes)
+    lines = [f"| step | {head} | fixed s (fit) | ms per shard (fit) | marginal per-shard cost, "
+             f"{sizes[-2]:,}-{sizes[-1]:,} against {sizes[0]:,}-{sizes[1]:,} | peak RSS MB "
+             f"{' / '.join(f'{n:,}' for n in sizes)} | RSS ratio |",
+             "|---|" + "---|" * (len(sizes) + 5)]
+    for what in points[sizes[0]]:
+        secs = [points[n][what]["seconds"] for n in sizes]
+        rss = [points[n][what]["peak_rss_mb"] for n in sizes]
+        fixed, per = fit_line(sizes, secs)
+        marginal = slopes(sizes, secs)
+        growth = marginal[-1] / marginal[0] if marginal[0] > 0 else float("nan")
+        lines.append(f"| {what} | {' | '.join(f'{v:g}' for v in secs)} | {fixed:.2f} | {per * 1000:.3f} | "
+                     f"{growth:.2f}x | {' / '.join(f'{v:g}' for v in rss)} | {rss[-1] / rss[0]:.2f}x |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     import os
 
@@ -241,6 +267,8 @@ def main() -> None:
     s.add_argument("--count", type=int, default=41_000)
     s.add_argument("--per-shard", type=int, default=3)
     s.add_argument("--missing", type=int, default=3)
+    s.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0],
+                   help="sizes as fractions of --count (at least three)")
     a = sub.add_parser("assign")
     a.add_argument("--samples", type=int, default=1_000_000)
     a.add_argument("--factor", type=int, default=10)
@@ -249,18 +277,13 @@ def main() -> None:
     print(f"# {machine()}; {time.strftime('%Y-%m-%d')}; {' '.join(sys.argv)}", flush=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         if args.part == "shards":
-            small_n, large_n = max(10, args.count // 10), args.count
-            small = shards_point(Path(tmp), small_n, args.per_shard, args.missing)
-            large = shards_point(Path(tmp), large_n, args.per_shard, args.missing)
-            print(f"| step | s at {small_n} shards | s at {large_n} | per-shard ratio | peak RSS MB "
-                  f"at {small_n} | at {large_n} | RSS ratio |\n|---|---|---|---|---|---|---|")
-            for what in small:
-                a_, b_ = small[what], large[what]
-                per = (b_["seconds"] / large_n) / max(a_["seconds"] / small_n, 1e-9)
-                print(f"| {what} | {a_['seconds']} | {b_['seconds']} | {per:.2f}x | {a_['peak_rss_mb']} | "
-                      f"{b_['peak_rss_mb']} | {b_['peak_rss_mb'] / a_['peak_rss_mb']:.2f}x |")
-            launch = large["launch"]["counts"]
-            print(f"seed launch over {launch['expert_shards']} expert shards (from {large_n} input shards): "
+            sizes = sorted({max(10, round(args.count * f)) for f in args.fractions})
+            if len(sizes) < 3:
+                raise SystemExit("--fractions: a per-shard slope needs at least three distinct sizes")
+            points = {n: shards_point(Path(tmp), n, args.per_shard, args.missing) for n in sizes}
+            print(shards_table(sizes, points))
+            launch = points[sizes[-1]]["launch"]["counts"]
+            print(f"seed launch over {launch['expert_shards']} expert shards (from {sizes[-1]} input shards): "
                   f"{launch['seed_command_bytes']} bytes "
                   f"(limit {LAUNCH_LIMIT}: {'under' if launch['seed_command_bytes'] < LAUNCH_LIMIT else 'OVER'})")
         else:

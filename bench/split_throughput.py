@@ -1,6 +1,6 @@
 """Split stage throughput against a raw copy of the same tars, and peak memory at two sizes.
 
-    .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128] [--repeats 3]
+    .venv/bin/python bench/split_throughput.py [--small 4000] [--factor 10] [--image-size 128] [--repeats 5]
                                                [--processes 1] [--hash-inputs] [--cold] [--ooc-ratio 0]
                                                [--validate header]
 
@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.pairs import Ratio, alternate  # noqa: E402
 
 
 def make_input(folder: Path, samples: int, image_size: int) -> list[Path]:
@@ -120,8 +121,8 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
     data = tmp / f"in_{samples}"
     shards = make_input(data, samples, image_size)
     megabytes = sum(p.stat().st_size for p in shards) / 1e6
-    copies, splits = [], []
-    for r in range(repeats):
+
+    def copy(r: int) -> float:
         copy_dir = tmp / f"copy_{samples}_{r}"
         copy_dir.mkdir()
         drop_page_cache() if cold else os.sync()
@@ -130,8 +131,11 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
             shutil.copyfile(p, copy_dir / p.name)
         if cold:
             os.sync()
-        copies.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         shutil.rmtree(copy_dir)
+        return seconds
+
+    def split(r: int) -> dict:
         run = tmp / f"run_{samples}_{r}"
         fake_cluster(run / "cluster", shards)
         (run / "embed").mkdir()
@@ -141,15 +145,19 @@ def measure(tmp: Path, samples: int, image_size: int, repeats: int, processes: i
         out = subprocess.run([sys.executable, __file__, "--child", str(run), str(processes), str(int(cold)),
                               str(ooc_ratio), validate, *map(str, shards)],
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        splits.append(json.loads(out))
         shutil.rmtree(run)
+        return json.loads(out)
+
+    done = alternate(copy, split, repeats)
+    copies, splits = [c for c, _ in done], [s for _, s in done]
+    ratio = Ratio(f"split / raw copy MB/s at {samples} samples", tuple(c / s["seconds"] for c, s in done))
     copy_seconds = statistics.median(copies)
     split_seconds = statistics.median(s["seconds"] for s in splits)
     return {"samples": samples, "megabytes": round(megabytes, 1),
             "copy_mb_s": round(megabytes / copy_seconds, 1),
             "split_mb_s": round(megabytes / split_seconds, 1),
             "split_samples_s": round(samples / split_seconds, 1),
-            "ratio_split_vs_copy": round(copy_seconds / split_seconds, 4),
+            "ratio_split_vs_copy": ratio.as_dict(),
             "peak_rss_mb": round(max(s["peak_rss_mb"] for s in splits), 1)}
 
 
@@ -162,7 +170,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=4000)
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved pairs (copy, split) per size")
     parser.add_argument("--processes", type=int, default=1, help="split.processes (0: one per two CPU cores)")
     parser.add_argument("--ooc-ratio", type=float, default=0.0, help="split.ooc_ratio (MoDE's reference: 0.02)")
     parser.add_argument("--hash-inputs", action="store_true",
@@ -181,8 +189,8 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row))
     small, large = rows
-    print(f"split vs raw copy (MB/s ratio): {large['ratio_split_vs_copy']:.4f}x "
-          f"({large['split_mb_s']} vs {large['copy_mb_s']} MB/s at {large['samples']} samples)")
+    r = large["ratio_split_vs_copy"]
+    print(Ratio(r["name"], tuple(r["values"])), f"({large['split_mb_s']} vs {large['copy_mb_s']} MB/s, medians)")
     print(f"peak RSS: {small['peak_rss_mb']} MB at {small['samples']} samples, "
           f"{large['peak_rss_mb']} MB at {large['samples']} samples "
           f"(ratio {large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x for {args.factor}x the data)")

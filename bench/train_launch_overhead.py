@@ -28,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.pairs import Ratio, alternate  # noqa: E402
+
 RATE = re.compile(r"Batch \(t\): [\d.]+, ([\d.]+)/s,")
 
 
@@ -78,22 +80,16 @@ def main() -> None:
                       model_spec=spec, model_cfg=model_cfg, device="cpu", gpus=None)
             return time.perf_counter() - started, rate(layout.trainer_log("run").read_text())
 
-        pairs = []
-        for r in range(args.pairs):
-            first, second = (moda, by_hand) if r % 2 == 0 else (by_hand, moda)
-            a, b = first(r), second(r)
-            m, h = (a, b) if first is moda else (b, a)
-            pairs.append((m, h))
-            print(f"pair {r + 1}: moda {m[0]:.2f} s ({m[1]:.1f} samples/s), "
-                  f"by hand {h[0]:.2f} s ({h[1]:.1f} samples/s)", flush=True)
+        pairs = alternate(moda, by_hand, args.pairs, lambda r, m, h: print(
+            f"pair {r + 1}: moda {m[0]:.2f} s ({m[1]:.1f} samples/s), "
+            f"by hand {h[0]:.2f} s ({h[1]:.1f} samples/s)", flush=True))
     ratios = [h[0] / m[0] for m, h in pairs]
     for name, chosen in (("moda first", ratios[0::2]), ("by hand first", ratios[1::2])):
         if chosen:
             print(f"  pairs with {name}: ratio median {statistics.median(chosen):.3f}x over {len(chosen)}")
     print(f"wall clock, launch to final checkpoint: moda median {statistics.median(m[0] for m, _ in pairs):.2f} s, "
           f"by hand median {statistics.median(h[0] for _, h in pairs):.2f} s")
-    print(f"ratio by hand / moda (wall clock; > 1: moda costs less): median {statistics.median(ratios):.3f}x, "
-          f"range {min(ratios):.3f}-{max(ratios):.3f}x over {len(ratios)} interleaved pairs")
+    print(Ratio("by hand / moda wall clock (> 1: moda costs less)", tuple(ratios)))
     print(f"trainer's own samples/s (excludes start-up): moda median {statistics.median(m[1] for m, _ in pairs):.1f}, "
           f"by hand {statistics.median(h[1] for _, h in pairs):.1f}")
 
