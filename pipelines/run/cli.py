@@ -27,10 +27,12 @@ from PIL import Image
 from experts.verify import INPUT_MODES, verify_split
 from pipelines.core.config import ConfigError, load_config, merge_settings, parse_setting
 from pipelines.core.devices import usable_cores
+from pipelines.core.layout import RunLayout
 from pipelines.run.add_expert import AddRequest
 from pipelines.run.demo import main as demo_main
 from pipelines.run.demo import ui as demo_ui
 from pipelines.run.estimate import estimate_config, stated_line
+from pipelines.run.progress import Watcher
 from pipelines.run.stages import NAMES, run_stage
 from pipelines.shardio.shards import ShardError
 from pipelines.synth.generate import generate
@@ -68,10 +70,16 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
-    load_config(args.config, overrides(args))  # fail fast, before Prefect starts
+    cfg = load_config(args.config, overrides(args))  # fail fast, before Prefect starts
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    table = _moda_flow()(config_path=args.config, run_dir=args.run_dir, stages=stages,
-                         overrides=overrides(args) or None)
+    # a line when a stage starts, ends or moves (shards, epochs), read from the run folder
+    watcher = Watcher(RunLayout.of(cfg.name, args.run_dir), interval=10.0)
+    watcher.start()
+    try:
+        table = _moda_flow()(config_path=args.config, run_dir=args.run_dir, stages=stages,
+                             overrides=overrides(args) or None)
+    finally:
+        watcher.stop()
     if table:
         print(table)
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipelines.core.config import load_config
 from pipelines.core.layout import RunLayout
+from pipelines.run.progress import Watcher
 from pipelines.synth.generate import generate, is_generated
 
 POOL = "moda-local"
@@ -91,9 +92,17 @@ def start_server(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
     return server
 
 
-def run(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
+def run(cmd: list[str], env: dict[str, str], cwd: Path, log: Path | None = None) -> None:
+    """A Prefect CLI command; its output to `log` when given (the last lines are shown if it fails)."""
     print("[demo] $ " + " ".join(cmd[-4:] if cmd[0].endswith("prefect") else cmd), flush=True)
-    subprocess.run(cmd, env=env, cwd=cwd, check=True)
+    if log is None:
+        subprocess.run(cmd, env=env, cwd=cwd, check=True)
+        return
+    with open(log, "w") as out:
+        done = subprocess.run(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        print("\n".join(log.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
+        raise subprocess.CalledProcessError(done.returncode, cmd)
 
 
 def main(config_path: str = "configs/demo.yaml") -> int:
@@ -120,8 +129,16 @@ def main(config_path: str = "configs/demo.yaml") -> int:
         worker = subprocess.Popen(prefect + ["worker", "start", "--pool", POOL], env=env, cwd=root,
                                   stdout=open(worker_log, "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
-        run(prefect + ["deployment", "run", "moda/full", "--param", f"config_path={json.dumps(config_path)}",
-                       "--watch"], env, root)
+        watch_log = state / "watch.log"
+        print(f"[demo] running moda/full; Prefect's event stream goes to {watch_log}, the stages' progress "
+              "below (read from the run folder)", flush=True)
+        watcher = Watcher(RunLayout.of(cfg.name))
+        watcher.start()
+        try:
+            run(prefect + ["deployment", "run", "moda/full", "--param", f"config_path={json.dumps(config_path)}",
+                           "--watch"], env, root, log=watch_log)
+        finally:
+            watcher.stop()
     except subprocess.CalledProcessError as err:
         print(f"[demo] failed: {err}; logs in {state}/", file=sys.stderr)
         return 1
