@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from experts.pretrained import parse_pretrained, seed_state_dict
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import atomic_path, atomic_write_json
 
@@ -130,26 +131,37 @@ def prune_checkpoints(checkpoints: Path, final: int) -> list[Path]:
     return gone
 
 
-def given_seed(source: Path, model_cfg: dict, layout: RunLayout) -> tuple[Path, int]:
+def given_seed(spec: str, model_cfg: dict, layout: RunLayout) -> tuple[Path, int]:
     """Use an existing model as the seed: export it, return a checkpoint to start from and its epoch.
 
     An open_clip_train checkpoint (optimizer state, epoch counter) is resumed
-    by every expert, MoDE's recipe. A bare state_dict file or a `local-dir`
-    model folder (open_clip_model.safetensors) gives weights only (epoch 0).
+    by every expert, MoDE's recipe. A bare state_dict file, a `.safetensors`
+    file, a `local-dir` model folder (open_clip_model.safetensors) or a
+    pretrained open_clip model (`NAME:TAG`, `hf-hub:org/repo`; experts/pretrained.py)
+    gives weights only (epoch 0), written once to train/seed_init.pt.
     """
     import torch
 
-    if source.is_dir():
+    pretrained = parse_pretrained(spec)
+    source = Path(spec.removeprefix("local-dir:"))
+    if pretrained is not None:
+        if not layout.seed_init.is_file():
+            with atomic_path(layout.seed_init) as tmp:
+                torch.save(seed_state_dict(pretrained), tmp)
+        source = layout.seed_init
+    elif source.is_dir() or source.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        weights = source / WEIGHTS_FILE
+        weights = source / WEIGHTS_FILE if source.is_dir() else source
         if not weights.is_file():
-            raise FileNotFoundError(f"train.seed_checkpoint: {weights} not found (a local-dir model folder?)")
+            raise FileNotFoundError(f"train.seed_checkpoint: {weights} not found"
+                                    + (" (a local-dir model folder?)" if source.is_dir() else ""))
         with atomic_path(layout.seed_init) as tmp:
             torch.save(load_file(str(weights)), tmp)
         source = layout.seed_init
     if not source.is_file():
-        raise FileNotFoundError(f"train.seed_checkpoint: {source} not found")
+        raise FileNotFoundError(f"train.seed_checkpoint: {source} not found (a checkpoint, a state_dict or "
+                                ".safetensors file, a local-dir folder, NAME:TAG or hf-hub:org/repo)")
     state = torch.load(source, map_location="cpu", weights_only=False)
     epoch = int(state.get("epoch", 0)) if isinstance(state, dict) else 0
     export_checkpoint(source, model_cfg, layout.model("seed"))

@@ -67,6 +67,7 @@ from experts.models import (
     weights_only,
     write_model_folder,
 )
+from experts.pretrained import run_architecture
 from experts.shard_sets import check_shard_counts, shard_set, shard_set_fingerprint
 from pipelines.core.config import TrainConfig, section_hash
 from pipelines.core.devices import cpu_threads, is_cuda, pick_device, usable_cores
@@ -262,8 +263,8 @@ def seed_schedule_epochs(cfg: TrainConfig) -> int:
 
 
 def model_config(cfg: TrainConfig) -> dict:
-    """The open_clip architecture with FLIP's patch dropout set."""
-    model_cfg = model_config_dict(cfg.model)
+    """The open_clip architecture (`train.model`'s or a pretrained seed's) with FLIP's patch dropout."""
+    model_cfg = run_architecture(model_config_dict(cfg.model), cfg.model, TrainConfig.model, cfg.seed_checkpoint)
     if cfg.patch_dropout > 0:
         model_cfg = {**model_cfg, "vision_cfg": {**model_cfg["vision_cfg"], "patch_dropout": cfg.patch_dropout}}
     return model_cfg
@@ -310,8 +311,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     if advice:
         tqdm.write(f"train: {advice}")
 
-    # Seed: all experts' shards together (clean, deduplicated data). An epoch is
-    # the number of distinct samples; out-of-cluster copies only add repeats.
+    # Seed: all experts' shards together; an epoch is the distinct samples (out-of-cluster copies repeat).
     all_paths = [str(p.resolve()) for paths, _ in shard_sets for p in paths]
     expert_samples = sum(sum(sizes.values()) for _, sizes in shard_sets)
     all_samples = split["counts"].get("written", expert_samples)
@@ -319,7 +319,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     run_key = combine(fp.config_hash, model_cfg)
     t0 = time.time()
     if cfg.seed_checkpoint:
-        seed_ckpt, seed_epochs = given_seed(Path(cfg.seed_checkpoint), model_cfg, layout)
+        seed_ckpt, seed_epochs = given_seed(cfg.seed_checkpoint, model_cfg, layout)
         seed_fp = combine("seed-given", run_key, file_sha256(seed_ckpt))
     else:
         seed_fp = combine("seed", run_key, data_hashes)

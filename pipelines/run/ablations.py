@@ -16,6 +16,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from experts.pretrained import parse_pretrained
 from experts.registry import read_registry
 from pipelines.core.config import Config, parse_ablation
 from pipelines.core.layout import RunLayout
@@ -38,8 +39,12 @@ def variant_config(cfg: Config, variant: str) -> Config:
 def ablation_config(cfg: Config, layout: RunLayout, variant: str) -> Config:
     """The run's config changed into one of the paper's ablations, continuing the run's seed."""
     variant_cfg = variant_config(cfg, variant)
+    # A pretrained seed brought the run's architecture (train.model names another): the variant
+    # builds the run's own, from its model_config folder
+    model = f"local-dir:{layout.model_config.resolve()}" if parse_pretrained(cfg.train.seed_checkpoint) \
+        else cfg.train.model
     train = dataclasses.replace(cfg.train, seed_checkpoint=read_registry(layout)["seed"]["checkpoint"],
-                                baseline=False)
+                                baseline=False, model=model)
     return dataclasses.replace(variant_cfg, train=train)
 
 

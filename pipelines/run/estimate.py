@@ -15,8 +15,8 @@ from pathlib import Path
 
 from experts.budget import Estimate, combine_estimates, estimate_run
 from experts.flops import flops_per_sample, parameter_count
-from experts.models import model_config_dict
-from pipelines.core.config import Config, load_config
+from experts.train import model_config
+from pipelines.core.config import Config, TrainConfig, load_config
 from pipelines.core.layout import SIZES
 from pipelines.run.sweep import point_config, points
 
@@ -25,10 +25,11 @@ STATED = re.compile(r"^# Estimated on one (\w+) \(moda estimate\): ([\d.]+) min,
 
 
 @cache
-def _model_costs(model: str, batch_size: int, patch_dropout: float) -> tuple[dict[str, float], int]:
-    cfg = model_config_dict(model)
-    if patch_dropout > 0:
-        cfg = {**cfg, "vision_cfg": {**cfg["vision_cfg"], "patch_dropout": patch_dropout}}
+def _model_costs(model: str, seed_checkpoint: str, batch_size: int,
+                 patch_dropout: float) -> tuple[dict[str, float], int]:
+    """FLOPs a sample and parameters of the architecture the train stage builds (a pretrained
+    seed's own, experts/pretrained.py), with its patch dropout."""
+    cfg = model_config(TrainConfig(model=model, seed_checkpoint=seed_checkpoint, patch_dropout=patch_dropout))
     return flops_per_sample(cfg, batch_size), parameter_count(cfg)
 
 
@@ -47,7 +48,8 @@ def training_samples(cfg: Config) -> int:
 
 
 def estimate_one(cfg: Config, samples: int, gpu: str, gpus: int, mfu: float) -> Estimate:
-    flops, params = _model_costs(cfg.train.model, cfg.train.batch_size, cfg.train.patch_dropout)
+    flops, params = _model_costs(cfg.train.model, cfg.train.seed_checkpoint, cfg.train.batch_size,
+                                 cfg.train.patch_dropout)
     return estimate_run(cfg, samples, flops, params, gpus=gpus, gpu=gpu, mfu=mfu)
 
 
