@@ -28,7 +28,7 @@ ui: $(STAMP)
 	$(VENV)/bin/moda ui
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 # MoDE's table on 2 CPU cores (<= 90 min): bench/results/repro_cpu_*.md holds a measured run.
 repro-cpu: $(STAMP)

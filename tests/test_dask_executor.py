@@ -3,7 +3,7 @@ CPU): embed's groups of shards, cluster's assignment files, split's runs of inpu
 experts, evaluate's image features; the outputs are the local run's, byte for byte.
 
 The same code path serves several hosts: only the `dask` section changes
-(README, "Running on several hosts").
+(docs/clusters.md).
 """
 
 import json
@@ -263,7 +263,7 @@ def test_the_first_stage_on_a_started_cluster_finds_the_workers_asked_for():
 
 @pytest.fixture
 def dask_cluster(tmp_path):
-    """A scheduler and two workers started as the README says (`dask scheduler`, `dask worker
+    """A scheduler and two workers started as docs/clusters.md says (`dask scheduler`, `dask worker
     --resources GPU=1`), on loopback; stopped afterwards."""
     import subprocess
     import sys

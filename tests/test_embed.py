@@ -137,7 +137,7 @@ def intel_cpu() -> bool:
 
 @pytest.mark.xfail(not intel_cpu(), strict=False,
                    reason="MKL's strict reproducible mode covers its code paths for Intel's AVX2 and AVX-512 "
-                          "processors only (README, Running on several hosts): run, and shown as XFAIL or XPASS")
+                          "processors only (docs/clusters.md): run, and shown as XFAIL or XPASS")
 def test_an_embedding_has_the_same_bits_whatever_the_thread_count_that_computed_it():
     """A local run embeds on every core of one process, a Dask or multi-process run on a share of
     them: MKL's products must not depend on that. In a fresh process, as MKL settles its mode at

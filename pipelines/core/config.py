@@ -63,8 +63,8 @@ class DataConfig:
     `train_shards` is a folder of img2dataset-style `*.tar` shards or a brace
     pattern such as `data/laion/{00000..00999}.tar`, local or behind an fsspec
     URL (`s3://bucket/laion/{00000..41407}.tar`) or a `pipe:` command (see
-    README, "Training shards on object storage"). `eval_tasks` is a folder
-    with one sub-folder per task, moda's or clip_benchmark's (see README,
+    docs/own-data.md, "Training shards on object storage"). `eval_tasks` is a folder
+    with one sub-folder per task, moda's or clip_benchmark's (see docs/own-data.md,
     "Evaluation tasks"), or several such folders joined by `::`; the report
     is stated on them. `val_tasks` (optional, "" for none) holds tasks of the
     same kind from the training domains, on which settings such as the routing
@@ -183,9 +183,12 @@ class TrainConfig:
     `seed_epochs + expert_epochs` on its own shards, as MoDE continues its
     seed for the last epochs. `baseline` also trains the fair single-model
     baseline: the seed continued on all data for the same number of samples
-    as all experts together. `seed_checkpoint` uses an existing
-    open_clip_train checkpoint, state_dict file or local-dir model folder as
-    the seed instead of training one. `expert_init`: `resume` (MoDE: the
+    as all experts together. `seed_checkpoint` uses an existing model as the
+    seed instead of training one: an open_clip_train checkpoint, a state_dict
+    or `.safetensors` file, a local-dir model folder, or a pretrained CLIP
+    (`NAME:TAG` such as `ViT-B-32:laion2b_s34b_b79k`, or `hf-hub:org/repo`,
+    read by open_clip from the Hugging Face cache; its architecture replaces
+    `model`'s, experts/pretrained.py). `expert_init`: `resume` (MoDE: the
     seed's optimizer state and LR schedule continue) or `weights` (the
     seed's weights only, a fresh schedule of `expert_epochs`).
     `seed_schedule`: `continued` (MoDE's reference: the seed is the first
@@ -359,7 +362,7 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class DaskConfig:
-    """The Dask cluster the stages' jobs run on when the run's `executor` is `dask` (README,
+    """The Dask cluster the stages' jobs run on when the run's `executor` is `dask` (docs/clusters.md,
     "Running on several hosts"); every field is run-only.
 
     `address`: a running scheduler (`tcp://host:8786`; GPU workers started one
@@ -464,7 +467,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     moved = [f"{prefix}.{key}" for key in unknown if f"{prefix}.{key}" in MOVED]
     if moved:
         raise ConfigError(f"{moved[0]} moved to {MOVED[moved[0]]}: one executor now runs every stage's jobs "
-                          "(README, \"Running on several hosts\")")
+                          "(docs/clusters.md)")
     if unknown:
         where = f" in section {prefix!r}" if prefix else ""
         raise ConfigError(

@@ -2,28 +2,17 @@
 
 A run folder (`runs/<name>/` unless `--run-dir` says otherwise) holds one
 folder per stage, each ending with its manifest, plus `added/` (experts added
-later) and `ablations/<variant>/` (the paper's ablations, each a run folder of
-its own). Only this module spells the names of the files in it, so a reader
-finds the whole layout here and a rename is one edit.
-
-    embed/     <shard>.parquet + <shard>.done.json per input shard, rejects.parquet,
-               encoder/ (+ encoder.done.json) when SimCSE adapted the encoder
-    cluster/   fine_centroids.npy, expert_of_fine.npy, expert_centroids.npy,
-               assignments.parquet, report.json, cluster_sizes.png
-    split/     plan.json, expert_000/{00000..}.tar + sizes.json + manifest.json, ...,
-               progress/{inputs,outputs}/, rejects.parquet
-    train/     model_config/, logs/<model>/ (checkpoints), <model>.log, seed/, baseline/,
-               expert_000/ ... (local-dir models), registry.json
-    evaluate/  results.json, results.md, routing.json, routing_weights.png, accuracy.png
-    added/     registry.json, expert_<id>/ (request.json and a run folder of its own)
-    ablations/ <variant>/ (a run folder of its own)
-    sweep/     <model>-e<epochs>/ (`moda sweep`: one point, a run folder of its own)
-    scaling/   scaling.json, scaling.md, <task>.png (the sweep's fits)
-and every stage folder a manifest.json, written last.
+later), `ablations/<variant>/`, `seeds/replicate_<k>/` and `sweep/<point>/`
+(each a run folder of its own) and `cache/`. Only this module spells the names
+of the files in it, so a reader finds the whole layout here and a rename is one
+edit. `python -m pipelines.core.layout` prints every path it knows (`tree()`):
+docs/run-folder.md holds that listing, and tests/test_docs.py fails when they
+differ, so the documented layout cannot drift from the code.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,3 +325,38 @@ class RunLayout:
     def scaling_plot(self, task: str) -> Path:
         """The log-log plot of every system's points and fitted law on one task."""
         return self.scaling / f"{task}.png"
+
+
+def tree() -> str:
+    """Every path RunLayout names, relative to the run folder, with the attribute that names it and
+    its docstring's first sentence: the run-folder listing of docs/run-folder.md. Arguments are shown
+    as placeholders (`SHARD`, `MODEL`); numbers as 0 (`expert_000`, `00000.tar`). A method that
+    returns a RunLayout (an ablation, a replicate, a sweep point, an added expert) is a run folder
+    of its own and is listed as such."""
+    layout, rows = RunLayout(Path("/RUN")), []
+    for name, member in inspect.getmembers(RunLayout):
+        if name.startswith("_") or name in ("of", "root", "stage", "manifest"):
+            continue
+        if isinstance(member, property):
+            value, doc = getattr(layout, name), member.__doc__
+        elif inspect.isfunction(member):
+            params = list(inspect.signature(member).parameters.values())[1:]
+            args = [(1 if p.name == "seed" else 0) if p.annotation in (int, "int", "int | str") else p.name.upper()
+                    for p in params]
+            value, doc = member(layout, *args), member.__doc__
+        else:
+            continue
+        path = (value.root if isinstance(value, RunLayout) else value).relative_to("/RUN").as_posix()
+        if isinstance(value, RunLayout):
+            path += "/ (a run folder of its own)"
+        rows.append((path, name, " ".join((doc or "").split()).split(". ")[0].rstrip(".")))
+    rows.append(("STAGE/manifest.json", "manifest", "every stage folder's manifest, written last"))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = ["runs/<name>/"]
+    for path, name, doc in sorted(rows):
+        lines.append(f"  {path.ljust(width)}{name}" + (f": {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(tree())
