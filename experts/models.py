@@ -50,15 +50,22 @@ def read_model_config(folder: Path) -> dict:
     return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["model_cfg"]
 
 
-def write_model_folder(folder: Path, model_cfg: dict, state_dict=None) -> None:
-    """A local-dir model folder; without `state_dict` it holds the architecture only."""
+def read_preprocess(folder: Path) -> dict:
+    """The image preprocessing a local-dir model folder sets over open_clip's defaults."""
+    return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("preprocess_cfg", {})
+
+
+def write_model_folder(folder: Path, model_cfg: dict, state_dict=None, preprocess_cfg: dict | None = None) -> None:
+    """A local-dir model folder; without `state_dict` it holds the architecture only.
+    `preprocess_cfg`: what open_clip's transforms take over their defaults (experts/pretrained.py
+    `seed_preprocess`); open_clip_train and every reader of the folder build the same transforms."""
     folder.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
         from safetensors.torch import save_file
 
         with atomic_path(folder / WEIGHTS_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
-    atomic_write_json(folder / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": {}})
+    atomic_write_json(folder / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}})
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -74,9 +81,12 @@ def _state_dict(checkpoint: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in weights.items()}
 
 
-def export_checkpoint(checkpoint: Path, model_cfg: dict, folder: Path) -> None:
-    """Trainer checkpoint (state_dict + optimizer) -> local-dir model folder."""
-    write_model_folder(folder, model_cfg, _state_dict(checkpoint))
+def export_checkpoint(checkpoint: Path, model_spec: str, folder: Path) -> None:
+    """Trainer checkpoint (state_dict + optimizer) -> local-dir model folder, with the architecture
+    and preprocessing of the run's model folder (`model_spec`, `local-dir:<train/model_config>`),
+    the ones the trainer built the model and its transforms from."""
+    source = Path(model_spec.removeprefix("local-dir:"))
+    write_model_folder(folder, read_model_config(source), _state_dict(checkpoint), read_preprocess(source))
 
 
 def ensure_latest(checkpoints: Path) -> bool:
@@ -131,7 +141,7 @@ def prune_checkpoints(checkpoints: Path, final: int) -> list[Path]:
     return gone
 
 
-def given_seed(spec: str, model_cfg: dict, layout: RunLayout) -> tuple[Path, int]:
+def given_seed(spec: str, layout: RunLayout) -> tuple[Path, int]:
     """Use an existing model as the seed: export it, return a checkpoint to start from and its epoch.
 
     An open_clip_train checkpoint (optimizer state, epoch counter) is resumed
@@ -164,7 +174,7 @@ def given_seed(spec: str, model_cfg: dict, layout: RunLayout) -> tuple[Path, int
                                 ".safetensors file, a local-dir folder, NAME:TAG or hf-hub:org/repo)")
     state = torch.load(source, map_location="cpu", weights_only=False)
     epoch = int(state.get("epoch", 0)) if isinstance(state, dict) else 0
-    export_checkpoint(source, model_cfg, layout.model("seed"))
+    export_checkpoint(source, f"local-dir:{layout.model_config}", layout.model("seed"))
     return source.resolve(), epoch
 
 

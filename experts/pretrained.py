@@ -15,11 +15,16 @@ and the model loses accuracy silently, so `ViT-B-32:openai` stops with one line 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 HF_HUB = "hf-hub:"
 QUICKGELU = "-quickgelu"
+# open_clip's image preprocessing keys a model's source may set (its PreprocessCfg less `size`, which
+# the architecture's image_size gives, and `mode`, always RGB), with open_clip's defaults.
+PREPROCESS_DEFAULTS = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                       "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
 
 
 @dataclass(frozen=True)
@@ -132,3 +137,49 @@ def run_architecture(model_cfg: dict, train_model: str, default_model: str, seed
     seed_cfg = seed_architecture(seed)
     check_model_matches(train_model, default_model, model_cfg, seed_cfg, seed)
     return seed_cfg
+
+
+def seed_preprocess(seed_checkpoint: str) -> dict:
+    """The image preprocessing the seed's weights expect where it differs from open_clip's defaults:
+    a pretrained tag's (SigLIP's webli: mean and std 0.5, `squash`), an `hf-hub:` model's
+    open_clip_config.json, a local-dir folder's. {} for everything else (a from-scratch run, a
+    checkpoint file), so the runs that trained with the defaults keep their files and fingerprints.
+
+    Why: the trainer builds its transforms from the run's model folder; with the defaults there, a
+    SigLIP seed would be fine-tuned (and every expert exported and evaluated) on wrongly normalised
+    pixels, a silent loss of accuracy."""
+    if not seed_checkpoint:
+        return {}
+    seed = parse_pretrained(seed_checkpoint)
+    if seed is not None and seed.hub:
+        from huggingface_hub import hf_hub_download  # the cache open_clip reads, offline with HF_HUB_OFFLINE
+
+        config = Path(hf_hub_download(seed.model[len(HF_HUB):], "open_clip_config.json"))
+        given = json.loads(config.read_text(encoding="utf-8")).get("preprocess_cfg", {})
+    elif seed is not None:
+        import open_clip
+
+        given = open_clip.get_pretrained_cfg(seed.model, seed.tag) or {}
+    else:
+        config = Path(seed_checkpoint.removeprefix("local-dir:")) / "open_clip_config.json"
+        given = json.loads(config.read_text(encoding="utf-8")).get("preprocess_cfg", {}) if config.is_file() else {}
+    return non_default_preprocess(given)
+
+
+def non_default_preprocess(given: dict) -> dict:
+    """The preprocessing keys of `given` whose values differ from open_clip's defaults (lists for
+    tuples, as JSON writes them)."""
+    out = {}
+    for key, default in PREPROCESS_DEFAULTS.items():
+        if key in given:
+            value = list(given[key]) if isinstance(given[key], (list, tuple)) else given[key]
+            if value != default:
+                out[key] = value
+    return out
+
+
+def full_preprocess(model_cfg: dict, preprocess_cfg: dict) -> dict:
+    """Every preprocessing key explicit: open_clip's defaults, the folder's values over them, the
+    size from the architecture. What a bundle writes, so a reader needs no knowledge of defaults."""
+    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    return {"size": size, "mode": "RGB", **PREPROCESS_DEFAULTS, **non_default_preprocess(preprocess_cfg)}

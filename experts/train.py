@@ -67,7 +67,7 @@ from experts.models import (
     weights_only,
     write_model_folder,
 )
-from experts.pretrained import run_architecture
+from experts.pretrained import run_architecture, seed_preprocess
 from experts.shard_sets import check_shard_counts, shard_set, shard_set_fingerprint
 from pipelines.core.config import TrainConfig, section_hash
 from pipelines.core.devices import cpu_threads, is_cuda, pick_device, usable_cores
@@ -172,7 +172,7 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
         if not layout.checkpoint(job.name, target).is_file():
             raise RuntimeError(f"open_clip_train finished without writing epoch_{target}.pt; see {log_file}")
     final = layout.checkpoint(job.name, job.epochs)
-    export_checkpoint(final, model_cfg, layout.model(job.name))
+    export_checkpoint(final, model_spec, layout.model(job.name))
     if cfg.keep_checkpoints == "needed":
         prune_checkpoints(checkpoints, job.epochs)
     return final
@@ -289,7 +289,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     gpus = run_gpus(device, cfg.gpus)
     device = trainer_device(device)
     slots = gpu_slots(gpus, cfg.gpus_per_expert, cfg.models_per_gpu)
-    write_model_folder(layout.model_config, model_cfg)
+    write_model_folder(layout.model_config, model_cfg, preprocess_cfg=seed_preprocess(cfg.seed_checkpoint))
     model_spec = f"local-dir:{layout.model_config.resolve()}"
     num_experts = split["num_experts"]
     shard_sets = [shard_set(layout.expert_shards(e)) for e in range(num_experts)]
@@ -319,7 +319,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     run_key = combine(fp.config_hash, model_cfg)
     t0 = time.time()
     if cfg.seed_checkpoint:
-        seed_ckpt, seed_epochs = given_seed(cfg.seed_checkpoint, model_cfg, layout)
+        seed_ckpt, seed_epochs = given_seed(cfg.seed_checkpoint, layout)
         seed_fp = combine("seed-given", run_key, file_sha256(seed_ckpt))
     else:
         seed_fp = combine("seed", run_key, data_hashes)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,13 +45,22 @@ class ImageError(ValueError):
     """An evaluation image that does not decode (the message names the shard, the key and the fix)."""
 
 
-def decode(raw: bytes, shard: Path, key: str) -> Image.Image:
+def decode(raw: bytes | None, shard: Path, key: str) -> Image.Image:
+    if raw is None:
+        raise ImageError(f"{shard}: sample {key!r} has no image (no {', '.join('.' + e for e in IMAGE_EXTS)} "
+                         "member); add one or remove the sample")
     try:
         with Image.open(io.BytesIO(raw)) as image:
             return image.convert("RGB")
     except Exception as err:  # PIL raises many types for damaged data
-        raise ImageError(f"{shard}: sample {key!r}: the image does not decode ({type(err).__name__}: {err}); "
-                         "replace it or remove the sample") from None
+        raise ImageError(f"{shard}: sample {key!r}: the image does not decode ({type(err).__name__}: "
+                         f"{without_address(err)}); replace it or remove the sample") from None
+
+
+def without_address(err: Exception) -> str:
+    """An error's text without the memory addresses PIL puts in it (`<_io.BytesIO object at 0x7f..>`),
+    so the same bad image gives the same message (and the same bytes in what records it) every run."""
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err))
 
 
 def image_bytes(files: dict[str, bytes]) -> bytes | None:
@@ -78,7 +88,8 @@ class TaskImages:
                 yield decode(image_bytes(sample.files), shard, sample.key)
 
 
-def _samples(images: TaskImages) -> Iterator[tuple[Path, str, bytes]]:
+def task_samples(images: TaskImages) -> Iterator[tuple[Path, str, bytes]]:
+    """(shard, key, image bytes) of every sample of a task, in order."""
     for shard in images.shards:
         for sample in iter_samples(shard):
             yield shard, sample.key, image_bytes(sample.files)
@@ -92,6 +103,7 @@ class Batch:
     pixels: object | None  # (B', 3, H, W) tensor of the readable images, None when none is
     size: int
     unreadable: list[tuple[int, Path, str, str]]
+    keys: list[str]        # every sample's key, readable or not, in order
 
     @property
     def readable(self) -> np.ndarray:
@@ -100,9 +112,10 @@ class Batch:
         return mask
 
 
-def preprocessed_batches(images: TaskImages, preprocess, batch_size: int, workers: int,
-                         skip_unreadable: bool = False) -> Iterator[Batch]:
-    """The task's images in order, in batches: the tar read here, each image decoded and preprocessed
+def preprocessed_batches(samples: Iterator[tuple[Path, str, bytes | None]], preprocess, batch_size: int,
+                         workers: int, skip_unreadable: bool = False) -> Iterator[Batch]:
+    """(shard, key, image bytes) samples (`task_samples`, or `moda infer`'s shards) in order, in
+    batches: the tar read here, each image decoded and preprocessed
     on one of `workers` threads (0: here), at most two batches ahead of the consumer. An image that
     does not decode raises ImageError, or with `skip_unreadable` is left out of the batch's pixels
     and listed in its `unreadable`."""
@@ -121,15 +134,15 @@ def preprocessed_batches(images: TaskImages, preprocess, batch_size: int, worker
         bad = [(i, shard, key, str(out)) for i, (out, (shard, key, _)) in enumerate(zip(prepared, chunk))
                if isinstance(out, ImageError)]
         good = [out for out in prepared if not isinstance(out, ImageError)]
-        return Batch(torch.stack(good) if good else None, len(chunk), bad)
+        return Batch(torch.stack(good) if good else None, len(chunk), bad, [key for _, key, _ in chunk])
 
     if workers <= 0:
-        for chunk in _chunks(_samples(images), batch_size):
+        for chunk in _chunks(samples, batch_size):
             yield batch([prepare(item) for item in chunk], chunk)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="eval-decode") as pool:
         ahead: deque = deque()
-        for chunk in _chunks(_samples(images), batch_size):
+        for chunk in _chunks(samples, batch_size):
             ahead.append(([pool.submit(prepare, item) for item in chunk], chunk))
             if len(ahead) > 2:
                 futures, done = ahead.popleft()
@@ -171,7 +184,8 @@ def stream_image_features(clip, images: TaskImages, batch_size: int = 256, worke
     seen = 0
     bad: list[dict] = []
     with inference(clip.device):
-        for batch in preprocessed_batches(images, clip.preprocess, batch_size, workers, unreadable is not None):
+        for batch in preprocessed_batches(task_samples(images), clip.preprocess, batch_size, workers,
+                                          unreadable is not None):
             bad += [{"index": seen + i, "shard": str(shard), "key": key, "error": why}
                     for i, shard, key, why in batch.unreadable]
             if batch.pixels is not None:

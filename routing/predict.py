@@ -1,89 +1,129 @@
-"""Use a trained MoDE system: classify images from class names, or rank captions.
+"""Use a trained MoDE system: classify images from class names, rank captions, embed images.
 
     from routing.predict import MoDESystem
-    system = MoDESystem.load("runs/demo")
+    system = MoDESystem.load("runs/demo")            # a run folder, or a bundle (moda export)
     probs, weights = system.classify(images, ["circle", "square"])
     scores, weights = system.rank_captions(image, ["a red circle", "a forest"])
 
-The system is read from the run folder's files: `train/registry.json` and
-`added/registry.json` (the experts, their model folders and the fine
-clusters each owns; experts/registry.py), `cluster/fine_centroids.npy`, and
-the caption encoder named in the embed manifest. An expert added later
-(`moda add-expert`) is picked up on the next load.
+The system is read by routing/bundle.py `read_system` (experts, fine centres, ownership, the
+routing rule and the lambda evaluate chose on validation tasks, the caption encoder). Experts are
+loaded on first use, so a caller that runs only the `top_experts` with the largest routing weights
+(`moda infer --top-experts`) never loads the others. An expert added later (`moda add-expert`) is
+picked up on the next load of a run folder.
+
+The two steps of a zero-shot prediction are apart (`classifier`, then `scores`), so batch
+inference and the service compute a class list's text features once, not once per image.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from clustering.encoder import encode, load_run_encoder
-from experts.registry import load_experts, ownership
+from clustering.encoder import encode, load_encoder
 from pipelines.core.devices import pick_device
-from pipelines.core.layout import RunLayout
+from routing.bundle import SystemSpec, read_system
 from routing.clip_features import ClipModel, classifier_weights, image_features, load_clip, text_features
 from routing.ensemble import ensemble_logits
 from routing.metadata import classname_embeddings
 from routing.prompts import DEFAULT_TEMPLATES
 from routing.weights import route
 
+LOGIT_SCALE = 100.0  # CLIP's: the ensemble's cosines to probabilities
 
-def evaluated_lambda(layout: RunLayout, default: float = 0.2) -> float:
-    """The routing lambda the run's evaluate stage used for MoDE (results.json), else `default`."""
-    if not layout.results.is_file():
-        return default
-    chosen = json.loads(layout.results.read_text(encoding="utf-8")).get("lambda", {}).get("MoDE", {})
-    return float(chosen.get("value", default))
+
+@dataclass
+class Classifier:
+    """A class list made ready: its routing weights over every expert, the experts it runs (all, or
+    the `top_experts` largest weights, renormalised) and each one's (C, D) text classifier."""
+
+    classnames: list[str]
+    weights: np.ndarray             # (n,) routing weights over every expert
+    experts: list[int]              # the experts run, largest weight first when cut
+    used_weights: np.ndarray        # (len(experts),) their weights, summing to 1
+    text: list[np.ndarray]          # per expert run: (C, D)
 
 
 @dataclass
 class MoDESystem:
-    experts: list[ClipModel]
-    expert_names: list[str]
+    spec: SystemSpec
+    device: str
     encoder: object
-    fine_centroids: np.ndarray
-    owns: np.ndarray  # (n_experts, m) bool: the fine clusters each expert is routed by
-    routing: str = "paper"
-    lam: float = 0.2
-    logit_scale: float = 100.0
+    routing: str
+    lam: float
+    logit_scale: float = LOGIT_SCALE
+    _models: dict[int, ClipModel] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, run_dir: str | Path, routing: str = "paper", lam: float | None = None,
+    def load(cls, path: str | Path, routing: str | None = None, lam: float | None = None,
              device: str = "auto") -> MoDESystem:
-        """`lam` None: the lambda the evaluate stage chose on the validation tasks (0.2, the paper's,
-        before evaluate has run), so predictions are routed as the reported numbers were."""
-        layout = RunLayout(Path(run_dir))
-        if lam is None:
-            lam = evaluated_lambda(layout)
-        experts = load_experts(layout)
+        """A run folder or a bundle. `routing`/`lam` None: the rule and lambda the evaluate stage used
+        (chosen on the validation tasks), so predictions are routed as the reported numbers were."""
+        spec = read_system(path)
         device = pick_device(device)
-        fine_centroids = np.load(layout.fine_centroids)
-        return cls(
-            experts=[load_clip(e.path, device) for e in experts],
-            expert_names=[e.name for e in experts],
-            encoder=load_run_encoder(layout.embed, device),
-            fine_centroids=fine_centroids,
-            owns=ownership(experts, fine_centroids.shape[0]),
-            routing=routing, lam=lam,
-        )
+        encoder = load_encoder(spec.encoder.model, spec.encoder.pooling, device, spec.encoder.precision)
+        return cls(spec, device, encoder, routing or spec.routing, spec.lam if lam is None else lam)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.spec.expert_names)
+
+    @property
+    def fine_centroids(self) -> np.ndarray:
+        return self.spec.fine_centroids
+
+    @property
+    def owns(self) -> np.ndarray:
+        return self.spec.owns
+
+    def model(self, expert: int) -> ClipModel:
+        """Expert `expert`'s CLIP, loaded on first use."""
+        if expert not in self._models:
+            self._models[expert] = load_clip(self.spec.expert_dirs[expert], self.device)
+        return self._models[expert]
+
+    @property
+    def preprocess(self):
+        """The experts' image transform (one run, one architecture: the same for every expert)."""
+        return self.model(0).preprocess
 
     def route_texts(self, embeddings: np.ndarray) -> np.ndarray:
-        return route(self.routing, embeddings, self.fine_centroids, self.owns, len(self.experts), self.lam)
+        return route(self.routing, embeddings, self.fine_centroids, self.owns, len(self.spec.expert_names), self.lam)
 
-    def classify(self, images: list[Image.Image], classnames: list[str],
-                 templates: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(N, C) class probabilities of the routed ensemble, and the (n_experts,) weights."""
+    def chosen(self, weights: np.ndarray, top_experts: int | None) -> tuple[list[int], np.ndarray]:
+        """The experts to run and their weights: all, or the `top_experts` largest, renormalised."""
+        n = len(weights)
+        if not top_experts or top_experts >= n:
+            return list(range(n)), np.asarray(weights, dtype=np.float64)
+        keep = sorted(np.argsort(-np.asarray(weights), kind="stable")[:top_experts].tolist(),
+                      key=lambda e: -weights[e])
+        kept = np.asarray(weights, dtype=np.float64)[keep]
+        return keep, kept / kept.sum()
+
+    def classifier(self, classnames: list[str], templates: list[str] | None = None,
+                   top_experts: int | None = None) -> Classifier:
         templates = templates or DEFAULT_TEMPLATES
         weights = self.route_texts(classname_embeddings(self.encoder, classnames, templates))
-        logits = np.stack([image_features(m, images) @ classifier_weights(m, classnames, templates).T
-                           for m in self.experts])
-        combined = ensemble_logits(logits, weights) * self.logit_scale
+        experts, used = self.chosen(weights, top_experts)
+        return Classifier(list(classnames), weights, experts, used,
+                          [classifier_weights(self.model(e), classnames, templates) for e in experts])
+
+    def scores(self, classifier: Classifier, features: list[np.ndarray]) -> np.ndarray:
+        """(N, C) class probabilities from each run expert's (N, D) image features."""
+        logits = np.stack([f @ t.T for f, t in zip(features, classifier.text)])
+        combined = ensemble_logits(logits, classifier.used_weights) * self.logit_scale
         probs = np.exp(combined - combined.max(axis=1, keepdims=True))
-        return probs / probs.sum(axis=1, keepdims=True), weights
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def classify(self, images: list[Image.Image], classnames: list[str], templates: list[str] | None = None,
+                 top_experts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C) class probabilities of the routed ensemble, and the (n_experts,) routing weights."""
+        ready = self.classifier(classnames, templates, top_experts)
+        features = [image_features(self.model(e), images) for e in ready.experts]
+        return self.scores(ready, features), ready.weights
 
     def rank_captions(self, image: Image.Image, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(K,) ensemble similarity of the image to each caption, and the routing weights.
@@ -92,5 +132,11 @@ class MoDESystem:
         task's metadata, routed together.
         """
         weights = self.route_texts(encode(self.encoder, captions))
-        sims = np.stack([image_features(m, [image]) @ text_features(m, captions).T for m in self.experts])
+        sims = np.stack([image_features(self.model(e), [image]) @ text_features(self.model(e), captions).T
+                         for e in range(len(self.spec.expert_names))])
         return ensemble_logits(sims, weights)[0], weights
+
+    def embed(self, images: list[Image.Image], experts: list[int] | None = None) -> dict[str, np.ndarray]:
+        """Each expert's (N, D) unit image embeddings, by expert name."""
+        experts = range(len(self.spec.expert_names)) if experts is None else experts
+        return {self.spec.expert_names[e]: image_features(self.model(e), images) for e in experts}

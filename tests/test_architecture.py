@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipelines", "clustering", "experts", "routing")
+PACKAGES = ("pipelines", "clustering", "experts", "routing", "serving")
 
 # Floors, lowest first: a module may import its own floor and those below, never above.
 FLOORS = [
@@ -17,6 +17,7 @@ FLOORS = [
     ("clustering",),
     ("experts",),
     ("routing",),
+    ("serving",),
     ("pipelines.run",),
 ]
 # Third-party modules that may be imported inside a function (heavy or optional, so a stage that
@@ -24,10 +25,11 @@ FLOORS = [
 # every moda module, is imported at the top of the file.
 LAZY = {"torch", "open_clip", "open_clip_train", "faiss", "dask", "distributed", "prefect_dask",
         "sentence_transformers", "safetensors", "matplotlib", "transformers", "scipy", "sklearn",
-        "clip_benchmark", "fsspec", "zstandard"}
+        "clip_benchmark", "fsspec", "zstandard", "uvicorn", "huggingface_hub"}
 # moda modules that may be imported inside a function, and why.
 LAZY_INTERNAL = {"pipelines.run.flows": "the Prefect layer: its import costs ~2 s, paid only by commands that "
-                                        "start a flow (moda run, add-expert), not by moda stage/verify/predict"}
+                                        "start a flow (moda run, add-expert), not by moda stage/verify/predict",
+                 "serving.service": "FastAPI, pydantic and uvicorn: paid only by moda serve"}
 MAX_LINES = 400
 
 

@@ -116,19 +116,29 @@ def test_a_hub_model_is_read_offline_from_the_cache_by_open_clip(offline_hub, tm
 def test_a_safetensors_file_is_a_seed_of_weights_only(tmp_path):
     from safetensors.torch import load_file
 
-    from experts.models import given_seed
+    from experts.models import given_seed, write_model_folder
     from pipelines.core.layout import RunLayout
 
     cfg = tiny_folder(tmp_path / "model")
     layout = RunLayout(tmp_path / "run")
-    layout.train.mkdir(parents=True)
-    ckpt, epoch = given_seed(str(tmp_path / "model" / "open_clip_model.safetensors"), cfg, layout)
+    write_model_folder(layout.model_config, cfg)  # the run's architecture, as the train stage writes it first
+    ckpt, epoch = given_seed(str(tmp_path / "model" / "open_clip_model.safetensors"), layout)
     assert (ckpt, epoch) == (layout.seed_init.resolve(), 0)
     saved = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
     exported = load_file(str(layout.model("seed") / "open_clip_model.safetensors"))
     assert all(torch.equal(saved[k], exported[k]) for k in saved)
     with pytest.raises(FileNotFoundError, match=r"train.seed_checkpoint: .*missing.safetensors not found"):
-        given_seed(str(tmp_path / "missing.safetensors"), cfg, layout)
+        given_seed(str(tmp_path / "missing.safetensors"), layout)
+
+
+def test_a_pretrained_tag_brings_its_own_preprocessing_and_the_defaults_stay_implicit():
+    from experts.pretrained import full_preprocess, seed_preprocess
+
+    assert seed_preprocess("ViT-B-16-SigLIP:webli") == {"mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash"}
+    assert seed_preprocess("ViT-B-32:laion2b_s34b_b79k") == {}  # OpenAI's mean/std: a run keeps its files
+    assert seed_preprocess("") == {} and seed_preprocess("runs/x/epoch_3.pt") == {}
+    full = full_preprocess({"vision_cfg": {"image_size": 64}}, {"resize_mode": "squash"})
+    assert full["size"] == 64 and full["resize_mode"] == "squash" and full["interpolation"] == "bicubic"
 
 
 @pytest.mark.slow
@@ -138,7 +148,7 @@ def test_experts_fine_tune_an_hf_hub_seed_read_offline(tiny_run, tmp_path, offli
     the hub's weights, nothing fetched (offline)."""
     from safetensors.torch import load_file
 
-    from experts.models import read_model_config
+    from experts.models import read_model_config, read_preprocess
     from pipelines.core.config import load_config
     from pipelines.run.stages import run_stage
 
@@ -148,8 +158,9 @@ def test_experts_fine_tune_an_hf_hub_seed_read_offline(tiny_run, tmp_path, offli
     hub_folder = tmp_path / "published"
     shutil.copytree(seed_folder, hub_folder)
     arch = read_model_config(hub_folder)
+    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"}  # SigLIP's
     (hub_folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": {**arch, "quick_gelu": True}, "preprocess_cfg": {}}))
+        json.dumps({"model_cfg": {**arch, "quick_gelu": True}, "preprocess_cfg": preprocess}))
     hub_cache(offline_hub, "moda-test/tiny-seed", hub_folder)
     config = write_config(tmp_path / "c.yaml", Path(load_config(tiny_run["config"]).synth.out_dir),
                           train={"seed_checkpoint": "hf-hub:moda-test/tiny-seed", "expert_init": "weights",
@@ -160,6 +171,8 @@ def test_experts_fine_tune_an_hf_hub_seed_read_offline(tiny_run, tmp_path, offli
         os.symlink(tiny_run["run_dir"] / stage, run / stage)
     manifest = run_stage("train", load_config(config), run)
     assert read_model_config(run / "train" / "model_config")["quick_gelu"] is True
+    for model in ("model_config", "seed", "expert_000", "expert_001"):  # trained and exported with the hub's
+        assert read_preprocess(run / "train" / model) == preprocess, model
     assert not (run / "train" / "seed.log").exists()  # no seed trained
     hub = load_file(str(hub_folder / "open_clip_model.safetensors"))
     seed = load_file(str(run / "train" / "seed" / "open_clip_model.safetensors"))

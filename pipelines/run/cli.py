@@ -9,6 +9,9 @@
     moda add-expert configs/demo.yaml --mode split-widest     (or new-data --new-data DIR, task --task DIR)
     moda predict runs/demo img.jpg --classes circle,square,star
     moda predict runs/demo img.jpg --captions "a red circle" "a forest"
+    moda export runs/demo bundles/demo    the trained system as one folder (a model hub's layout)
+    moda infer bundles/demo 'shards/{00000..00099}.tar' --classes classes.txt --out preds/
+    moda serve bundles/demo --port 8000   the routed ensemble over HTTP
     moda demo                             the full demo through a local Prefect server
 """
 
@@ -37,6 +40,8 @@ from pipelines.run.stages import NAMES, run_stage
 from pipelines.shardio.shards import ShardError
 from pipelines.synth.generate import generate
 from routing.predict import MoDESystem
+from serving.export import export
+from serving.infer import InferRequest, infer, read_lines
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -112,6 +117,38 @@ def _predict(args: argparse.Namespace) -> int:
                                             for j in order]})
     print(json.dumps({"routing_weights": dict(zip(system.expert_names, map(float, weights))),
                       "predictions": out}, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    out, written = export(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"moda export: {'wrote' if written else 'up to date (same trained system)'} {out}")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    request = InferRequest(classes=read_lines(args.classes, "--classes") if args.classes else (),
+                           templates=read_lines(args.templates, "--templates") if args.templates else (),
+                           embed=args.embed, top_k=args.top_k, top_experts=args.top_experts,
+                           batch_size=args.batch_size, workers=args.workers, missing_shards=args.missing_shards)
+    request.check()
+    system = MoDESystem.load(args.system, device=args.device)
+    summary = infer(system, args.shards, args.out, request)
+    print(f"moda infer: {summary['rows']} samples in {summary['shards']} shards "
+          f"({summary['shards_skipped_as_done']} done before), {summary['unreadable']} unreadable, "
+          f"{len(summary['missing_shards'])} shards missing, {len(summary['damaged_shards'])} damaged: "
+          f"{Path(args.out) / 'infer.json'}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.service import Limits, create_app
+
+    system = MoDESystem.load(args.system, device=args.device)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_batch=args.max_batch, wait_ms=args.wait_ms)
+    uvicorn.run(create_app(system, limits), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -219,14 +256,44 @@ def main(argv: list[str] | None = None) -> int:
                         "recorded them once the shards are shown unchanged (no second download of remote data)")
     p.set_defaults(func=_verify)
     p = sub.add_parser("predict", help="classify images or rank captions with a trained MoDE system")
-    p.add_argument("run_dir", help="a run folder, e.g. runs/demo")
+    p.add_argument("run_dir", help="a run folder (runs/demo) or a bundle (moda export)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--classes", help="comma-separated class names")
     p.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
     p.add_argument("--captions", nargs="+", help="candidate captions to rank")
-    p.add_argument("--routing", default="paper", choices=["paper", "released"])
+    p.add_argument("--routing", default=None, choices=["paper", "released"],
+                   help="routing formula (default: the one the run was evaluated with)")
     p.add_argument("--top", type=int, default=3)
     p.set_defaults(func=_predict)
+    p = sub.add_parser("export", help="write a trained run's system as one portable folder (a bundle)")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder that holds something else")
+    p.set_defaults(func=_export)
+    p = sub.add_parser("infer", help="zero-shot labels or per-expert embeddings for a shard set, one parquet a shard")
+    p.add_argument("system", help="a bundle or a run folder")
+    p.add_argument("shards", help="a folder, glob or brace pattern of tar shards; local, s3:// or any fsspec URL")
+    p.add_argument("--out", required=True, help="output folder (one <shard>.parquet each, infer.json)")
+    p.add_argument("--classes", help="class names, one a line")
+    p.add_argument("--templates", help="prompt templates with {}, one a line (default: 'a photo of a {}.')")
+    p.add_argument("--embed", action="store_true", help="write each expert's image embedding instead of labels")
+    p.add_argument("--top-k", type=int, default=5, help="classes kept per image")
+    p.add_argument("--top-experts", type=int, default=None,
+                   help="run only the k experts with the largest routing weights (renormalised)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=-1, help="decode threads (-1: 2 on a CPU, the cores on a GPU)")
+    p.add_argument("--missing-shards", choices=["error", "skip"], default="error")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_infer)
+    p = sub.add_parser("serve", help="serve the routed ensemble over HTTP (classify, rank, embed, health, info)")
+    p.add_argument("system", help="a bundle or a run folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-body-mb", type=float, default=32.0)
+    p.add_argument("--max-batch", type=int, default=64, help="images per model call, from all waiting requests")
+    p.add_argument("--wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.set_defaults(func=_serve)
     p = sub.add_parser("add-expert", help="train one more expert later, existing experts untouched")
     p.add_argument("config")
     p.add_argument("--mode", required=True, choices=["new-data", "split-widest", "task"])
