@@ -9,7 +9,8 @@ fine centre one file at a time, then groups the fine centres into
 Outputs: fine_centroids.npy (m, d), expert_of_fine.npy (m,),
 expert_centroids.npy (n, d), assignments.parquet (key, shard, fine, expert),
 report.json (sizes, imbalance factors, inertia, spread and top caption terms per
-expert), cluster_sizes.png.
+expert), cluster_sizes.png, and the contact sheets (contact/expert_*.png, examples.md;
+clustering/contact.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from clustering.assign import assign_files, choose_sample, read_sample, write_assignments
+from clustering.contact import write_contact_sheets
 from clustering.embeddings import embedding_files
 from clustering.kmeans import (
     balanced_kmeans,
@@ -157,6 +159,9 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
             np.save(handle, array)
     write_assignments(layout.assignments, files, fine_per_file, expert_of_fine, override)
     plot_sizes(mass, expert_sizes, layout.cluster_plot)
+    sheets = write_contact_sheets(layout, files, fine_per_file, np.split(expert, np.cumsum(rows_per_file)[:-1]),
+                                  fine_centroids, cfg.num_experts, ctx.data.train_shards, cfg.contact_images,
+                                  cfg.contact_captions, cfg.contact_shards)
     terms_at = np.arange(sample.size)
     if cfg.terms_sample and sample.size > cfg.terms_sample:
         terms_at = np.sort(np.random.default_rng(cfg.seed).choice(sample.size, cfg.terms_sample, replace=False))
@@ -180,7 +185,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         "random_split": cfg.random_split,
     }
     atomic_write_json(layout.cluster_report, report)
-    outputs = [*arrays, layout.assignments, layout.cluster_report]
+    outputs = [*arrays, layout.assignments, layout.cluster_report, *sheets]
     return StageResult(
         outputs=hash_outputs(layout.cluster, outputs),
         counts={"samples": n, "experts": expert_sizes.tolist(), "fit_seconds": round(fit_seconds, 2)},
@@ -194,8 +199,11 @@ def reports(ctx: StageContext, manifest: dict) -> list[Report]:
     rows = [{"expert": e, "samples": n, "fine clusters": len(fines), "top terms": " ".join(terms)}
             for e, (n, fines, terms) in enumerate(zip(report["expert_sizes"], report["expert_fine_clusters"],
                                                       report["expert_top_terms"]))]
+    examples = ctx.layout.cluster_examples
     return [Report("experts", "Expert sizes and the caption terms most typical of each", table=rows),
-            Report("cluster-balance", "Cluster balance and inertia", markdown=balance_markdown(report))]
+            Report("cluster-balance", "Cluster balance and inertia", markdown=balance_markdown(report))] + (
+        [Report("cluster-examples", "Example captions per fine cluster (contact sheets in cluster/contact/)",
+                markdown=examples.read_text(encoding="utf-8"))] if examples.is_file() else [])
 
 
 def balance_markdown(report: dict) -> str:

@@ -143,3 +143,36 @@ def test_assignment_inertia_does_not_depend_on_the_thread_count(tmp_path):
         runs.append(nearest_centres([path], centres, bar=False))
     assert np.array_equal(runs[0][0][0], runs[1][0][0])
     assert runs[0][1] == runs[1][1]
+
+
+def test_examples_are_the_rows_nearest_each_fine_centre_best_first():
+    from clustering.contact import nearest_per_fine
+
+    scores = np.array([0.1, 0.9, 0.5, 0.7, 0.2])
+    fine = np.array([0, 0, 0, 1, 1])
+    assert nearest_per_fine(scores, fine, 2) == {0: [1, 2], 1: [3, 4]}
+
+
+def test_an_experts_sheet_goes_round_its_fine_clusters_before_taking_seconds():
+    from clustering.contact import expert_examples
+
+    best = {0: [0, 1, 2], 1: [3, 4], 2: [5]}
+    expert_of_row = np.array([0, 0, 0, 0, 0, 1])
+    assert expert_examples(best, expert_of_row, 2, 4) == [[0, 3, 1, 4], [5]]
+
+
+@pytest.mark.slow
+def test_the_cluster_stage_draws_a_contact_sheet_per_expert_with_its_images(tiny_run):
+    from PIL import Image
+
+    cluster = tiny_run["run_dir"] / "cluster"
+    sheets = sorted((cluster / "contact").glob("*.png"))
+    assert [p.name for p in sheets] == ["expert_000.png", "expert_001.png"]
+    assert all(Image.open(p).size[0] > 100 for p in sheets)
+    examples = (cluster / "examples.md").read_text()
+    assert examples.count("examples on the sheet") == 2
+    for line in (text for text in examples.splitlines() if "examples on the sheet" in text):
+        shown, with_image = (int(w) for w in line.replace(",", "").split() if w.isdigit())
+        assert shown > 0 and with_image == shown  # every example found in its input shard and decoded
+    manifest = json.loads((cluster / "manifest.json").read_text())
+    assert "contact/expert_000.png" in manifest["outputs"] and "examples.md" in manifest["outputs"]

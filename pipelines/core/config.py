@@ -129,7 +129,10 @@ class ClusterConfig:
     samples) where the fine clusters' granularity allows. `terms_sample`
     captions (of the fit sample) give each expert's top terms in the report.
     `random_split` (the paper's Rand-n ablation) keeps the expert sizes but
-    deals samples to experts at random instead of by cluster. `device`: where the balanced
+    deals samples to experts at random instead of by cluster. `contact_images` example images per
+    expert (0: no contact sheets) and `contact_captions` example captions per fine cluster, the
+    samples nearest each centre in the first `contact_shards` input shards (clustering/contact.py):
+    what a person looks at before spending GPU days on the experts. `device`: where the balanced
     iterations' candidate search and the assignment of every sample run (`auto`: a GPU when one
     is visible, through torch; on a CPU through FAISS); the same assignments either way.
     """
@@ -145,6 +148,9 @@ class ClusterConfig:
     terms_sample: int = 100_000
     seed: int = 0
     random_split: bool = False
+    contact_images: int = run_only(16)
+    contact_captions: int = run_only(5)
+    contact_shards: int = run_only(2)
     device: str = run_only("auto")
 
 

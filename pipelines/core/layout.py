@@ -120,6 +120,15 @@ class RunLayout:
     def cluster_plot(self) -> Path:
         return self.cluster / "cluster_sizes.png"
 
+    def contact_sheet(self, expert: int) -> Path:
+        """An expert's contact sheet: example images nearest its fine centres, with their captions."""
+        return self.cluster / "contact" / f"{expert_name(expert)}.png"
+
+    @property
+    def cluster_examples(self) -> Path:
+        """Example captions of every fine cluster, grouped by expert, beside the contact sheets."""
+        return self.cluster / "examples.md"
+
     @property
     def fine_counts(self) -> Path:
         """Samples per fine cluster of new data assigned to a run's centres (an added expert's)."""
