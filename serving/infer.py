@@ -226,8 +226,8 @@ def summarise(targets: list[tuple[object, Path]], fp: str, missing: list[str], r
     per_shard, damaged = {}, {}
     for shard, path in targets:
         meta = pq.read_metadata(path)
-        unreadable = pq.read_table(path, columns=["error"]).column("error").null_count
-        per_shard[path.name] = {"rows": meta.num_rows, "unreadable": meta.num_rows - unreadable}
+        predicted = pq.read_table(path, columns=["error"]).column("error").null_count  # no error: a prediction
+        per_shard[path.name] = {"rows": meta.num_rows, "unreadable": meta.num_rows - predicted}
         notes = (meta.schema.to_arrow_schema().metadata or {}).get(b"moda_shard_damage")
         if notes:
             damaged[str(shard)] = notes.decode()
