@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/decode_threads.py [--samples 5000] [--image-size 256] [--repeats 5] [--threads 0]
 
-Peer, named: `experts.images.sample_outputs(..., threads=1)`, the one-thread
+Peer, named: `experts.split.images.sample_outputs(..., threads=1)`, the one-thread
 loop the split ran before, on the same samples. Measured: the same call with
 `threads` (0 = every usable core), shard by shard (1,000 samples) as the
 split calls it, in `validate: decode` mode (every image is decoded). Prints
@@ -27,7 +27,7 @@ from bench.pairs import Ratio, alternate  # noqa: E402
 def main() -> None:
     from split_throughput import make_input
 
-    from experts.images import sample_outputs
+    from experts.split.images import sample_outputs
     from pipelines.core.devices import usable_cores
     from pipelines.shardio.shards import iter_samples
 

@@ -186,7 +186,7 @@ def child(what: str, run: Path, spec: str, per_shard: int) -> None:
         # 41,000 shards of 10,000 make about 41,000 expert shards of 10,000
         counts = run_section("split", SplitConfig(shard_size=per_shard), run, data)["counts"]
     elif what in ("verify", "verify-recorded"):
-        from experts.verify import verify_split
+        from experts.split.verify import verify_split
 
         problems, counts = verify_split(run, "recorded" if what == "verify-recorded" else "read")
         if problems:

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import experts.duplicate_keys as dk
+import experts.split.duplicate_keys as dk
 
 
 def assignments(tmp_path, rows):

@@ -22,9 +22,9 @@ from PIL import Image
 from test_split import fake_cluster_stage, fake_embed_rejects, image_bytes, published, split_both_ways
 
 from clustering.captions import shard_captions
-from experts.images import IMAGE_EXTS, clean_image
+from experts.split.images import IMAGE_EXTS, clean_image
 from experts.split.stage import InputChanged
-from experts.verify import verify_split
+from experts.split.verify import verify_split
 from pipelines.core.config import DataConfig, SplitConfig, TrainConfig
 from pipelines.core.layout import shard_id
 from pipelines.core.stage import UpstreamChanged

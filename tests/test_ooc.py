@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experts import ooc
+from experts.split import ooc
 from pipelines.shardio.sample_table import key_bytes
 
 

@@ -98,7 +98,7 @@ def test_embed_and_split_from_s3_give_the_local_runs_bytes_and_the_run_verifies(
                                                                                 monkeypatch):
     """The trainer reads only the run's expert shards (local, or on the run's shared filesystem):
     byte-identical to the local run's, they train its models bit for bit (test_determinism)."""
-    from experts.verify import verify_split
+    from experts.split.verify import verify_split
 
     if not s3.exists("shards"):
         s3.mkdir("shards")

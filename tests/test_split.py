@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from experts.images import clean_image, sample_output, sample_outputs
 from experts.shard_sets import shard_set
-from experts.verify import verify_split
+from experts.split.images import clean_image, sample_output, sample_outputs
+from experts.split.verify import verify_split
 from pipelines.core.config import DataConfig, SplitConfig, load_config
 from pipelines.core.layout import shard_id
 from pipelines.core.manifest import atomic_path, file_sha256, hash_outputs, write_manifest
@@ -129,7 +129,7 @@ def test_images_decoded_on_several_threads_come_back_in_order_with_the_serial_an
 
 
 def test_the_shard_wide_jpeg_verdict_agrees_with_clean_image_or_leaves_it_the_image():
-    from experts.images import HUGE, PASS, UNSETTLED, plain_jpeg_verdicts
+    from experts.split.images import HUGE, PASS, UNSETTLED, plain_jpeg_verdicts
 
     good = image_bytes()
     images = [good, huge_jpeg(), good[: len(good) // 2], image_bytes("CMYK"), good + b"\n", b"", b"\x89PNG"]
@@ -493,18 +493,18 @@ def test_a_key_in_two_input_shards_is_kept_once_and_the_later_copy_counted(tmp_p
     written = {e: [s.key for p in expert_shards(tmp_path / "split", e)[0] for s in iter_samples(p)] for e in (0, 1)}
     assert sorted(written[0] + written[1]) == ["a", "b", "c", "d", "e"]
     assert "a" in written[0]  # the first one's expert, not the repeat's
-    from experts.verify import verify_split
+    from experts.split.verify import verify_split
 
     assert verify_split(tmp_path)[0] == []
 
 
 @pytest.mark.parametrize("partitions", [None, 3])  # keys in one spill partition, or spread over three
 def test_verify_names_a_stranger_a_repeat_and_a_sample_in_the_wrong_expert(clustered, monkeypatch, partitions):
-    import experts.verify
+    import experts.split.verify
     from pipelines.shardio.shards import ShardSetWriter
 
     if partitions:
-        monkeypatch.setattr(experts.verify, "partitions_for", lambda records: partitions)
+        monkeypatch.setattr(experts.split.verify, "partitions_for", lambda records: partitions)
     _, cfg, root = clustered
     run = fresh_run(root, f"tampered_more_{partitions}")
     run_stage("split", cfg, run)
@@ -612,7 +612,7 @@ def test_assignment_rows_stream_each_shards_rows_in_one_pass(tmp_path, monkeypat
 
 def test_the_out_of_cluster_hash_is_part_of_the_fingerprint_only_when_copies_are_made(monkeypatch):
     """A plan made with another OOC hash would give slots to other samples: such a split is redone."""
-    from experts import ooc
+    from experts.split import ooc
     from experts.split.stage import split_config_hash
 
     with_copies, without = SplitConfig(ooc_ratio=0.02), SplitConfig()

@@ -2,7 +2,7 @@
 
 Every assigned sample gets a *slot* in its expert's sequence (input shards in
 order, samples in order), plus, with `ooc_ratio > 0`, slots in other experts
-chosen by a hash of (key, expert) (MoDE's out-of-cluster mixing, experts/ooc.py).
+chosen by a hash of (key, expert) (MoDE's out-of-cluster mixing, experts/split/ooc.py).
 Slot p of expert e goes to output shard p // shard_size_e. The plan is a
 small table of slot offsets per (input shard, expert), so which output
 shards an input shard feeds, and which input shard completes each output
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from experts import ooc
-from experts.duplicate_keys import BATCH_ROWS, duplicate_rows, earlier_shard_keys
+from experts.split import ooc
+from experts.split.duplicate_keys import BATCH_ROWS, duplicate_rows, earlier_shard_keys
 from pipelines.core.config import SplitConfig
 from pipelines.core.devices import usable_cores
 from pipelines.shardio.sample_table import key_bytes

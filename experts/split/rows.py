@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from experts.duplicate_keys import BATCH_ROWS
+from experts.split.duplicate_keys import BATCH_ROWS
 
 
 class AssignmentRows:

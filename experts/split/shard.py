@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experts import ooc
-from experts.images import HUGE, PASS, plain_jpeg_verdicts, sample_output, sample_outputs
+from experts.split import ooc
+from experts.split.images import HUGE, PASS, plain_jpeg_verdicts, sample_output, sample_outputs
 from experts.split.outputs import OutputShards
 from experts.split.rows import AssignmentRows
 from pipelines.core.config import SplitConfig

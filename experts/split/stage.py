@@ -39,9 +39,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from experts import ooc
-from experts.duplicate_keys import SPILL_PREFIX
 from experts.shard_sets import shard_set_files, shard_set_manifest, write_shard_set
+from experts.split import ooc
+from experts.split.duplicate_keys import SPILL_PREFIX
 from experts.split.outputs import OutputShards
 from experts.split.plan import boundary_shards, completing_shard, input_runs, make_plan, output_shards_of
 from experts.split.rows import AssignmentRows

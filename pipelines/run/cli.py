@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from experts.verify import INPUT_MODES, verify_split
+from experts.split.verify import INPUT_MODES, verify_split
 from pipelines.core.config import ConfigError, load_config, merge_settings, parse_setting
 from pipelines.core.devices import usable_cores
 from pipelines.core.layout import RunLayout

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from experts import ooc
-from experts.images import IMAGE_EXTS
 from experts.shard_sets import shard_set, shard_set_manifest
+from experts.split import ooc
+from experts.split.images import IMAGE_EXTS
 from pipelines.core.layout import MANIFEST, RunLayout, expert_name, shard_id
 from pipelines.core.manifest import file_sha256, read_manifest, require_manifest, source_hashes
 from pipelines.core.shard_url import ShardURL, is_remote
