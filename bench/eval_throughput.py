@@ -84,9 +84,9 @@ def make_set(folder: Path, n: int, seed: int = 0) -> None:
 def child_moda(data: Path, model: Path, workers: int) -> dict:
     import open_clip  # noqa: F401 - imported before the clock, as the peer's `clip_benchmark.cli` imports it
 
-    from routing.clip_features import classifier_weights, load_clip
-    from routing.image_stream import stream_image_features
-    from routing.tasks import load_tasks
+    from evaluation.clip_features import classifier_weights, load_clip
+    from evaluation.image_stream import stream_image_features
+    from evaluation.tasks import load_tasks
 
     started = time.perf_counter()
     (task,) = load_tasks(data)

@@ -30,10 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pairs import Ratio, alternate
-from routing.predict import MoDESystem
-from routing.stats import paired_bootstrap
-from routing.tasks import load_tasks
+from evaluation.tasks import load_tasks
+from reporting.stats import paired_bootstrap
 from serving.infer import InferRequest, infer
+from serving.predict import MoDESystem
 
 
 def accuracy(system: MoDESystem, tasks, ks: list[int]) -> list[dict]:

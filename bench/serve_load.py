@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.pairs import Ratio, alternate  # noqa: E402
+from evaluation.clip_features import image_features  # noqa: E402
+from evaluation.tasks import load_tasks  # noqa: E402
 from pipelines.run.demo import free_port  # noqa: E402
-from routing.clip_features import image_features  # noqa: E402
-from routing.predict import MoDESystem  # noqa: E402
-from routing.tasks import load_tasks  # noqa: E402
+from serving.predict import MoDESystem  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

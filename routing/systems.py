@@ -37,6 +37,14 @@ HITS = {"classification": ("top1",), "retrieval": ("i2t_r1", "t2i_r1")}
 # Lambdas tried on the validation tasks (the paper's 0.2 among them).
 LAMBDAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 ROUTINGS = ("paper", "released", "coarse")
+# The report's row names for the main system's ensembles, spelled once (evaluation writes them, the
+# report and the sweep read them).
+UNIFORM = "uniform ensemble"
+ROUTED = "routed ensemble"
+RELEASED = "routed, released formula"
+COARSE = "routed by coarse centres"
+ORACLE = "oracle best expert"
+ENSEMBLES = (UNIFORM, ROUTED, RELEASED, COARSE)
 
 
 @dataclass(frozen=True)

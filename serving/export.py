@@ -1,4 +1,4 @@
-"""`moda export RUN OUT`: a trained system as one self-describing folder (routing/bundle.py has the
+"""`moda export RUN OUT`: a trained system as one self-describing folder (serving/bundle.py has the
 layout), in the Hugging Face hub's layout (a README.md model card with YAML front matter beside the
 files), so `huggingface-cli upload`, a colleague's machine or `MoDESystem.load` takes it as is.
 
@@ -27,7 +27,7 @@ from experts.models import CONFIG_FILE, WEIGHTS_FILE, read_model_config, read_pr
 from experts.pretrained import full_preprocess
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import atomic_write_json, atomic_write_text, file_sha256
-from routing.bundle import BUNDLE_FILE, CENTROIDS, FORMAT, OWNS, SystemSpec, is_bundle, run_system
+from serving.bundle import BUNDLE_FILE, CENTROIDS, FORMAT, OWNS, SystemSpec, is_bundle, run_system
 
 VERSIONED = ("moda", "open_clip_torch", "torch", "sentence-transformers", "numpy")
 
@@ -130,7 +130,7 @@ by how close a task's class names are to the fine cluster centres each expert ow
 ## Use
 
 ```python
-from routing.predict import MoDESystem          # pip install moda (this repository)
+from serving.predict import MoDESystem          # pip install moda (this repository)
 system = MoDESystem.load("<this folder>")
 probs, weights = system.classify(images, ["cat", "dog"])
 ```

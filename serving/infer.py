@@ -37,13 +37,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from evaluation.clip_features import inference, to_device
+from evaluation.image_stream import decode_threads, image_bytes, preprocessed_batches
 from pipelines.core.layout import shard_id
 from pipelines.core.manifest import atomic_path, atomic_write_json, combine
 from pipelines.shardio.remote_shards import fetch_ahead, held
 from pipelines.shardio.shards import ShardError, iter_samples, select_shards
-from routing.clip_features import inference, to_device
-from routing.image_stream import decode_threads, image_bytes, preprocessed_batches
-from routing.predict import Classifier, MoDESystem
+from serving.predict import Classifier, MoDESystem
 
 FINGERPRINT_KEY = b"moda_infer_fingerprint"
 SUMMARY = "infer.json"

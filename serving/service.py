@@ -40,11 +40,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from routing.clip_features import inference, to_device
-from routing.image_stream import without_address
-from routing.predict import Classifier, MoDESystem
-from routing.tasks import check_template
+from evaluation.clip_features import inference, to_device
+from evaluation.image_stream import without_address
+from evaluation.tasks import check_template
 from serving.export import versions
+from serving.predict import Classifier, MoDESystem
 
 LOG = logging.getLogger("moda.serve")
 

@@ -141,7 +141,7 @@ def test_a_config_with_a_bad_coverage_fails_at_load(tmp_path, tiny_data):
 
 
 def test_moda_predict_loads_the_added_experts_and_routes_over_them(run, added):
-    from routing.predict import MoDESystem
+    from serving.predict import MoDESystem
 
     system = MoDESystem.load(run["run"])
     assert system.expert_names[-3:] == ["expert_002", "expert_003", "expert_004"]

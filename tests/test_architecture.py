@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipelines", "clustering", "experts", "routing", "serving")
+PACKAGES = ("pipelines", "clustering", "experts", "routing", "evaluation", "reporting", "serving")
 
 # Floors, lowest first: a module may import its own floor and those below, never above.
 FLOORS = [
@@ -17,6 +17,8 @@ FLOORS = [
     ("clustering",),
     ("experts",),
     ("routing",),
+    ("evaluation",),
+    ("reporting",),
     ("serving",),
     ("pipelines.run",),
 ]

@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from evaluation.tasks import load_tasks
 from pipelines.core.manifest import file_sha256
 from pipelines.run.cli import main as cli_main
-from routing.bundle import BUNDLE_FILE, read_system
-from routing.predict import MoDESystem
-from routing.tasks import load_tasks
+from serving.bundle import BUNDLE_FILE, read_system
 from serving.export import export
+from serving.predict import MoDESystem
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evaluation.tasks import TaskError, load_tasks
 from pipelines.core.config import load_config
 from pipelines.run.stages import run_stage
-from routing.tasks import TaskError, load_tasks
 
 CAPTIONS_PER_IMAGE = 5
 
@@ -155,7 +155,7 @@ def test_a_clip_benchmark_set_that_cannot_be_evaluated_is_an_error_naming_the_fi
 
 
 def test_builtin_imagenet_metadata_comes_from_open_clip(tmp_path):
-    from routing.tasks import read_spec
+    from evaluation.tasks import read_spec
 
     (tmp_path / "task.json").write_text(json.dumps({"kind": "classification", "classnames": "imagenet1k"}))
     spec = read_spec(tmp_path)

@@ -42,9 +42,9 @@ def test_image_features_on_the_gpu_under_autocast_match_the_cpu(tmp_path):
     import open_clip
     from PIL import Image
 
+    from evaluation.clip_features import image_features, load_clip
     from experts.models import model_config_dict, write_model_folder
     from pipelines.core.config import TrainConfig
-    from routing.clip_features import image_features, load_clip
 
     model_cfg = model_config_dict(TrainConfig().model)
     model = open_clip.model.CLIP(**model_cfg)

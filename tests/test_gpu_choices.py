@@ -89,7 +89,7 @@ def test_the_trainers_webdataset_loader_pins_memory_on_a_gpu_only():
 
 
 def test_evaluation_decodes_on_every_core_but_one_on_a_gpu_and_two_on_a_cpu(monkeypatch):
-    import routing.image_stream as evaluate
+    import evaluation.image_stream as evaluate
 
     monkeypatch.setattr(evaluate, "usable_cores", lambda: 16)
     assert evaluate.decode_threads(-1, "cpu") == 2
@@ -100,7 +100,7 @@ def test_evaluation_decodes_on_every_core_but_one_on_a_gpu_and_two_on_a_cpu(monk
 def test_inference_is_fp32_on_a_cpu_and_bf16_autocast_on_a_gpu():
     import torch
 
-    from routing.clip_features import autocast_dtype, inference, to_device
+    from evaluation.clip_features import autocast_dtype, inference, to_device
 
     with inference("cpu"):
         assert not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")

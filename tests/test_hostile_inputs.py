@@ -323,14 +323,14 @@ GOOD_SPEC = {"name": "t", "kind": "classification", "classnames": ["cat", "dog"]
     (GOOD_SPEC, [("a.jpg", JPG)], r"00000.tar: sample 'a' needs an image and a .cls"),
 ])
 def test_a_malformed_task_is_an_error_naming_its_file_and_key(tmp_path, spec, members, message):
-    from routing.tasks import TaskError, load_tasks
+    from evaluation.tasks import TaskError, load_tasks
 
     with pytest.raises(TaskError, match=message):
         load_tasks(task_folder(tmp_path, spec, members))
 
 
 def test_a_clip_benchmark_template_placeholder_is_accepted(tmp_path):
-    from routing.tasks import load_tasks
+    from evaluation.tasks import load_tasks
 
     (task,) = load_tasks(task_folder(tmp_path, {**GOOD_SPEC, "templates": ["a photo of a {c}."]},
                                      [("a.jpg", JPG), ("a.cls", b"1")]))

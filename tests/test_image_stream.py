@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
-import routing.image_stream as stream
+import evaluation.image_stream as stream
+from evaluation.clip_features import image_features, load_clip
+from evaluation.tasks import load_tasks
 from pipelines.core.config import load_config
 from pipelines.run.stages import run_stage
-from routing.clip_features import image_features, load_clip
-from routing.tasks import load_tasks
 
 pytestmark = pytest.mark.slow
 

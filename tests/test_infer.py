@@ -15,8 +15,8 @@ from PIL import Image
 
 from pipelines.core.manifest import file_sha256
 from pipelines.shardio.shards import ShardSetWriter, iter_samples
-from routing.predict import MoDESystem
 from serving.infer import InferRequest, infer
+from serving.predict import MoDESystem
 
 pytestmark = pytest.mark.slow
 CLASSES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "a beach", "a forest")

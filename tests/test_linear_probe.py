@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
+from evaluation.linear_probe import C_GRID, few_shot, probe
 from pipelines.core.config import load_config
 from pipelines.run.stages import run_stage
-from routing.linear_probe import C_GRID, few_shot, probe
 
 
 def blobs(n_per_class: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipelines.run.cli import main as cli_main
 from pipelines.shardio.shards import iter_samples
-from routing.predict import MoDESystem
+from serving.predict import MoDESystem
 
 pytestmark = pytest.mark.slow
 

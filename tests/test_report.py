@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from evaluation.evaluate import PER_SAMPLE_SCHEMA
 from pipelines.core.config import ReportConfig
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import atomic_write_json, write_manifest
 from pipelines.run.stages import run_section
-from routing.evaluate import PER_SAMPLE_SCHEMA
 
 ROWS = ["seed", "baseline", "expert_000", "expert_001", "uniform ensemble", "routed ensemble"]
 

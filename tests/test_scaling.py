@@ -1,11 +1,11 @@
-"""Scaling-law fits (routing/scaling.py): the law is recovered from its own points, the intervals
+"""Scaling-law fits (reporting/scaling.py): the law is recovered from its own points, the intervals
 cover it, and the questions a user asks (where do two curves cross, what is MoDE worth in compute)
 have the answers the laws imply."""
 
 import numpy as np
 import pytest
 
-from routing.scaling import (
+from reporting.scaling import (
     PowerLaw,
     compute_multiplier,
     crossing,

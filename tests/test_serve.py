@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipelines.run.demo import free_port
 from pipelines.shardio.shards import iter_samples
-from routing.predict import MoDESystem
+from serving.predict import MoDESystem
 from serving.service import Limits, create_app
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from routing.stats import mean_and_std, paired_bootstrap, paired_bootstrap_tasks
+from reporting.stats import mean_and_std, paired_bootstrap, paired_bootstrap_tasks
 
 
 def test_a_difference_far_from_zero_is_a_win_and_the_interval_holds_the_mean():
@@ -47,11 +47,11 @@ def test_the_interval_over_tasks_is_the_mean_of_the_per_task_means():
 
 
 def test_rounds_drawn_in_chunks_give_the_same_interval_as_at_once(monkeypatch):
-    import routing.stats
+    import reporting.stats
 
     diff = np.random.default_rng(3).choice([-1, 0, 1], size=(2, 200))
     at_once = paired_bootstrap(diff, resamples=100, seed=4)
-    monkeypatch.setattr(routing.stats, "CELLS", 200 * 7)  # 7 rounds at a time
+    monkeypatch.setattr(reporting.stats, "CELLS", 200 * 7)  # 7 rounds at a time
     chunked = paired_bootstrap(diff, resamples=100, seed=4)
     assert chunked.mean == at_once.mean and chunked.seeds == at_once.seeds
     assert 0 < chunked.high - chunked.low < 2 * (at_once.high - at_once.low)

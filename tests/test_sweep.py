@@ -17,9 +17,9 @@ from pipelines.core.config import ConfigError, load_config, section_hash
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import file_sha256
 from pipelines.run.sweep import gpu_shares, model_slug, on_share, plan, points, systems, waves
-from routing.scaling import PowerLaw, interval
-from routing.scaling_stage import compare, error_draws, fit_system
-from routing.scaling_tables import scaling_markdown, verdict
+from reporting.scaling import PowerLaw, interval
+from reporting.scaling_stage import compare, error_draws, fit_system
+from reporting.scaling_tables import scaling_markdown, verdict
 
 from conftest import prefect_harness, write_config
 

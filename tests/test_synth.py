@@ -81,7 +81,7 @@ def test_a_failed_task_leaves_no_half_written_task_folder(tmp_path, monkeypatch)
     import pytest
 
     import pipelines.synth.generate as generator
-    from routing.tasks import load_tasks
+    from evaluation.tasks import load_tasks
 
     monkeypatch.setattr(generator, "TRIES", 0)  # every draw "fails"
     cfg = SynthConfig(num_train=20, shard_size=20, eval_per_class=1, val_per_class=0, retrieval_pairs=2)

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from test_hostile_inputs import tar_bytes
 
+from evaluation.image_stream import ImageError, TaskImages, stream_image_features
+from evaluation.tasks import Task, without_unreadable
 from pipelines.core.config import load_config
 from pipelines.run.stages import run_stage
 from pipelines.shardio.shards import iter_samples
-from routing.image_stream import ImageError, TaskImages, stream_image_features
-from routing.tasks import Task, without_unreadable
 
 
 def jpeg(colour: int) -> bytes:
@@ -145,7 +145,7 @@ def test_evaluate_leaves_unreadable_images_out_of_every_model_counts_and_names_t
 
 @pytest.mark.slow
 def test_with_unreadable_images_error_evaluate_stops_naming_the_shard_and_key(tiny_run, tiny_data, tmp_path):
-    from routing.tasks import TaskError
+    from evaluation.tasks import TaskError
 
     root = damaged_eval(tiny_data, tmp_path / "eval")
     run = run_over(tiny_run, tmp_path)

@@ -340,7 +340,7 @@ class AddExpertConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     """`moda sweep`: a grid of (model, budget) points, each a whole MoDE run, and the scaling laws
-    of every system's error against its training compute (routing/scaling.py).
+    of every system's error against its training compute (reporting/scaling.py).
 
     `models`: open_clip models (as `train.model`), smallest first; empty: `train.model` alone.
     `epochs`: the budgets, each in total epochs over the training data (samples seen = epochs x

@@ -48,6 +48,7 @@ from clustering.embed import STAGE as EMBED
 from clustering.embeddings import embedding_files
 from clustering.encoder import load_run_encoder, run_encoder_spec
 from clustering.incremental import covering_fine_clusters, task_fine_clusters, widest_expert, widest_part
+from evaluation.tasks import task_spec
 from experts.launch import gpu_slots, run_gpus, trainer_device
 from experts.models import model_files, read_model_config
 from experts.registry import current_added, read_added, read_registry, register_added
@@ -74,7 +75,6 @@ from pipelines.run.stages import layout_of
 from pipelines.shardio.shards import expand_shards
 from routing.metadata import classname_embeddings
 from routing.prompts import DEFAULT_TEMPLATES
-from routing.tasks import task_spec
 
 MODES = ("new-data", "split-widest", "task")
 

@@ -39,9 +39,9 @@ from pipelines.run.progress import Watcher
 from pipelines.run.stages import NAMES, run_stage
 from pipelines.shardio.shards import ShardError
 from pipelines.synth.generate import generate
-from routing.predict import MoDESystem
 from serving.export import export
 from serving.infer import InferRequest, infer, read_lines
+from serving.predict import MoDESystem
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -276,7 +276,7 @@ def sweep(config_path: str = "configs/sweep-cpu.yaml", run_dir: str | None = Non
           overrides: dict | None = None) -> str:
     """The scaling-law sweep (pipelines/run/sweep.py): embed, cluster and split once, then every
     (model, budget) point as a `moda` sub-flow in its own run folder (a finished point is skipped, a
-    killed one resumes), then the laws fitted to them (routing/scaling_stage.py). Returns the
+    killed one resumes), then the laws fitted to them (reporting/scaling_stage.py). Returns the
     scaling summary (markdown)."""
     cfg = load_config(config_path, overrides)
     check_inputs(cfg)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from clustering import cluster, embed
+from evaluation import evaluate
 from experts import train
 from experts.split import stage as split
 from pipelines.core.config import Config, DataConfig
@@ -19,7 +20,7 @@ from pipelines.core.stage import Hooks, Stage, StageContext, is_stage_done, upst
 from pipelines.core.stage import run_stage as run_one
 from pipelines.shardio.remote import is_url
 from pipelines.shardio.shards import expand_shards
-from routing import evaluate, report
+from reporting import report
 
 STAGES: tuple[Stage, ...] = (embed.STAGE, cluster.STAGE, split.STAGE, train.STAGE, evaluate.STAGE, report.STAGE)
 BY_NAME = {stage.name: stage for stage in STAGES}

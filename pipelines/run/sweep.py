@@ -15,7 +15,7 @@ fingerprinted: a killed sweep, run again, skips the finished points and the
 finished stages of the one it stopped in. With `sweep.parallel_points` P > 1
 the points train P at a time, each on its own share of the visible GPUs
 (`train.gpus`, a run-only field). The scaling stage
-(routing/scaling_stage.py) reads every point's report and fits the laws.
+(reporting/scaling_stage.py) reads every point's report and fits the laws.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pipelines.core.stage import run_stage as run_one
 from pipelines.run.ablations import ablation_done, link
 from pipelines.run.replicates import SHARED, replicate_done
 from pipelines.run.stages import NAMES, stage_done
-from routing.report import ROUTED
-from routing.scaling_stage import SINGLE, SweepPlan, SweepPoint
-from routing.scaling_stage import STAGE as SCALING
+from reporting.scaling_stage import SINGLE, SweepPlan, SweepPoint
+from reporting.scaling_stage import STAGE as SCALING
+from routing.systems import ROUTED
 
 
 def model_slug(model: str) -> str:

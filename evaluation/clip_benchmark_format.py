@@ -16,13 +16,17 @@ image extension a sample has in that order, class names and templates
 stripped line by line. Multi-label sets (`dataset_type.txt` "multilabel") are
 not evaluated by moda and are refused by name.
 
-This module only says what a folder holds (routing/tasks.py reads the samples)
+This module only says what a folder holds (evaluation/tasks.py reads the samples)
 and how a result is written in clip_benchmark's JSON format.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from pipelines.core.layout import RunLayout
+from pipelines.core.manifest import atomic_write_json, atomic_write_text
 
 SPLIT = "test"
 TRAIN_SPLIT = "train"  # optional: the samples a linear probe is fitted on
@@ -130,3 +134,31 @@ def main_metric(kind: str, metrics: dict) -> float:
     if kind == "classification":
         return metrics["top1"]
     return (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
+
+
+def write_field_formats(results: dict, layout: RunLayout) -> list[Path]:
+    """Every (row, task) result as clip_benchmark's JSON (and every linear probe, as its
+    `linear_probe` task writes them), the zero-shot ones also in results.jsonl; return
+    the files written. The tools that read clip_benchmark's or DataComp's outputs read these."""
+    lines, paths = [], []
+    for task, entry in results["tasks"].items():
+        kind = entry["kind"]
+        for row in results["rows"]:
+            metrics = {k: v for k, v in entry[row].items() if k != "expert"}
+            path = layout.clip_benchmark_result(task, row)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, cb_result(task, kind, row, metrics))
+            paths.append(path)
+            field = {**cb_metrics(kind, metrics), "main_metric": main_metric(kind, metrics)}
+            lines.append(json.dumps({"key": task, "dataset": task, "model": row, "metrics": field}))
+    for task, rows_of in results.get("linear_probe", {}).items():
+        for row, probed in rows_of.items():
+            for shot, metrics in probed.items():
+                if shot == "C":
+                    continue
+                k = -1 if shot == "full" else int(shot[1:])
+                path = layout.clip_benchmark_result(task, f"{row}__linear_probe" + ("" if k < 0 else f"_{k}shot"))
+                atomic_write_json(path, cb_probe_result(task, row, metrics, k, probed["C"]))
+                paths.append(path)
+    atomic_write_text(layout.results_jsonl, "\n".join(lines) + "\n")
+    return [layout.results_jsonl, *paths]

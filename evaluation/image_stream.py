@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from evaluation.clip_features import inference, to_device
 from pipelines.core.devices import is_cuda, usable_cores
 from pipelines.core.manifest import atomic_path, atomic_write_json, combine, file_sha256
 from pipelines.shardio.shards import iter_samples
-from routing.clip_features import inference, to_device
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order: a sample's first one is its image
 

@@ -1,11 +1,11 @@
 """Use a trained MoDE system: classify images from class names, rank captions, embed images.
 
-    from routing.predict import MoDESystem
+    from serving.predict import MoDESystem
     system = MoDESystem.load("runs/demo")            # a run folder, or a bundle (moda export)
     probs, weights = system.classify(images, ["circle", "square"])
     scores, weights = system.rank_captions(image, ["a red circle", "a forest"])
 
-The system is read by routing/bundle.py `read_system` (experts, fine centres, ownership, the
+The system is read by serving/bundle.py `read_system` (experts, fine centres, ownership, the
 routing rule and the lambda evaluate chose on validation tasks, the caption encoder). Experts are
 loaded on first use, so a caller that runs only the `top_experts` with the largest routing weights
 (`moda infer --top-experts`) never loads the others. An expert added later (`moda add-expert`) is
@@ -24,13 +24,13 @@ import numpy as np
 from PIL import Image
 
 from clustering.encoder import encode, load_encoder
+from evaluation.clip_features import ClipModel, classifier_weights, image_features, load_clip, text_features
 from pipelines.core.devices import pick_device
-from routing.bundle import SystemSpec, read_system
-from routing.clip_features import ClipModel, classifier_weights, image_features, load_clip, text_features
 from routing.ensemble import ensemble_logits
 from routing.metadata import classname_embeddings
 from routing.prompts import DEFAULT_TEMPLATES
 from routing.weights import route
+from serving.bundle import SystemSpec, read_system
 
 LOGIT_SCALE = 100.0  # CLIP's: the ensemble's cosines to probabilities
 

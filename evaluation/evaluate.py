@@ -34,8 +34,9 @@ one weight vector routed from the whole caption set, text-to-image routes
 every query caption on its own (the paper's definitions); metrics R@1, R@5,
 R@10 both ways, an image-to-text hit being any of the image's captions.
 
-Task folders: routing/tasks.py; models scored on them: routing/scorer.py. This evaluation's tables
-and plots: routing/tables.py; the comparison over trainer seeds with intervals: the report stage, routing/report.py.
+Task folders: evaluation/tasks.py; models scored on them: evaluation/scorer.py. This evaluation's
+tables and plots: evaluation/tables.py; the comparison over trainer seeds with intervals: the report
+stage, reporting/report.py.
 Every number is computed from the run's own files.
 """
 
@@ -50,6 +51,13 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from clustering.encoder import encode, load_run_encoder
+from evaluation.clip_benchmark_format import write_field_formats
+from evaluation.clip_features import load_clip
+from evaluation.image_stream import decode_threads
+from evaluation.linear_probe import probe
+from evaluation.scorer import Scorer, num_images, warm_features
+from evaluation.tables import markdown_report, plot_report
+from evaluation.tasks import Task, load_tasks, task_folders, task_roots
 from experts.registry import added_fingerprint, current_added, load_experts, ownership, read_registry
 from pipelines.core.config import EvaluateConfig, parse_ablation, section_hash
 from pipelines.core.devices import is_cuda, pick_device
@@ -66,15 +74,20 @@ from pipelines.core.manifest import (
 )
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
 from pipelines.shardio.remote import is_url, mirror
-from routing.clip_benchmark_format import cb_metrics, cb_probe_result, cb_result, main_metric
-from routing.clip_features import load_clip
-from routing.image_stream import decode_threads
-from routing.linear_probe import probe
 from routing.metadata import classname_embeddings
-from routing.scorer import Scorer, num_images, warm_features
-from routing.systems import HEADLINE, Router, TaskView, choose_lambda, ensemble, single
-from routing.tables import markdown_report, plot_report
-from routing.tasks import Task, load_tasks, task_folders, task_roots
+from routing.systems import (
+    COARSE,
+    HEADLINE,
+    ORACLE,
+    RELEASED,
+    ROUTED,
+    UNIFORM,
+    Router,
+    TaskView,
+    choose_lambda,
+    ensemble,
+    single,
+)
 from routing.weights import nearest_fine
 
 PER_SAMPLE_SCHEMA = pa.schema([("task", pa.string()), ("row", pa.string()), ("metric", pa.string()),
@@ -171,7 +184,7 @@ def routed_rows(rows: Rows, name: str, system: System, tasks: list[Task], metas:
 
 def linear_probes(tasks: list[Task], models: dict[str, Path], experts: list[str], scorer: Scorer,
                   shots: tuple[int, ...]) -> dict:
-    """Per classification task with a train split: each model's probe (routing/linear_probe.py), and
+    """Per classification task with a train split: each model's probe (evaluation/linear_probe.py), and
     one on the experts' features concatenated ("MoDE vision ensemble", the paper's section 5.4)."""
     probed = [t for t in tasks if t.kind == "classification" and t.train_images is not None]
     out: dict = {}
@@ -276,16 +289,15 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     for t, task in enumerate(tasks):
         for e, name in enumerate(experts):
             rows.add(task, name, single(view(task), stacked[t][e]))
-        rows.add(task, "uniform ensemble", ensemble(view(task), stacked[t], None))
+        rows.add(task, UNIFORM, ensemble(view(task), stacked[t], None))
     lambdas = {"MoDE": lambda_on_validation(system, val_tasks, val_metas, scorer, cfg.lam)}
     routings = routed_rows(rows, "MoDE", system, tasks, [m for m, _ in metas], stacked, lambdas["MoDE"]["value"],
-                           {"routed ensemble": cfg.routing, "routed, released formula": "released",
-                            "routed by coarse centres": "coarse"} if cfg.routing == "paper" else
-                           {"routed ensemble": cfg.routing})
+                           {ROUTED: cfg.routing, RELEASED: "released", COARSE: "coarse"} if cfg.routing == "paper"
+                           else {ROUTED: cfg.routing})
     for task in tasks:
         metric = HEADLINE[task.kind]
         best = max(experts, key=lambda e: rows.metrics[task.name][e][metric])
-        rows.metrics[task.name]["oracle best expert"] = {**rows.metrics[task.name][best], "expert": best}
+        rows.metrics[task.name][ORACLE] = {**rows.metrics[task.name][best], "expert": best}
     ablation_names, ablation_variants = [], {}
     for variant in cfg.ablations:
         v_system = ablation_system(layout, variant)
@@ -300,11 +312,11 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
             else:
                 for t, task in enumerate(tasks):
                     rows.add(task, row, ensemble(view(task), v_stacked[t], None))
-    main = list(singles) + experts + ["uniform ensemble", "routed ensemble"]
+    main = list(singles) + experts + [UNIFORM, ROUTED]
     if cfg.routing == "paper":
-        main += ["routed, released formula", "routed by coarse centres"]
+        main += [RELEASED, COARSE]
     results: dict = {"routing": cfg.routing, "lam": lambdas["MoDE"]["value"], "lambda": lambdas, "tasks": {},
-                     "rows": main + ["oracle best expert"] + ablation_names, "ablation_rows": ablation_variants,
+                     "rows": main + [ORACLE] + ablation_names, "ablation_rows": ablation_variants,
                      "validation": validation}
     if cfg.linear_probe:
         results["linear_probe"] = linear_probes(tasks, singles | dict(zip(experts, system.models)), experts,
@@ -340,34 +352,6 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
                 "stale_added_experts": len(current_added(layout)[1])},
         extra={"device": device},
     )
-
-
-def write_field_formats(results: dict, layout: RunLayout) -> list[Path]:
-    """Every (row, task) result as clip_benchmark's JSON (and every linear probe, as its
-    `linear_probe` task writes them), the zero-shot ones also in results.jsonl; return
-    the files written. The tools that read clip_benchmark's or DataComp's outputs read these."""
-    lines, paths = [], []
-    for task, entry in results["tasks"].items():
-        kind = entry["kind"]
-        for row in results["rows"]:
-            metrics = {k: v for k, v in entry[row].items() if k != "expert"}
-            path = layout.clip_benchmark_result(task, row)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, cb_result(task, kind, row, metrics))
-            paths.append(path)
-            field = {**cb_metrics(kind, metrics), "main_metric": main_metric(kind, metrics)}
-            lines.append(json.dumps({"key": task, "dataset": task, "model": row, "metrics": field}))
-    for task, rows_of in results.get("linear_probe", {}).items():
-        for row, probed in rows_of.items():
-            for shot, metrics in probed.items():
-                if shot == "C":
-                    continue
-                k = -1 if shot == "full" else int(shot[1:])
-                path = layout.clip_benchmark_result(task, f"{row}__linear_probe" + ("" if k < 0 else f"_{k}shot"))
-                atomic_write_json(path, cb_probe_result(task, row, metrics, k, probed["C"]))
-                paths.append(path)
-    atomic_write_text(layout.results_jsonl, "\n".join(lines) + "\n")
-    return [layout.results_jsonl, *paths]
 
 
 def routing_entry(routing: dict, meta: tuple[np.ndarray, list[str]], router: Router) -> dict:

@@ -8,7 +8,7 @@ slots), and, per system (the single model, every MoDE-n) and task (and the
 mean error over the classification tasks):
 
 - the saturating power law err(C) = A C^-alpha + E_inf through the system's
-  compute-Pareto frontier over every point (routing/scaling.py);
+  compute-Pareto frontier over every point (reporting/scaling.py);
 - intervals from `resamples` redraws of the test samples, the same redraw
   for every point and system, so two systems' laws stay paired on the same
   images and their crossing and compute multiplier get intervals too;
@@ -34,8 +34,8 @@ from pipelines.core.devices import is_cuda
 from pipelines.core.layout import RunLayout
 from pipelines.core.manifest import atomic_write_json, atomic_write_text, combine, hash_outputs, require_manifest
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
-from routing.report import per_sample_hits, replicates
-from routing.scaling import (
+from reporting.report import per_sample_hits, replicates
+from reporting.scaling import (
     PowerLaw,
     compute_multiplier,
     crossing,
@@ -45,7 +45,7 @@ from routing.scaling import (
     pareto_frontier,
     refit,
 )
-from routing.scaling_tables import inline_plots, plot_task, scaling_markdown
+from reporting.scaling_tables import inline_plots, plot_task, scaling_markdown
 from routing.systems import HEADLINE
 
 MEAN = "mean"  # the mean error over the classification tasks, fitted as one more task

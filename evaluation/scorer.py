@@ -1,5 +1,5 @@
 """Scoring a model on evaluation tasks: each task's images streamed from its shards through the
-image tower (features cached per model and task fingerprint, routing/image_stream.py), its class
+image tower (features cached per model and task fingerprint, evaluation/image_stream.py), its class
 names or captions through the text tower; and the images every model is scored on when some do
 not decode (`evaluate.unreadable_images: skip`)."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from evaluation.clip_features import classifier_weights, load_clip, text_features
+from evaluation.image_stream import cached_image_features
+from evaluation.tasks import Task, without_unreadable
 from pipelines.core.manifest import combine
-from routing.clip_features import classifier_weights, load_clip, text_features
-from routing.image_stream import cached_image_features
-from routing.tasks import Task, without_unreadable
 
 
 class Scorer:
@@ -38,7 +38,7 @@ class Scorer:
                                      self.batch_size, self.workers, bad)
 
     def readable_tasks(self, model_dir: Path, tasks: list[Task], train_split: bool) -> list[Task]:
-        """`tasks` without their unreadable images (routing/tasks.py `without_unreadable`), found by
+        """`tasks` without their unreadable images (evaluation/tasks.py `without_unreadable`), found by
         streaming `model_dir`'s features (cached: its own scores cost no second pass)."""
         if not self.skip_unreadable or not tasks:
             return tasks

@@ -1,6 +1,6 @@
 """Held-out evaluation tasks, checked as they are read: moda's own task folders and clip_benchmark's.
 
-A task keeps its labels or captions and where its images are (routing/image_stream.py streams
+A task keeps its labels or captions and where its images are (evaluation/image_stream.py streams
 them for each model), never the decoded images: memory does not grow with a task's size.
 
 A moda task folder holds `task.json` ({"name", "kind": "classification",
@@ -11,7 +11,7 @@ ImageNet class names, with OpenAI's 80 templates (`"templates": "openai"`,
 the default there) or the simple set (`"simple"`).
 
 A clip_benchmark folder (`test/{0..n-1}.tar`, classnames.txt, ...; see
-routing/clip_benchmark_format.py) is read as it is; its retrieval captions are
+evaluation/clip_benchmark_format.py) is read as it is; its retrieval captions are
 one per line, several per image.
 """
 
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from evaluation import clip_benchmark_format as cb
+from evaluation.image_stream import IMAGE_EXTS, ImageError, TaskImages, image_bytes
 from pipelines.core.layout import TASK_FILE
 from pipelines.shardio.shards import ShardError, expand_shards, iter_samples
-from routing import clip_benchmark_format as cb
-from routing.image_stream import IMAGE_EXTS, ImageError, TaskImages, image_bytes
 from routing.prompts import DEFAULT_TEMPLATES
 
 
@@ -58,7 +58,7 @@ def without_unreadable(task: Task, bad: list[dict], train_bad: list[dict] | None
     """`task` scored on its readable images only: labels (or captions, with the image each describes
     renumbered) of the images in `bad` (indices into its test images; `train_bad` into its train split)
     left out, every one listed in `unreadable` with its split. The images stay where they are: each
-    model's features are streamed for all and the unreadable rows dropped (routing/evaluate.py)."""
+    model's features are streamed for all and the unreadable rows dropped (evaluation/evaluate.py)."""
     readable = np.ones(task.images.total, dtype=bool)
     readable[[b["index"] for b in bad]] = False
     out = dataclasses.replace(task, readable=readable, unreadable=[{**b, "split": "test"} for b in bad])

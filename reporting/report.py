@@ -6,7 +6,7 @@ the run layer with train.seed + k), and states:
 
 - every row's headline metric per task, mean and standard deviation over the seeds;
 - every row's difference from the baseline with a 95% paired bootstrap interval over
-  trainer seeds and test samples (routing/stats.py), and a verdict that says
+  trainer seeds and test samples (reporting/stats.py), and a verdict that says
   "beat" or "lost" only when the interval excludes zero;
 - why, measured: the share of in-batch pairs that come from the same fine
   cluster (expected under uniform shuffling, from the cluster stage's sizes)
@@ -36,11 +36,10 @@ from pipelines.core.manifest import (
     require_manifest,
 )
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
-from routing.stats import Interval, mean_and_std, paired_bootstrap, paired_bootstrap_tasks
-from routing.systems import HEADLINE
+from reporting.stats import Interval, mean_and_std, paired_bootstrap, paired_bootstrap_tasks
+from routing.systems import ENSEMBLES, HEADLINE, ORACLE, ROUTED
 
 REFERENCE = "baseline"
-ROUTED = "routed ensemble"
 
 
 def replicates(layout: RunLayout, seeds: int) -> list[RunLayout]:
@@ -62,7 +61,7 @@ class Seeds:
     def __init__(self, layouts: list[RunLayout]):
         self.results = [json.loads(r.results.read_text(encoding="utf-8")) for r in layouts]
         rows = [row for row in self.results[0]["rows"] if all(row in r["rows"] for r in self.results)]
-        self.rows = [row for row in rows if row != "oracle best expert"]
+        self.rows = [row for row in rows if row != ORACLE]
         per_seed = [per_sample_hits(r) for r in layouts]
         self.hits = {key: np.stack([hits[key] for hits in per_seed]).astype(np.float64)
                      for key in per_seed[0] if all(key in hits for hits in per_seed)}
@@ -133,7 +132,7 @@ def costs(layout: RunLayout, rows: list[str], ablations: dict[str, str]) -> dict
         out[e] = cost(["seed", e], seen)
     system = cost(["seed", *experts], seen)
     for row in rows:
-        if row in ("uniform ensemble", ROUTED, "routed, released formula", "routed by coarse centres"):
+        if row in ENSEMBLES:
             out[row] = system
     for row, variant in ablations.items():  # the run's seed, then the ablation's experts
         v = require_manifest(layout.ablation(variant).train, "train")["counts"].get("samples_seen", {})
