@@ -222,4 +222,4 @@ def balance_markdown(report: dict) -> str:
 
 
 STAGE = Stage(name="cluster", section="cluster", reads=("embed",), fingerprint=fingerprint, work=work,
-              reports=reports)
+              reports=reports, on_cluster=True)

@@ -234,4 +234,4 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     )
 
 
-STAGE = Stage(name="embed", section="embed", reads=(), fingerprint=fingerprint, work=work)
+STAGE = Stage(name="embed", section="embed", reads=(), fingerprint=fingerprint, work=work, on_cluster=True)

@@ -72,7 +72,7 @@ from pipelines.core.manifest import (
     hash_outputs,
     require_manifest,
 )
-from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
+from pipelines.core.stage import SCORES, Fingerprint, Report, Stage, StageContext, StageResult
 from pipelines.shardio.remote import is_url, mirror
 from routing.metadata import classname_embeddings
 from routing.systems import (
@@ -377,4 +377,4 @@ def reports(ctx: StageContext, manifest: dict) -> list[Report]:
 
 
 STAGE = Stage(name="evaluate", section="evaluate", reads=("embed", "cluster", "train"), fingerprint=fingerprint,
-              work=work, reports=reports)
+              work=work, reports=reports, on_cluster=True, role=SCORES, summary=lambda layout: layout.results_markdown)

@@ -28,9 +28,8 @@ on a Dask cluster (pipelines/run/executors.py).
 Outputs under the stage folder (pipelines/core/layout.py):
     model_config/      the architecture (no weights)
     logs/<name>/       open_clip_train's logs and checkpoints
-    seed/, expert_000/, ..., baseline/    exported local-dir models
-                       (baseline: the seed continued on all data for the
-                       experts' combined compute, the fair single model)
+    seed/, expert_000/, ..., baseline/    exported local-dir models (baseline: the seed
+                       continued on all data for the experts' combined compute, the fair single model)
     registry.json      what routing needs to use the experts
 """
 
@@ -73,7 +72,7 @@ from pipelines.core.config import TrainConfig, section_hash
 from pipelines.core.devices import cpu_threads, is_cuda, pick_device, usable_cores
 from pipelines.core.layout import RunLayout, expert_name
 from pipelines.core.manifest import atomic_write_json, combine, file_sha256, remove_stale_temps
-from pipelines.core.stage import Fingerprint, Hooks, Stage, StageContext, StageResult
+from pipelines.core.stage import TRAINS, Fingerprint, Hooks, Stage, StageContext, StageResult
 from pipelines.shardio.brace import compact_shards
 
 PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
@@ -397,4 +396,5 @@ def clean(stage_dir: Path) -> int:
     return sum(remove_stale_temps(folder) for folder in [stage_dir, *stage_dir.glob("*/")])
 
 
-STAGE = Stage(name="train", section="train", reads=("split",), fingerprint=fingerprint, work=work, clean=clean)
+STAGE = Stage(name="train", section="train", reads=("split",), fingerprint=fingerprint, work=work, clean=clean,
+              on_cluster=True, places_runs=True, role=TRAINS)

@@ -324,4 +324,4 @@ def reports(ctx: StageContext, manifest: dict) -> list[Report]:
 
 
 STAGE = Stage(name="report", section="report", reads=("evaluate",), fingerprint=fingerprint, work=work,
-              reports=reports)
+              reports=reports, summary=lambda layout: layout.report_markdown)

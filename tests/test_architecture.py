@@ -149,3 +149,15 @@ def test_only_the_run_layout_spells_run_folder_file_names():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in RUN_FILES:
                 spelled.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not spelled, "\n".join(spelled)
+
+
+def test_the_flow_layer_names_no_stage():
+    """flows.py iterates the stage list and reads what each stage says it needs (pipelines/core/stage.py
+    `Stage`): a stage name spelled there would be a second place to edit when stages change."""
+    from pipelines.run.stages import NAMES
+
+    flows = ROOT / "pipelines" / "run" / "flows.py"
+    named = [f"{flows.relative_to(ROOT)}:{node.lineno}: {node.value!r}"
+             for node in ast.walk(ast.parse(flows.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Constant) and node.value in NAMES]
+    assert not named, "\n".join(named)

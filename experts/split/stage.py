@@ -250,4 +250,5 @@ def _finish(cfg: SplitConfig, layout: RunLayout, shards: list[Path], plan: dict,
     )
 
 
-STAGE = Stage(name="split", section="split", reads=("embed", "cluster"), fingerprint=fingerprint, work=work)
+STAGE = Stage(name="split", section="split", reads=("embed", "cluster"), fingerprint=fingerprint, work=work,
+              on_cluster=True)

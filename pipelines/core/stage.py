@@ -119,6 +119,13 @@ class Stage:
     manifests it needs; `fingerprint(ctx)`; `work(ctx, fingerprint)`;
     `reports(ctx, manifest)`: what to publish after a run that did work;
     `clean(stage_dir)`: removes what a killed run left before work starts.
+
+    What it needs from the run layer, so the flow iterates the stage list and names no stage:
+    `on_cluster`: its jobs go to the run's Dask cluster with `executor: dask`; `places_runs`: its
+    jobs are whole runs that the hooks' runner places (a trainer each), not process jobs for the
+    pool; `role`: TRAINS (derived runs train in its slot: ablations, trainer-seed replicates, an
+    added expert) or SCORES (replicates are evaluated in its slot); `summary(layout)`: the markdown
+    a run that ends with it returns.
     """
 
     name: str
@@ -128,6 +135,14 @@ class Stage:
     work: Callable[[StageContext, Fingerprint], StageResult]
     reports: Callable[[StageContext, dict], list[Report]] = lambda ctx, manifest: []
     clean: Callable[[Any], int] = remove_stale_temps
+    on_cluster: bool = False
+    places_runs: bool = False
+    role: str = ""
+    summary: Callable[[RunLayout], Any] | None = None
+
+
+TRAINS = "trains"
+SCORES = "scores"
 
 
 def upstream_manifests(stage: Stage, layout: RunLayout) -> dict[str, dict]:

@@ -27,7 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from experts.launch import run_gpus, visible_gpus
 from pipelines.core.config import Config, load_config
 from pipelines.core.devices import is_cuda, pick_device
-from pipelines.core.stage import Hooks, Report, Stage
+from pipelines.core.stage import SCORES, TRAINS, Hooks, Report, Stage
 from pipelines.run.ablations import ablation_done, cluster_and_split, run_ablation
 from pipelines.run.add_expert import AddRequest, run_add_expert
 from pipelines.run.executors import (
@@ -41,7 +41,17 @@ from pipelines.run.executors import (
     prefect_runner,
 )
 from pipelines.run.replicates import evaluate_replicate, replicate_done, train_replicate
-from pipelines.run.stages import BY_NAME, STAGES, check_inputs, context, layout_of, run_stage, stage_done
+from pipelines.run.stages import (
+    BY_NAME,
+    SHARED,
+    STAGES,
+    TRAINER,
+    check_inputs,
+    context,
+    layout_of,
+    run_stage,
+    stage_done,
+)
 from pipelines.run.sweep import (
     extra_variants,
     gpu_shares,
@@ -110,18 +120,14 @@ class ProgressArtifact:
             pass
 
 
-# The stages with jobs for a Dask cluster (report has none).
-ON_CLUSTER = ("embed", "cluster", "split", "train", "evaluate")
-
-
 def prefect_hooks(cfg: Config, stage: Stage) -> Hooks:
     """Jobs as Prefect tasks (on Dask when the flow runs on a Dask task runner: train's experts,
     every other stage's process jobs), lines and progress into the flow's log and artifacts."""
     progress = ProgressArtifact(f"{cfg.name}-{stage.name}-progress")
     dask = dask_runner_of_flow() if on_dask(cfg) else None
-    distributed = stage.name == "train" and dask is not None
+    distributed = stage.places_runs and dask is not None
     runner = dask_runner(cfg.train.gpus_per_expert) if distributed else prefect_runner
-    pool = DaskPool(dask) if dask is not None and stage.name != "train" else None
+    pool = DaskPool(dask) if dask is not None and not stage.places_runs else None
     return Hooks(runner=runner, distributed=distributed, on_line=progress.line, on_progress=progress.progress,
                  pool=pool)
 
@@ -149,7 +155,7 @@ def ablation_flow(config_path: str, variant: str, run_dir: str | None = None, ov
     """One of the paper's ablations (random split, one-step clustering, MoDE-k, m fine clusters),
     from the run's seed."""
     cfg = load_config(config_path, overrides)
-    manifest = run_ablation(variant, cfg, run_dir, prefect_hooks(cfg, BY_NAME["train"]))
+    manifest = run_ablation(variant, cfg, run_dir, prefect_hooks(cfg, TRAINER))
     summarise(cfg, f"ablation {variant}", manifest)
     return manifest
 
@@ -161,8 +167,8 @@ def replicate_flow(config_path: str, replicate: int, step: str, run_dir: str | N
     baseline, experts and ablations' experts) or its evaluation (`step` evaluate)."""
     cfg = load_config(config_path, overrides)
     layout = layout_of(cfg, run_dir)
-    if step == "train":
-        manifest = train_replicate(cfg, layout, replicate, prefect_hooks(cfg, BY_NAME["train"]))
+    if BY_NAME[step].role == TRAINS:
+        manifest = train_replicate(cfg, layout, replicate, prefect_hooks(cfg, TRAINER))
     else:
         manifest = evaluate_replicate(cfg, layout, replicate)
     summarise(cfg, f"replicate {replicate} {step}", manifest)
@@ -224,42 +230,43 @@ def moda(config_path: str = "configs/demo.yaml", run_dir: str | None = None,
     log = logger()
     log.info("moda run %r into %s, stages %s", cfg.name, layout.root, chosen)
     with contextlib.ExitStack() as stack:
-        _run_stages(cfg, config_path, layout, names, chosen, add_expert, overrides, RunCluster(cfg.dask, stack))
-    for done, path in (("report", layout.report_markdown), ("evaluate", layout.results_markdown)):
-        if done in chosen and path.is_file():
-            table = path.read_text()
-            log.info("%s\n%s", done, table)
+        _run_stages(cfg, config_path, layout, chosen, add_expert, overrides, RunCluster(cfg.dask, stack))
+    for stage in reversed(STAGES):  # the last chosen stage with a summary that exists
+        if stage.name in chosen and stage.summary is not None and stage.summary(layout).is_file():
+            table = stage.summary(layout).read_text()
+            log.info("%s\n%s", stage.name, table)
             return table
     return ""
 
 
-def _run_stages(cfg: Config, config_path: str, layout, names: list[str], chosen: list[str], add_expert: dict | None,
+def _run_stages(cfg: Config, config_path: str, layout, chosen: list[str], add_expert: dict | None,
                 overrides: dict | None, cluster: RunCluster) -> None:
     """The `moda` flow's stages in order, each a sub-flow (on the run's Dask cluster with `executor: dask`),
     with the ablations, replicates and added expert in their slots."""
     root, log = str(layout.root), logger()
-    for name in names:
+    for stage in STAGES:
+        name = stage.name
         if name in chosen:
             if stage_done(name, cfg, layout):  # no sub-flow run for a finished stage
                 log.info("%s: skipped (outputs match fingerprint)", name)
-            elif cfg.executor == "dask" and name in ON_CLUSTER:
+            elif cfg.executor == "dask" and stage.on_cluster:
                 STAGE_FLOWS[name].with_options(task_runner=dask_task_runner(cluster.address()))(
                     config_path, root, overrides)
             else:
                 STAGE_FLOWS[name](config_path, root, overrides)
-        if name == "train" and name in chosen:
+        if stage.role == TRAINS and name in chosen:
             for variant in cfg.evaluate.ablations:
                 if ablation_done(variant, cfg, layout):
                     log.info("ablation %s: skipped (outputs match fingerprint)", variant)
                 else:
                     ablation_flow(config_path, variant, root, overrides)
-        for k in range(1, cfg.report.seeds):  # other trainer seeds: trained in train's slot, evaluated in evaluate's
-            if name in ("train", "evaluate") and name in chosen:
+        for k in range(1, cfg.report.seeds):  # other trainer seeds: trained in the trainer's slot, scored in scoring's
+            if stage.role in (TRAINS, SCORES) and name in chosen:
                 if replicate_done(cfg, layout, k, name):
                     log.info("replicate %d %s: skipped (outputs match fingerprint)", k, name)
                 else:
                     replicate_flow(config_path, k, name, root, overrides)
-        if name == "train" and add_expert:
+        if stage.role == TRAINS and add_expert:
             add_expert_flow(config_path, run_dir=root, **add_expert)
 
 
@@ -285,9 +292,9 @@ def sweep(config_path: str = "configs/sweep-cpu.yaml", run_dir: str | None = Non
     log = logger()
     log.info("moda sweep %r into %s: %d points, systems %s", cfg.name, layout.root, len(sweep_plan.points),
              list(sweep_plan.systems))
-    moda(config_path, str(layout.root), stages=["embed", "cluster", "split"], overrides=overrides)
+    moda(config_path, str(layout.root), stages=list(SHARED), overrides=overrides)
     for variant in variants:  # MoDE-n's clusters, shared by every point
-        cluster_and_split(variant, cfg, layout, prefect_hooks(cfg, BY_NAME["cluster"]))
+        cluster_and_split(variant, cfg, layout, prefect_hooks(cfg, BY_NAME[SHARED[-1]]))
     pending = []
     for i, point in enumerate(sweep_plan.points):
         folder = prepare_point(layout, point, variants)

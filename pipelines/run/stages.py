@@ -16,7 +16,7 @@ from experts import train
 from experts.split import stage as split
 from pipelines.core.config import Config, DataConfig
 from pipelines.core.layout import RunLayout
-from pipelines.core.stage import Hooks, Stage, StageContext, is_stage_done, upstream_manifests
+from pipelines.core.stage import TRAINS, Hooks, Stage, StageContext, is_stage_done, upstream_manifests
 from pipelines.core.stage import run_stage as run_one
 from pipelines.shardio.remote import is_url
 from pipelines.shardio.shards import expand_shards
@@ -25,6 +25,10 @@ from reporting import report
 STAGES: tuple[Stage, ...] = (embed.STAGE, cluster.STAGE, split.STAGE, train.STAGE, evaluate.STAGE, report.STAGE)
 BY_NAME = {stage.name: stage for stage in STAGES}
 NAMES = tuple(BY_NAME)
+# The stage derived runs train in (ablations, trainer-seed replicates, an added expert), and the
+# stages before it, which a derived run links from its parent instead of running them again.
+TRAINER = next(stage for stage in STAGES if stage.role == TRAINS)
+SHARED = tuple(stage.name for stage in STAGES[:STAGES.index(TRAINER)])
 
 
 def stage_named(name: str) -> Stage:
