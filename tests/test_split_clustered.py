@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from test_split import published, split_both_ways
 
 from experts.split.verify import verify_split
 from pipelines.core.config import load_config
@@ -19,7 +20,6 @@ from pipelines.shardio.shards import ShardSetWriter, iter_samples
 from pipelines.synth.generate import generate
 
 from conftest import write_config
-from test_split import published, split_both_ways
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
     bash bench/gpu/run.sh OUT            # on a lent device (wheels carried: bench/gpu/wheels.txt)
     bash bench/gpu/run.sh --smoke OUT    # the same code paths at toy sizes on a CPU (a CI test runs it)
 
-Why one script (and why it is over 400 lines): a device is lent by chance, for minutes, to whichever issue draws it; whatever is
-to be measured there must be ready, tested and cheap to start. Each step gets a time cap from what
-is left of `--budget-s`, its result is written (OUT/gpu_<device>_<date>.json and .md) as soon as
-it ends, and a step cut short or failing is recorded and the suite goes on, so a killed call still
-brings back every finished step.
+Why one script (and why it is over 400 lines): a device is lent by chance, for minutes, to whichever
+issue draws it; whatever is to be measured there must be ready, tested and cheap to start. Each
+step gets a time cap from what is left of `--budget-s`, its result is written
+(OUT/gpu_<device>_<date>.json and .md) as soon as it ends, and a step cut short or failing is
+recorded and the suite goes on, so a killed call still brings back every finished step.
 
 Steps, in order of what a first GPU run most needs to know:
 - env: device, driver, torch and CUDA versions, the packages moda runs with.
