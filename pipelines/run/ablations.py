@@ -13,7 +13,6 @@ main run's too, and trains only the experts.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from experts.pretrained import parse_pretrained
@@ -21,7 +20,12 @@ from experts.registry import read_registry
 from pipelines.core.config import Config, parse_ablation
 from pipelines.core.layout import RunLayout
 from pipelines.core.stage import Hooks
-from pipelines.run.stages import layout_of, run_stage, stage_done
+from pipelines.run.derived import DerivedRun
+from pipelines.run.stages import SHARED, TRAINER, layout_of
+
+# A variant changes the cluster section: it links the parent's embed and runs the rest up to the experts.
+LINKED = SHARED[:1]
+CLUSTERED = SHARED[1:]
 
 
 def variant_config(cfg: Config, variant: str) -> Config:
@@ -48,41 +52,32 @@ def ablation_config(cfg: Config, layout: RunLayout, variant: str) -> Config:
     return dataclasses.replace(variant_cfg, train=train)
 
 
+def ablation_run(variant: str, cfg: Config, layout: RunLayout, shared: RunLayout | None = None) -> DerivedRun:
+    """The ablation as a derived run of `layout`: the parent's embed linked, cluster, split and the
+    experts run. `shared`: another run whose ablation's cluster and split this one links (a
+    trainer-seed replicate of it), so it trains only the experts."""
+    ablation = layout.ablation(variant)
+    run = DerivedRun.of(layout, ablation, ablation_config(cfg, layout, variant), LINKED, (*CLUSTERED, TRAINER.name))
+    if shared is None:
+        return run
+    links = run.links + tuple((ablation.stage(s), shared.ablation(variant).stage(s)) for s in CLUSTERED)
+    return DerivedRun(ablation, run.cfg, (TRAINER.name,), links)
+
+
 def ablation_done(variant: str, cfg: Config, layout: RunLayout) -> bool:
     """Whether the ablation's cluster, split and experts are all done for this config (the flow then
     starts no sub-flow run for it)."""
-    if not layout.registry.is_file():
-        return False
-    variant_cfg = ablation_config(cfg, layout, variant)
-    return all(stage_done(stage, variant_cfg, layout.ablation(variant)) for stage in ("cluster", "split", "train"))
-
-
-def link(target: Path, link_path: Path) -> None:
-    """A relative symlink `link_path` -> `target` (a run folder stays movable)."""
-    if not link_path.exists() and not link_path.is_symlink():
-        link_path.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(target, link_path.parent), link_path)
+    return layout.registry.is_file() and DerivedRun.of(
+        layout, layout.ablation(variant), ablation_config(cfg, layout, variant), LINKED,
+        (*CLUSTERED, TRAINER.name)).done()
 
 
 def cluster_and_split(variant: str, cfg: Config, layout: RunLayout, hooks: Hooks = Hooks()) -> None:
     """Only the ablation's cluster and split (no seed needed): what a scaling sweep's points share."""
-    ablation = layout.ablation(variant)
-    link(layout.embed, ablation.embed)
-    for stage in ("cluster", "split"):
-        run_stage(stage, variant_config(cfg, variant), ablation, hooks)
+    DerivedRun.of(layout, layout.ablation(variant), variant_config(cfg, variant), LINKED, CLUSTERED).run(hooks)
 
 
 def run_ablation(variant: str, cfg: Config, run_dir: str | Path | RunLayout | None, hooks: Hooks = Hooks(),
                  shared: RunLayout | None = None) -> dict:
-    """Cluster, split and train one ablation; return its train manifest. `shared`: another run whose
-    ablation's cluster and split this one reuses (a trainer-seed replicate of it)."""
-    layout = layout_of(cfg, run_dir)
-    ablation = layout.ablation(variant)
-    ablation.root.mkdir(parents=True, exist_ok=True)
-    link(layout.embed, ablation.embed)
-    if shared is not None:
-        for stage in ("cluster", "split"):
-            link(shared.ablation(variant).stage(stage), ablation.stage(stage))
-    variant_cfg = ablation_config(cfg, layout, variant)
-    manifests = {stage: run_stage(stage, variant_cfg, ablation, hooks) for stage in ("cluster", "split", "train")}
-    return manifests["train"]
+    """Cluster, split and train one ablation; return its train manifest."""
+    return ablation_run(variant, cfg, layout_of(cfg, run_dir), shared).run(hooks)[TRAINER.name]

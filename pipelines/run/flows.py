@@ -170,7 +170,7 @@ def replicate_flow(config_path: str, replicate: int, step: str, run_dir: str | N
     if BY_NAME[step].role == TRAINS:
         manifest = train_replicate(cfg, layout, replicate, prefect_hooks(cfg, TRAINER))
     else:
-        manifest = evaluate_replicate(cfg, layout, replicate)
+        manifest = evaluate_replicate(cfg, layout, replicate, step)
     summarise(cfg, f"replicate {replicate} {step}", manifest)
     return manifest
 

@@ -16,42 +16,37 @@ import dataclasses
 from pipelines.core.config import Config
 from pipelines.core.layout import RunLayout
 from pipelines.core.stage import Hooks
-from pipelines.run.ablations import ablation_done, link, run_ablation
-from pipelines.run.stages import run_stage, stage_done
-
-SHARED = ("embed", "cluster", "split")
+from pipelines.run.ablations import ablation_done, run_ablation
+from pipelines.run.derived import DerivedRun
+from pipelines.run.stages import BY_NAME, SHARED, TRAINER
 
 
 def replicate_config(cfg: Config, k: int) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k))
 
 
-def replicate_layout(layout: RunLayout, k: int) -> RunLayout:
-    """Replicate k's run folder, its shared stages linked to the run's."""
-    replica = layout.replicate(k)
-    replica.root.mkdir(parents=True, exist_ok=True)
-    for stage in SHARED:
-        link(layout.stage(stage), replica.stage(stage))
-    return replica
+def replicate_run(cfg: Config, layout: RunLayout, k: int, step: str) -> DerivedRun:
+    """Replicate k as a derived run of `layout`: the shared stages linked, `step` (the trainer's or
+    the scorer's stage) run under train.seed + k."""
+    return DerivedRun.of(layout, layout.replicate(k), replicate_config(cfg, k), SHARED, (step,))
 
 
 def train_replicate(cfg: Config, layout: RunLayout, k: int, hooks: Hooks = Hooks()) -> dict:
     """Replicate k's train stage and its ablations' experts; return its train manifest."""
-    replica, replica_cfg = replicate_layout(layout, k), replicate_config(cfg, k)
-    manifest = run_stage("train", replica_cfg, replica, hooks)
+    run = replicate_run(cfg, layout, k, TRAINER.name)
+    manifest = run.run(hooks)[TRAINER.name]
     for variant in cfg.evaluate.ablations:
-        run_ablation(variant, replica_cfg, replica, hooks, shared=layout)
+        run_ablation(variant, run.cfg, run.layout, hooks, shared=layout)
     return manifest
 
 
 def replicate_done(cfg: Config, layout: RunLayout, k: int, step: str) -> bool:
-    """Whether replicate k's training (its train stage and ablations) or its evaluation is done."""
-    replica, replica_cfg = layout.replicate(k), replicate_config(cfg, k)
-    if step == "evaluate":
-        return stage_done("evaluate", replica_cfg, replica)
-    return stage_done("train", replica_cfg, replica) and all(
-        ablation_done(variant, replica_cfg, replica) for variant in cfg.evaluate.ablations)
+    """Whether replicate k's `step` is done (its training: its train stage and its ablations)."""
+    run = replicate_run(cfg, layout, k, step)
+    trains = BY_NAME[step] is TRAINER
+    return run.done() and (not trains or all(ablation_done(v, run.cfg, run.layout) for v in cfg.evaluate.ablations))
 
 
-def evaluate_replicate(cfg: Config, layout: RunLayout, k: int) -> dict:
-    return run_stage("evaluate", replicate_config(cfg, k), replicate_layout(layout, k))
+def evaluate_replicate(cfg: Config, layout: RunLayout, k: int, step: str) -> dict:
+    """Replicate k's scoring stage (`step`), on the same tasks as the run."""
+    return replicate_run(cfg, layout, k, step).run()[step]

@@ -28,9 +28,10 @@ from pipelines.core.config import Config, DataConfig, load_config
 from pipelines.core.layout import RunLayout
 from pipelines.core.stage import Hooks, Report, StageContext
 from pipelines.core.stage import run_stage as run_one
-from pipelines.run.ablations import ablation_done, link
-from pipelines.run.replicates import SHARED, replicate_done
-from pipelines.run.stages import NAMES, stage_done
+from pipelines.run.ablations import ablation_done
+from pipelines.run.derived import DerivedRun
+from pipelines.run.replicates import replicate_done
+from pipelines.run.stages import NAMES, SHARED, STAGES, stage_done
 from reporting.scaling_stage import SINGLE, SweepPlan, SweepPoint
 from reporting.scaling_stage import STAGE as SCALING
 from routing.systems import ROUTED
@@ -91,13 +92,9 @@ def point_config(config_path: str | Path, point: SweepPoint) -> Config:
 def prepare_point(layout: RunLayout, point: SweepPoint, variants: list[str]) -> RunLayout:
     """The point's run folder, its shared stages linked to the run's (made once, before any point)."""
     folder = layout.sweep_point(point.name)
-    folder.root.mkdir(parents=True, exist_ok=True)
-    for stage in SHARED:
-        link(layout.stage(stage), folder.stage(stage))
-    for variant in variants:
-        for stage in SHARED:
-            link(layout.ablation(variant).stage(stage), folder.ablation(variant).stage(stage))
-    return folder
+    links = [(folder.stage(s), layout.stage(s)) for s in SHARED]
+    links += [(folder.ablation(v).stage(s), layout.ablation(v).stage(s)) for v in variants for s in SHARED]
+    return DerivedRun(folder, None, (), tuple(links)).prepare()
 
 
 def run_done(cfg: Config, layout: RunLayout) -> bool:
@@ -105,8 +102,8 @@ def run_done(cfg: Config, layout: RunLayout) -> bool:
     fingerprint: the sweep then starts nothing for the point."""
     return (all(stage_done(name, cfg, layout) for name in NAMES)
             and all(ablation_done(v, cfg, layout) for v in cfg.evaluate.ablations)
-            and all(replicate_done(cfg, layout, k, step) for k in range(1, cfg.report.seeds)
-                    for step in ("train", "evaluate")))
+            and all(replicate_done(cfg, layout, k, stage.name) for k in range(1, cfg.report.seeds)
+                    for stage in STAGES if stage.role))
 
 
 def gpu_shares(visible: list[str], parallel: int, per_expert: int, models_per_gpu: int = 1) -> list[list[str]]:
