@@ -39,7 +39,8 @@ def subset_stage(source: RunLayout, fine_clusters: np.ndarray, request: str) -> 
     def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         return write_subset(ctx.section, source, ctx.layout, fine_clusters)
 
-    return Stage(name="split", section="split", reads=(), fingerprint=fingerprint, work=work)
+    return Stage(name="subset of the run's experts", section="split", reads=(), fingerprint=fingerprint, work=work,
+                 writes="split")
 
 
 def write_subset(cfg: SplitConfig, source: RunLayout, target: RunLayout, fine_clusters: np.ndarray) -> StageResult:

@@ -161,3 +161,22 @@ def test_the_flow_layer_names_no_stage():
              for node in ast.walk(ast.parse(flows.read_text(encoding="utf-8")))
              if isinstance(node, ast.Constant) and node.value in NAMES]
     assert not named, "\n".join(named)
+
+
+def test_only_a_stage_module_builds_a_stage_under_a_pipeline_stages_name():
+    """A step that stands in for a stage's outputs (an added expert's assignment, its subset split)
+    has a name of its own and says which folder it writes (`Stage.writes`)."""
+    from pipelines.run.stages import NAMES
+
+    wrong = []
+    for path in modules().values():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        stage_values = {id(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                        and any(isinstance(t, ast.Name) and t.id == "STAGE" for t in node.targets)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Stage" \
+                    and id(node) not in stage_values:
+                names = [k.value.value for k in node.keywords if k.arg == "name" and isinstance(k.value, ast.Constant)]
+                if names and names[0] in NAMES:
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: Stage(name={names[0]!r})")
+    assert not wrong, "\n".join(wrong)

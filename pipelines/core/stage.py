@@ -139,6 +139,14 @@ class Stage:
     places_runs: bool = False
     role: str = ""
     summary: Callable[[RunLayout], Any] | None = None
+    writes: str = ""
+
+    @property
+    def folder(self) -> str:
+        """The run-folder stage it writes: its own name, or `writes` for a step that stands in for a
+        pipeline stage's outputs (an added expert's assignment to the run's centres writes the
+        `cluster/` its split reads) under a name of its own."""
+        return self.writes or self.name
 
 
 TRAINS = "trains"
@@ -170,7 +178,7 @@ def check_upstream_intact(stage: Stage, ctx: StageContext) -> None:
 
 def is_stage_done(stage: Stage, ctx: StageContext) -> bool:
     """Whether `run_stage` would skip it: its outputs match its fingerprint."""
-    return is_done(ctx.layout.stage(stage.name), stage.fingerprint(ctx).value)
+    return is_done(ctx.layout.stage(stage.folder), stage.fingerprint(ctx).value)
 
 
 def run_stage(stage: Stage, ctx: StageContext) -> dict:
@@ -178,7 +186,7 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict:
     it did nothing)."""
     started = time.time()
     check_upstream_intact(stage, ctx)
-    stage_dir = ctx.layout.stage(stage.name)
+    stage_dir = ctx.layout.stage(stage.folder)
     fingerprint = stage.fingerprint(ctx)
     if is_done(stage_dir, fingerprint.value):
         return {**read_manifest(stage_dir), "skipped": True}
@@ -186,6 +194,6 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     pin_cpu_threads()
     result = stage.work(ctx, fingerprint)
-    return write_manifest(stage_dir, stage=stage.name, fingerprint=fingerprint.value,
+    return write_manifest(stage_dir, stage=stage.folder, fingerprint=fingerprint.value,
                           config_hash=fingerprint.config_hash, inputs=fingerprint.inputs,
                           outputs=result.outputs, counts=result.counts, started=started, extra=result.extra)

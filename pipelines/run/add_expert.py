@@ -268,7 +268,8 @@ def assign_stage(run: RunLayout, fine_centroids: np.ndarray) -> Stage:
                            counts={"samples": int(fine.size), "inertia_per_sample": inertia / max(1, fine.size)},
                            extra={"num_fine": int(fine_centroids.shape[0]), "num_experts": 1})
 
-    return Stage(name="cluster", section="cluster", reads=("embed",), fingerprint=fingerprint, work=work)
+    return Stage(name="assign to the run's centres", section="cluster", reads=("embed",), fingerprint=fingerprint,
+                 work=work, writes="cluster")
 
 
 def new_data_expert(cfg: Config, run: RunLayout, work: RunLayout, new_data: str,
