@@ -39,9 +39,10 @@ def rate(text: str) -> float:
 
 
 def main() -> None:
+    from experts.jobs import Job
     from experts.launch import THREAD_VARS, TRAINER, trainer_command
     from experts.models import model_config_dict, write_model_folder
-    from experts.train import Job, train_job
+    from experts.train import train_job
     from pipelines.core.config import SynthConfig, TrainConfig
     from pipelines.core.devices import cpu_threads
     from pipelines.core.layout import RunLayout

@@ -270,8 +270,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     registry = read_registry(layout)
     system, expert_list = main_system(layout)
     experts = [e.name for e in expert_list]
-    singles = {"seed": layout.model("seed")} | ({"baseline": layout.model("baseline")} if registry.get("baseline")
-                                                else {})
+    singles = {"seed": layout.model("seed")} | {name: layout.model(name) for name in ("baseline", "baseline_1x")
+                                                if registry.get(name)}  # baseline_1x: the paper's accounting
     if ctx.hooks.pool is not None:  # every model's image features on the cluster, then read from the cache
         models = [*singles.values(), *system.models,
                   *(m for v in cfg.ablations for m in ablation_system(layout, v).models)]

@@ -97,7 +97,7 @@ def trainer_device(device: str) -> str:
 
 def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_samples: int | None,
                     logs: Path, name: str, epochs: int, resume: str | None, device: str,
-                    unmasked: bool = False, nproc: int = 1, stop_after: int | None = None,
+                    unmasked: bool = False, nproc: int = 1, stop_after: int | None = None, resampled: bool = False,
                     rendezvous: Path | None = None) -> list[str]:
     """The open_clip_train command line for one run (seed, expert or baseline).
 
@@ -146,7 +146,7 @@ def trainer_command(cfg: TrainConfig, *, model_spec: str, train_data: str, num_s
         cmd += ["--opt", "timm/lamb"]
     if num_samples is not None:
         cmd += ["--train-num-samples", str(num_samples)]
-    if cfg.dataset_resampled:
+    if cfg.dataset_resampled or resampled:
         cmd += ["--dataset-resampled"]
     if cfg.grad_checkpointing:
         cmd += ["--grad-checkpointing"]

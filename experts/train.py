@@ -35,7 +35,6 @@ Outputs under the stage folder (pipelines/core/layout.py):
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import re
@@ -45,14 +44,21 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from experts.budget import check_disk, loader_advice, train_disk_need
-from experts.flops import flops_per_sample, parameter_count, samples_per_epoch
+from experts.flops import flops_per_sample, parameter_count
+from experts.jobs import (
+    Job,
+    baseline_jobs,
+    expert_job,
+    samples_seen,
+    seed_schedule_epochs,
+    world_size,
+)
 from experts.launch import compile_cache_env, gpu_slots, run_gpus, run_trainer, trainer_command, trainer_device
 from experts.models import (
     WEIGHTS_FILE,
@@ -76,34 +82,6 @@ from pipelines.core.stage import TRAINS, Fingerprint, Hooks, Stage, StageContext
 from pipelines.shardio.brace import compact_shards
 
 PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
-
-
-@dataclass
-class Job:
-    """One model to train: from `start_from` (at `start_epoch`) to `epochs` in total, as part of
-    a cosine schedule of `schedule` epochs (default: `epochs`; MoDE's seed stops before its
-    schedule ends, and the experts continue it)."""
-
-    name: str
-    train_data: str
-    num_samples: int | None
-    epochs: int
-    start_epoch: int
-    start_from: Path | None
-    fingerprint: str
-    tune_epochs: int = 0  # final epochs without patch dropout (FLIP's unmasked tune)
-    schedule: int | None = None
-
-    @property
-    def schedule_epochs(self) -> int:
-        return self.schedule or self.epochs
-
-
-def tune_epochs(cfg: TrainConfig, epochs: int) -> int:
-    """How many of a run's last `epochs` are the unmasked tune (0 without patch dropout)."""
-    if cfg.patch_dropout <= 0 or cfg.unmasked_tune_share <= 0:
-        return 0
-    return min(epochs, math.ceil(cfg.unmasked_tune_share * epochs))
 
 
 def line_hook(name: str, hooks: Hooks) -> Callable[[str], None] | None:
@@ -155,7 +133,7 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
         cmd = trainer_command(cfg, model_spec=model_spec, train_data=job.train_data,
                               num_samples=job.num_samples, logs=layout.train_logs, name=job.name,
                               epochs=job.schedule_epochs, resume=resume, device=device, unmasked=unmasked,
-                              nproc=per_node, stop_after=target, rendezvous=rendezvous)
+                              nproc=per_node, stop_after=target, rendezvous=rendezvous, resampled=job.resampled)
         run_logs.mkdir(parents=True, exist_ok=True)
         marker.write_text(job.fingerprint + "\n")
         # On a CPU the one model training at a time gets every usable core, whatever the environment
@@ -227,38 +205,6 @@ def expert_start(cfg: TrainConfig, seed_ckpt: Path, seed_epochs: int, layout: Ru
     if cfg.expert_init == "weights":
         return weights_only(seed_ckpt, layout.seed_weights), 0
     return seed_ckpt, seed_epochs
-
-
-def expert_job(cfg: TrainConfig, name: str, shards: list[Path], start: tuple[Path, int],
-               fingerprint: str) -> Job:
-    """An expert's job: its shards from the seed's start, `expert_epochs` more, the last ones unmasked."""
-    start_ckpt, start_epoch = start
-    return Job(name, compact_shards([str(p.resolve()) for p in shards]), None, start_epoch + cfg.expert_epochs,
-               start_epoch, start_ckpt, fingerprint, tune_epochs(cfg, cfg.expert_epochs))
-
-
-def world_size(cfg: TrainConfig, local: int) -> int:
-    """Trainer processes of one model: `local` GPUs (0 or 1: one process) on one host, or
-    `gpus_per_expert` (one on a CPU) on each of `nodes_per_expert` hosts."""
-    if cfg.nodes_per_expert > 1:
-        return cfg.nodes_per_expert * (cfg.gpus_per_expert if local else 1)
-    return max(1, local)
-
-
-def samples_seen(cfg: TrainConfig, job: Job, num_samples: int, world_size: int) -> dict[str, int]:
-    """{"masked": ..., "unmasked": ...}: the samples a job trains on, with and without patch dropout
-    (whole batches per data-loader worker, as open_clip_train draws them)."""
-    per_epoch = samples_per_epoch(num_samples, cfg.batch_size, cfg.workers, world_size)
-    epochs = job.epochs - job.start_epoch
-    unmasked = job.tune_epochs if cfg.patch_dropout > 0 else epochs
-    return {"masked": (epochs - unmasked) * per_epoch, "unmasked": unmasked * per_epoch}
-
-
-def seed_schedule_epochs(cfg: TrainConfig) -> int:
-    """The length of the cosine schedule the seed trains in. `continued` (MoDE's reference): the seed
-    is the first seed_epochs of one schedule that the experts and the baseline finish; `annealed`: a
-    schedule of its own, ending at zero (the experts' restarts over the new total)."""
-    return cfg.seed_epochs + cfg.expert_epochs if cfg.seed_schedule == "continued" else cfg.seed_epochs
 
 
 def model_config(cfg: TrainConfig) -> dict:
@@ -333,7 +279,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
 
     start = expert_start(cfg, seed_ckpt, seed_epochs, layout)
     jobs = [expert_job(cfg, expert_name(e), paths, start,
-                       combine(expert_name(e), run_key, seed_fp, data_hashes[e]))
+                       combine(expert_name(e), run_key, seed_fp, data_hashes[e]), all_samples)
             for e, (paths, _) in enumerate(shard_sets)]
     if hooks.distributed:
         # Each expert a task on a worker of the caller's cluster (any host sharing the run
@@ -347,7 +293,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     for job, (_, ran), (_, sizes) in zip(jobs, done, shard_sets):
         timings[job.name] = ran["seconds"]
         ran_on[job.name] = ran["host"]
-        seen[job.name] = samples_seen(cfg, job, sum(sizes.values()), expert_world)
+        seen[job.name] = samples_seen(cfg, job, job.num_samples or sum(sizes.values()), expert_world)
     expert_of_fine = np.load(layout.expert_of_fine).tolist()
     registry_experts = [{
         "id": e,
@@ -367,19 +313,17 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         "epochs_total": start[1] + cfg.expert_epochs,
         "trainer_seed": cfg.seed, "seed_schedule": cfg.seed_schedule,
     }
-    if cfg.baseline:
-        # The fair single model: the seed continued on all data for as many samples as
-        # all experts together saw (expert_epochs passes over the union of their data).
+    singles = baseline_jobs(cfg, compact_shards(all_paths), start, num_experts, expert_samples, all_samples,
+                            combine("baseline", run_key, seed_fp)) if cfg.baseline else []
+    for job in singles:  # the fair single model(s): the seed continued on all data (experts/jobs.py)
         t0 = time.time()
-        job = Job("baseline", compact_shards(all_paths), expert_samples, start[1] + cfg.expert_epochs, start[1],
-                  start[0], combine("baseline", run_key, seed_fp), tune_epochs(cfg, cfg.expert_epochs))
         ckpt = train_job(cfg, job, gpus=gpus or None, **common)
-        timings["baseline"] = round(time.time() - t0, 2)
-        seen["baseline"] = samples_seen(cfg, job, expert_samples, world)
-        registry["baseline"] = {"model_dir": "baseline", "checkpoint": str(ckpt.relative_to(layout.train)),
-                                "samples": expert_samples, "seeded_from": "seed"}
+        timings[job.name] = round(time.time() - t0, 2)
+        seen[job.name] = samples_seen(cfg, job, job.num_samples, world)
+        registry[job.name] = {"model_dir": job.name, "checkpoint": str(ckpt.relative_to(layout.train)),
+                              "samples": job.num_samples, "seeded_from": "seed"}
     atomic_write_json(layout.registry, registry)
-    models = ["seed"] + [x["model_dir"] for x in registry_experts] + (["baseline"] if cfg.baseline else [])
+    models = ["seed"] + [x["model_dir"] for x in registry_experts] + [job.name for job in singles]
     outputs = {str(f.relative_to(layout.train)): file_sha256(f)
                for f in [layout.registry] + [f for name in models for f in model_files(layout.model(name))]}
     return StageResult(

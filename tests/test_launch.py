@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from experts.jobs import tune_epochs
 from experts.launch import gpu_slots, resolve_precision, trainer_command, visible_gpus
-from experts.train import model_config_dict, run_on_slots, run_parallel, tune_epochs
+from experts.train import model_config_dict, run_on_slots, run_parallel
 from pipelines.core.config import TrainConfig, load_config
 
 
@@ -134,7 +135,7 @@ def test_a_run_that_stops_before_its_schedule_ends_asks_the_trainer_to_stop():
 
 
 def test_the_seed_is_the_first_part_of_the_schedule_the_experts_finish():
-    from experts.train import Job
+    from experts.jobs import Job
 
     job = Job("seed", "a.tar", 10, epochs=2, start_epoch=0, start_from=None, fingerprint="f", schedule=3)
     assert job.schedule_epochs == 3

@@ -90,9 +90,10 @@ def test_a_loader_that_could_be_dealt_less_than_a_batch_is_refused_before_it_spi
 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_train_one_model_together(tiny_run, tmp_path, monkeypatch):
+    from experts.jobs import Job
     from experts.models import write_model_folder
     from experts.shard_sets import shard_set
-    from experts.train import Job, model_config, train_job
+    from experts.train import model_config, train_job
     from pipelines.core.layout import RunLayout
     from pipelines.shardio.brace import compact_shards
 

@@ -31,7 +31,7 @@ def test_experts_continue_the_seeds_cosine_where_it_stopped(tiny_run):
 
 
 def test_an_annealed_seed_has_a_schedule_of_its_own():
-    from experts.train import seed_schedule_epochs
+    from experts.jobs import seed_schedule_epochs
     from pipelines.core.config import TrainConfig
 
     assert seed_schedule_epochs(TrainConfig(seed_epochs=27, expert_epochs=5)) == 32  # continued, the default

@@ -196,7 +196,13 @@ class TrainConfig:
     read by open_clip from the Hugging Face cache; its architecture replaces
     `model`'s, experts/pretrained.py). `expert_init`: `resume` (MoDE: the
     seed's optimizer state and LR schedule continue) or `weights` (the
-    seed's weights only, a fresh schedule of `expert_epochs`).
+    seed's weights only, a fresh schedule of `expert_epochs`). `expert_epoch`:
+    `cluster` (moda's fair accounting: an expert's epoch is its own cluster
+    once, so the experts together cost one model) or `dataset` (the paper's:
+    an expert's epoch is as many samples as the whole data set, drawn with
+    replacement from its own shards; the baseline is then compute-matched,
+    n times the data, and `baseline_1x`, the seed continued on the data as
+    one model, is the paper's single model at 1x; experts/jobs.py).
     `seed_schedule`: `continued` (MoDE's reference: the seed is the first
     `seed_epochs` of one cosine schedule over `seed_epochs + expert_epochs`,
     which the experts and the baseline finish) or `annealed` (the seed's own
@@ -258,6 +264,7 @@ class TrainConfig:
     seed_checkpoint: str = ""
     expert_init: str = "resume"
     seed_schedule: str = "continued"
+    expert_epoch: str = added_later("cluster")
     dataset_resampled: bool = False
     extra_args: list[str] = field(default_factory=list)
     gpus: list[str] = run_only(default_factory=list)

@@ -87,6 +87,7 @@ def validate(cfg: Any) -> None:
             "train.precision")
     _choice(t.optimizer, ("adamw", "lamb"), "train.optimizer")
     _choice(t.expert_init, ("resume", "weights"), "train.expert_init")
+    _choice(t.expert_epoch, ("cluster", "dataset"), "train.expert_epoch")
     _choice(t.seed_schedule, ("continued", "annealed"), "train.seed_schedule")
     if not 0 <= t.patch_dropout < 1:
         raise ConfigError("train.patch_dropout must be in [0, 1)")

@@ -49,13 +49,14 @@ from clustering.embeddings import embedding_files
 from clustering.encoder import load_run_encoder, run_encoder_spec
 from clustering.incremental import covering_fine_clusters, task_fine_clusters, widest_expert, widest_part
 from evaluation.tasks import task_spec
+from experts.jobs import expert_job, world_size
 from experts.launch import gpu_slots, run_gpus, trainer_device
 from experts.models import model_files, read_model_config
 from experts.registry import current_added, read_added, read_registry, register_added
 from experts.shard_sets import check_shard_counts, shard_set, shard_set_fingerprint
 from experts.split.stage import STAGE as SPLIT
 from experts.subset import subset_stage
-from experts.train import expert_job, expert_start, train_job, world_size
+from experts.train import expert_start, train_job
 from pipelines.core.config import Config, section_hash
 from pipelines.core.devices import pick_device
 from pipelines.core.layout import TASK_FILE, RunLayout, expert_id, expert_name, shard_id
