@@ -139,12 +139,11 @@ def infer_command(run_dir, shards, out, classes):
             "--classes", str(classes), "--batch-size", "4", "--workers", "0"]
 
 
-def test_a_killed_infer_resumes_with_the_uninterrupted_runs_bytes(tiny_run, shards, tmp_path):
+def test_a_killed_infer_resumes_with_the_uninterrupted_runs_bytes(tiny_run, system, shards, tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(CLASSES) + "\n")
-    whole = tmp_path / "whole"
-    subprocess.run(infer_command(tiny_run["run_dir"], shards, whole, classes), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    whole = tmp_path / "whole"  # the uninterrupted run, in this process (the same request as the command's)
+    infer(system, str(shards), whole, InferRequest(classes=CLASSES, batch_size=4, workers=0))
     cut = tmp_path / "cut"
     proc = subprocess.Popen(infer_command(tiny_run["run_dir"], shards, cut, classes),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
