@@ -255,9 +255,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     device = pick_device(cfg.device)
     skip = cfg.unreadable_images == "skip"
     tasks = load_tasks(local_roots(ctx.data.eval_tasks, layout), check_images=not skip)
-    val_roots = [r for r in task_roots(local_roots(ctx.data.val_tasks, layout)) if r.is_dir()] \
+    val_tasks = load_tasks(local_roots(ctx.data.val_tasks, layout), check_images=not skip) \
         if ctx.data.val_tasks else []
-    val_tasks = load_tasks("::".join(map(str, val_roots)), check_images=not skip) if val_roots else []
     scorer = Scorer(device, cfg.batch_size, decode_threads(cfg.workers, device), layout.feature_cache,
                     fp.details["task_hashes"], skip)
     tasks = scorer.readable_tasks(layout.model("seed"), tasks, cfg.linear_probe)

@@ -96,7 +96,8 @@ def write_config(path: Path, data_dir: Path, **overrides) -> Path:
     """A YAML config for the tiny set under `data_dir`, with section overrides."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
     raw["synth"]["out_dir"] = str(data_dir)
-    raw["data"] = {"train_shards": str(data_dir / "train"), "eval_tasks": str(data_dir / "eval")}
+    raw["data"] = {"train_shards": str(data_dir / "train"), "eval_tasks": str(data_dir / "eval"),
+                   "val_tasks": str(data_dir / "val")}  # the generator's validation tasks, never the cwd's
     for section, values in overrides.items():
         if isinstance(values, dict):
             raw.setdefault(section, {}).update(values)

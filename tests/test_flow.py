@@ -105,6 +105,16 @@ def test_missing_training_data_fails_before_any_work(tmp_path):
         check_inputs(cfg)
 
 
+def test_a_validation_folder_that_is_not_there_fails_before_any_work_and_empty_means_none(tmp_path, tiny_data):
+    """A mistyped `data.val_tasks` used to mean, silently, "no validation": lambda from the config."""
+    from conftest import write_config
+
+    missing = load_config(write_config(tmp_path / "c.yaml", tiny_data, data={"val_tasks": str(tmp_path / "nope")}))
+    with pytest.raises(FileNotFoundError, match=r"data.val_tasks: folder .*nope not found .*\"\" for none"):
+        check_inputs(missing)
+    check_inputs(load_config(write_config(tmp_path / "d.yaml", tiny_data, data={"val_tasks": ""})))
+
+
 def test_cli_reports_a_bad_config_and_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("cluster: {num_fine: 2, num_experts: 4}\n")

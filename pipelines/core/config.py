@@ -66,7 +66,7 @@ class DataConfig:
     docs/own-data.md, "Training shards on object storage"). `eval_tasks` is a folder
     with one sub-folder per task, moda's or clip_benchmark's (see docs/own-data.md,
     "Evaluation tasks"), or several such folders joined by `::`; the report
-    is stated on them. `val_tasks` (optional, "" for none) holds tasks of the
+    is stated on them. `val_tasks` (optional, "" for none, the default) holds tasks of the
     same kind from the training domains, on which settings such as the routing
     lambda are chosen: never on the test tasks.
 
@@ -78,7 +78,7 @@ class DataConfig:
 
     train_shards: str = "data/demo/train"
     eval_tasks: str = "data/demo/eval"
-    val_tasks: str = "data/demo/val"
+    val_tasks: str = ""
     missing_shards: str = "skip"
 
 

@@ -78,6 +78,9 @@ def stage_done(name: str, cfg: Config, run_dir: str | Path | RunLayout | None) -
 def check_inputs(cfg: Config) -> None:
     """Fail before any work when the config points at data that is not there."""
     expand_shards(cfg.data.train_shards, cfg.data.missing_shards)
-    for root in str(cfg.data.eval_tasks).split("::"):
-        if root and not is_url(root) and not Path(root).is_dir():
-            raise FileNotFoundError(f"data.eval_tasks: folder {root} not found")
+    fixes = {"eval_tasks": "point it at a folder of task folders",
+             "val_tasks": 'point it at a folder of task folders, or set it to "" for none'}
+    for key, fix in fixes.items():
+        for root in str(getattr(cfg.data, key)).split("::"):
+            if root and not is_url(root) and not Path(root).is_dir():
+                raise FileNotFoundError(f"data.{key}: folder {root} not found ({fix})")
