@@ -27,8 +27,11 @@ demo: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/moda ui
 
+# One pytest-xdist worker a core (each tied to its own: tests/conftest.py), a test module's tests
+# on one worker (its module fixtures made once); `make test TEST_WORKERS=0` runs them in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadscope
 
 # MoDE's table on 2 CPU cores (<= 90 min): bench/results/repro_cpu_*.md holds a measured run.
 repro-cpu: $(STAMP)
@@ -55,7 +58,7 @@ gpu-wheels:
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl
 	du -ch .whl/*.whl | tail -1
 
-# The GPU suite's code paths at toy sizes on this CPU (what CI runs through tests/test_gpu_suite.py).
+# The GPU suite's code paths at toy sizes on this CPU (what CI runs through tests/bench/test_gpu_suite.py).
 gpu-smoke: $(STAMP)
 	bash bench/gpu/run.sh --smoke runs/gpu-smoke
 

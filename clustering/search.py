@@ -24,7 +24,7 @@ class CentreSearch:
     Why torch on a GPU: FAISS's GPU build (faiss-gpu-cu12) needs CUDA 12 runtimes and cannot be
     installed beside moda's CUDA 13 torch, so on a GPU node the balanced k-means's candidate search
     and the assignment of every sample ran on the CPU. A flat search is one GEMM and a top-k, which
-    torch does on any device; both engines return the same candidates (tests/test_kmeans.py runs
+    torch does on any device; both engines return the same candidates (tests/clustering/test_kmeans.py runs
     the torch engine on a CPU against FAISS)."""
 
     CHUNK = 65536  # rows a product: 65536 x 1024 float32 similarities are 256 MB

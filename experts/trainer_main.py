@@ -91,7 +91,7 @@ def patch_dropout_on_device(self, x):
     open_clip draws them with `torch.randn(batch, tokens)` and `torch.arange(batch)` on the CPU,
     then indexes GPU tokens with them: a host-to-device copy and a synchronisation every step,
     and a graph break under torch.compile. Here the same draws are made on `x.device`; on a CPU
-    they are the same calls, so a CPU run's bits do not change (tests/test_gpu_choices.py)."""
+    they are the same calls, so a CPU run's bits do not change (tests/pipelines/run/test_gpu_choices.py)."""
     import torch
 
     if not self.training or self.prob == 0.0:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import tarfile
 import time
 from pathlib import Path
 
@@ -14,6 +16,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+def _own_core() -> None:
+    """Under pytest-xdist (`make test` runs one worker a core), tie this worker and every process it
+    starts to a core of its own. moda sizes torch's threads from the cores a process may use
+    (`pipelines.core.devices.usable_cores`), so each worker's trainers then run one thread on their
+    own core, never two workers' OpenMP threads spinning on the same two cores (20x slower here)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        if count <= len(cores):
+            share = len(cores) // count
+            index = int(worker[2:])
+            os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
+
+
+_own_core()
 SERVER_STARTUP_SECONDS = 180  # Prefect's default 30 s was seen to run out on a loaded 2-core machine
 
 
@@ -70,6 +89,21 @@ def stop_processes(procs) -> None:
             proc.kill()
 
 
+def tar_bytes(members, fmt=tarfile.USTAR_FORMAT) -> bytes:
+    """A tar of (name, payload) members in this order; payload None makes a directory entry."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 TINY = {
     "name": "tiny",
     "synth": {"num_train": 240, "shard_size": 80, "eval_per_class": 3, "retrieval_pairs": 8},
@@ -107,31 +141,60 @@ def write_config(path: Path, data_dir: Path, **overrides) -> Path:
     return path
 
 
+def made_once(tmp_path_factory, name: str, make):
+    """A session fixture's value made once for the whole test run: in `make`'s own folder, and under
+    pytest-xdist once for every worker (the first to ask makes it under a file lock, the others wait
+    and read it), so the suite trains the tiny run once however many workers share it. `make(folder)`
+    returns a JSON-able dict whose `Path`s are written as strings under keys ending in `_path`."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    import json
+    import shutil
+
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / name
+    made = folder.with_name(name + ".json")
+    with FileLock(str(folder) + ".lock"):
+        if not made.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died half-way left it
+            folder.mkdir()
+            value = make(folder)
+            made.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in value.items()}))
+        value = json.loads(made.read_text())
+    return {k: Path(v) if k.endswith("_path") else v for k, v in value.items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The synthetic multi-domain set at 240 training pairs (deterministic)."""
-    from pipelines.core.config import load_config
-    from pipelines.synth.generate import generate
+    def make(root: Path) -> dict:
+        from pipelines.core.config import load_config
+        from pipelines.synth.generate import generate
 
-    root = tmp_path_factory.mktemp("tiny_data")
-    cfg = load_config(write_config(root / "tiny.yaml", root / "data"))
-    generate(cfg.synth)
-    return root / "data"
+        generate(load_config(write_config(root / "tiny.yaml", root / "data")).synth)
+        return {"data_path": root / "data"}
+
+    return made_once(tmp_path_factory, "tiny_data", make)["data_path"]
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_data) -> dict:
-    """One end-to-end run of the `moda` flow under a temporary Prefect server."""
-    from pipelines.run.flows import moda
+    """One end-to-end run of the `moda` flow under a temporary Prefect server (made once: `made_once`).
+    Tests read it, or copy or link its folders into runs of their own: none changes it."""
+    def make(root: Path) -> dict:
+        from pipelines.run.flows import moda
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    config = write_config(root / "tiny.yaml", tiny_data)
-    run_dir = root / "run"
-    with prefect_harness():
-        started = time.perf_counter()
-        table = moda(config_path=str(config), run_dir=str(run_dir))
-        seconds = time.perf_counter() - started
-    return {"config": config, "run_dir": run_dir, "table": table, "seconds": seconds}
+        config = write_config(root / "tiny.yaml", tiny_data)
+        with prefect_harness():
+            started = time.perf_counter()
+            table = moda(config_path=str(config), run_dir=str(root / "run"))
+            seconds = time.perf_counter() - started
+        return {"config_path": config, "run_path": root / "run", "table": table, "seconds": seconds}
+
+    made = made_once(tmp_path_factory, "tiny_run", make)
+    return {"config": made["config_path"], "run_dir": made["run_path"], "table": made["table"],
+            "seconds": made["seconds"]}
 
 
 @pytest.fixture

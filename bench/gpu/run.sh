@@ -3,7 +3,7 @@
 #   bash bench/gpu/run.sh OUT            on a bare H100/H200: installs the carried wheels (.whl/,
 #                                        `make gpu-wheels`) into /tmp/site when its Python lacks them,
 #                                        then runs every step within --budget-s (default 520 s)
-#   bash bench/gpu/run.sh --smoke OUT    the same steps at toy sizes on a CPU (tests/test_gpu_suite.py; 300 s budget)
+#   bash bench/gpu/run.sh --smoke OUT    the same steps at toy sizes on a CPU (tests/bench/test_gpu_suite.py; 300 s budget)
 # Extra arguments go to suite.py (--budget-s S, --steps a,b).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

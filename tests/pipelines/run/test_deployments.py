@@ -8,7 +8,7 @@ from prefect.flows import load_flow_from_entrypoint
 
 from pipelines.core.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PREFECT_FILES = [ROOT / "prefect.yaml", ROOT / "deploy" / "multihost.prefect.yaml"]
 
 

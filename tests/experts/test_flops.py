@@ -7,7 +7,7 @@ import pytest
 
 from experts.flops import flop_counter, flops_per_sample, pass_flops, samples_per_epoch
 
-TINY = json.loads((Path(__file__).resolve().parents[1] / "experts/model_configs/moda-tiny.json").read_text())
+TINY = json.loads((Path(__file__).resolve().parents[2] / "experts/model_configs/moda-tiny.json").read_text())
 
 
 def with_dropout(share):

@@ -31,22 +31,9 @@ from pipelines.core.stage import UpstreamChanged
 from pipelines.run.stages import run_section
 from pipelines.shardio.shards import Sample, expand_shards, iter_samples, read_caption
 
+from conftest import tar_bytes
+
 JPG = image_bytes()
-
-
-def tar_bytes(members, fmt=tarfile.USTAR_FORMAT) -> bytes:
-    """A tar of (name, payload) members in this order; payload None makes a directory entry."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def samples(keys, image=JPG, ext="jpg"):

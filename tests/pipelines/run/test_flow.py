@@ -55,7 +55,7 @@ def test_the_report_states_each_verdict_with_its_interval_over_both_trainer_seed
         interval = routed["vs_baseline"]
         assert interval["low"] <= interval["mean"] <= interval["high"] and interval["seeds"] == 2
         word = "beat" if interval["low"] > 0 else "lost" if interval["high"] < 0 else "no significant difference"
-        # (two seeds: the words of a result; one seed would say "ahead" or "behind", tests/test_stats.py)
+        # (two seeds: the words of a result; one seed would say "ahead" or "behind", tests/reporting/test_stats.py)
         assert f"- {name}: {word}: {interval['mean'] * 100:+.1f} [" in tiny_run["table"]
     for plot in ("evaluate/routing_weights.png", "evaluate/accuracy.png", "report/differences.png"):
         assert (run / plot).read_bytes()[:4] == b"\x89PNG"

@@ -67,7 +67,7 @@ def test_prefect_flow_run_retry_continues_a_failed_run_without_redoing_its_finis
     import json
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     config = write_config(tmp_path / "c.yaml", tiny_data, cluster={"num_fine": 100000, "num_experts": 2})
     env = demo_env(tmp_path, free_port())
     run_dir = tmp_path / "run"

@@ -23,7 +23,7 @@ from reporting.scaling_tables import scaling_markdown, verdict
 
 from conftest import prefect_harness, write_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def sweep_config(tmp_path, data, **sweep):

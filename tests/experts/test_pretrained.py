@@ -12,7 +12,7 @@ import torch
 
 from experts.pretrained import PretrainedSeed, check_model_matches, parse_pretrained, seed_architecture
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def hub_cache(cache: Path, repo: str, folder: Path, commit: str = "0" * 40) -> None:

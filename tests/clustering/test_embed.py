@@ -16,7 +16,7 @@ from pipelines.core.config import DataConfig, EmbedConfig
 from pipelines.run.stages import run_section
 from pipelines.shardio.shards import ShardSetWriter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_embed(cfg, shards, root):

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_hostile_inputs import tar_bytes
 
 from evaluation.image_stream import ImageError, TaskImages, stream_image_features
 from evaluation.tasks import Task, without_unreadable
 from pipelines.core.config import load_config
 from pipelines.run.stages import run_stage
 from pipelines.shardio.shards import iter_samples
+
+from conftest import tar_bytes
 
 
 def jpeg(colour: int) -> bytes:
