@@ -25,11 +25,10 @@ def _own_core() -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
-        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        if count <= len(cores):
-            share = len(cores) // count
-            index = int(worker[2:])
-            os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
+        count, index = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), int(worker[2:])
+        share = max(1, len(cores) // count)  # more workers than cores: some share one, one thread each
+        first = (index * share) % len(cores)
+        os.sched_setaffinity(0, cores[first:first + share])
 
 
 _own_core()
