@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo ui test test-gpu gpu-wheels gpu-smoke lint repro-cpu repro-cpu-paper sweep-cpu clean
+.PHONY: venv demo ui test test-gpu gpu-wheels gpu-smoke lint repro-cpu repro-cpu-paper repro-cpu-phase sweep-cpu clean
 
 # The venv is (re)built when the dependency pins change. constraints.txt pins
 # every transitive package of a set known to install offline (pip freeze).
@@ -42,6 +42,10 @@ repro-cpu: $(STAMP)
 repro-cpu-paper: $(STAMP)
 	$(VENV)/bin/moda synth configs/repro-cpu-paper.yaml
 	$(VENV)/bin/moda run configs/repro-cpu-paper.yaml
+
+repro-cpu-phase: $(STAMP)
+	$(VENV)/bin/moda synth configs/repro-cpu-phase.yaml
+	$(VENV)/bin/moda run configs/repro-cpu-phase.yaml
 
 # The scaling-law sweep on 2 CPU cores (<= 45 min): bench/results/sweep_cpu_*.md holds a measured run.
 sweep-cpu: $(STAMP)

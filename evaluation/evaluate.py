@@ -17,6 +17,10 @@ Rows of the report, for every task:
   MoDE-n m=M routed ensemble
                       the paper's ablations, when `evaluate.ablations` asks for them;
                       all continue the same seed
+  expert_epochs=E routed/uniform ensemble, expert_epochs=E baseline
+                      another expert phase's length: experts and a matched baseline
+                      trained E epochs from an earlier epoch of the same seed (the
+                      report compares these rows with that baseline)
 
 The single models (seed, baseline) are also scored on the validation tasks
 (results.json's "validation"): a recipe setting (patch dropout, epochs, the
@@ -114,7 +118,14 @@ def ablation_rows(variant: str, experts: int) -> list[tuple[str, bool]]:
         return [("one-step routed ensemble", True)]
     if kind == "experts":
         return [(f"MoDE-{value} routed ensemble", True), (f"MoDE-{value} uniform ensemble", False)]
+    if kind == "expert_epochs":  # its own matched baseline is a row too (phase_baseline)
+        return [(f"{variant} routed ensemble", True), (f"{variant} uniform ensemble", False)]
     return [(f"MoDE-{experts} m={value} routed ensemble", True)]
+
+
+def phase_baseline(variant: str) -> str | None:
+    """The row of the single model an expert-phase variant's rows are compared with (None for others)."""
+    return f"{variant} baseline" if parse_ablation(variant)[0] == "expert_epochs" else None
 
 
 class System:
@@ -273,7 +284,8 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
                                                 if registry.get(name)}  # baseline_1x: the paper's accounting
     if ctx.hooks.pool is not None:  # every model's image features on the cluster, then read from the cache
         models = [*singles.values(), *system.models,
-                  *(m for v in cfg.ablations for m in ablation_system(layout, v).models)]
+                  *(m for v in cfg.ablations for m in ablation_system(layout, v).models),
+                  *(layout.ablation(v).model("baseline") for v in cfg.ablations if phase_baseline(v))]
         gpu, both = is_cuda(device), tasks + val_tasks
         run_jobs(ctx.hooks.pool, [Call(warm_features, (scorer, "cuda" if gpu else "cpu", m, both,
                                                         [cfg.linear_probe] * len(tasks) + [False] * len(val_tasks)),
@@ -297,11 +309,19 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         metric = HEADLINE[task.kind]
         best = max(experts, key=lambda e: rows.metrics[task.name][e][metric])
         rows.metrics[task.name][ORACLE] = {**rows.metrics[task.name][best], "expert": best}
-    ablation_names, ablation_variants = [], {}
+    ablation_names, ablation_variants, references = [], {}, {}
     for variant in cfg.ablations:
         v_system = ablation_system(layout, variant)
         v_stacked = v_system.scores(tasks, scorer)
+        reference = phase_baseline(variant)
+        if reference:  # the single model continued from the same seed epoch as these experts
+            for task, scores in zip(tasks, scorer.model_scores(layout.ablation(variant).model("baseline"), tasks)):
+                rows.add(task, reference, single(view(task), scores))
+            ablation_names.append(reference)
+            ablation_variants[reference] = variant
         for row, routed in ablation_rows(variant, v_system.router.experts):
+            if reference:
+                references[row] = reference
             ablation_names.append(row)
             ablation_variants[row] = variant
             if routed:
@@ -316,7 +336,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         main += [RELEASED, COARSE]
     results: dict = {"routing": cfg.routing, "lam": lambdas["MoDE"]["value"], "lambda": lambdas, "tasks": {},
                      "rows": main + [ORACLE] + ablation_names, "ablation_rows": ablation_variants,
-                     "validation": validation}
+                     "validation": validation} | ({"references": references} if references else {})
     if cfg.linear_probe:
         results["linear_probe"] = linear_probes(tasks, singles | dict(zip(experts, system.models)), experts,
                                                 scorer, tuple(cfg.probe_shots))

@@ -36,6 +36,7 @@ class Job:
     tune_epochs: int = 0  # final epochs without patch dropout (FLIP's unmasked tune)
     schedule: int | None = None
     resampled: bool = False  # shards drawn with replacement (an epoch of num_samples, not one pass)
+    keep: tuple[int, ...] = ()  # epoch checkpoints kept besides the final one (the seed's, for other phases)
 
     @property
     def schedule_epochs(self) -> int:

@@ -125,16 +125,18 @@ def newest_epoch(checkpoints: Path) -> int:
     return max((int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_[0-9]*.pt")), default=-1)
 
 
-def prune_checkpoints(checkpoints: Path, final: int) -> list[Path]:
+def prune_checkpoints(checkpoints: Path, final: int, keep: tuple[int, ...] = ()) -> list[Path]:
     """Delete what no resume or export needs once a model is trained: every checkpoint but its final
-    `epoch_<final>.pt` (experts resume the seed's; the registry names each model's), including
+    `epoch_<final>.pt` (experts resume the seed's; the registry names each model's) and the epochs
+    in `keep` (the seed's, that experts of another phase length continue), including
     `epoch_latest.pt`, a copy of it. Returns what was deleted.
 
     Why: a checkpoint is about 12 bytes a parameter (weights and AdamW's moments), and every epoch's
     was kept: configs/repro-gpu.yaml's 72 launches wrote about 44 GB on a node with a 64 GB disk.
     While a model trains, the trainer's --delete-previous-checkpoint keeps it to the newest epoch
     and epoch_latest.pt."""
-    gone = [p for p in checkpoints.glob("epoch_*.pt") if p.name != f"epoch_{final}.pt"]
+    kept = {f"epoch_{e}.pt" for e in (final, *keep)}
+    gone = [p for p in checkpoints.glob("epoch_*.pt") if p.name not in kept]
     gone += list(checkpoints.glob("tmp.pt"))
     for path in gone:
         path.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ Outputs under the stage folder (pipelines/core/layout.py):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -130,7 +131,9 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
         # Every launch of a job is part of the one schedule: the masked epochs and the unmasked
         # tune continue the same cosine (open_clip_train sizes it over --epochs).
         rendezvous = layout.train / "rendezvous" / f"{job.name}-{secrets.token_hex(6)}" if nodes > 1 else None
-        cmd = trainer_command(cfg, model_spec=model_spec, train_data=job.train_data,
+        # a model keeping earlier epochs (the seed, for other expert phases) keeps every epoch while it trains
+        launch_cfg = dataclasses.replace(cfg, keep_checkpoints="all") if job.keep else cfg
+        cmd = trainer_command(launch_cfg, model_spec=model_spec, train_data=job.train_data,
                               num_samples=job.num_samples, logs=layout.train_logs, name=job.name,
                               epochs=job.schedule_epochs, resume=resume, device=device, unmasked=unmasked,
                               nproc=per_node, stop_after=target, rendezvous=rendezvous, resampled=job.resampled)
@@ -151,7 +154,7 @@ def train_job(cfg: TrainConfig, job: Job, *, layout: RunLayout, model_spec: str,
     final = layout.checkpoint(job.name, job.epochs)
     export_checkpoint(final, model_spec, layout.model(job.name))
     if cfg.keep_checkpoints == "needed":
-        prune_checkpoints(checkpoints, job.epochs)
+        prune_checkpoints(checkpoints, job.epochs, job.keep)
     return final
 
 
@@ -270,7 +273,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
         seed_fp = combine("seed", run_key, data_hashes)
         seed_epochs = cfg.seed_epochs
         seed_job = Job("seed", compact_shards(all_paths), all_samples, seed_epochs, 0, None, seed_fp,
-                       schedule=seed_schedule_epochs(cfg))
+                       schedule=seed_schedule_epochs(cfg), keep=tuple(sorted(cfg.keep_seed_epochs)))
         seed_ckpt = train_job(cfg, seed_job, gpus=gpus or None, **common)
     timings = {"seed": round(time.time() - t0, 2)}
     ran_on: dict[str, str] = {}

@@ -36,7 +36,8 @@ from pipelines.core.manifest import (
     require_manifest,
 )
 from pipelines.core.stage import Fingerprint, Report, Stage, StageContext, StageResult
-from reporting.stats import Interval, mean_and_std, paired_bootstrap, paired_bootstrap_tasks
+from reporting.phases import phase_lengths, phase_markdown
+from reporting.stats import Interval, interval_text, mean_and_std, paired_bootstrap, paired_bootstrap_tasks
 from routing.systems import ENSEMBLES, HEADLINE, ORACLE, ROUTED
 
 REFERENCE = "baseline"
@@ -92,10 +93,6 @@ def per_sample_hits(layout: RunLayout) -> dict[tuple[str, str, str], np.ndarray]
     return out
 
 
-def interval_text(interval: Interval) -> str:
-    return f"{interval.mean * 100:+.1f} [{interval.low * 100:+.1f}, {interval.high * 100:+.1f}]"
-
-
 def negative_shares(layout: RunLayout) -> dict:
     """Expected share of a batch's pairs from the same fine cluster (and from the same expert), under
     uniform shuffling: for the baseline over all data, for each expert over its own."""
@@ -136,11 +133,18 @@ def costs(layout: RunLayout, rows: list[str], ablations: dict[str, str]) -> dict
     for row in rows:
         if row in ENSEMBLES:
             out[row] = system
+    registry = json.loads(layout.registry.read_text(encoding="utf-8"))
     for row, variant in ablations.items():  # the run's seed, then the ablation's experts
         v = require_manifest(layout.ablation(variant).train, "train")["counts"].get("samples_seen", {})
-        if v:
-            own = cost(sorted(m for m in v if m.startswith("expert_")), v)
-            out[row] = {k: out["seed"][k] + own[k] for k in own}
+        if not v:
+            continue
+        seed = out["seed"]
+        if variant.startswith("expert_epochs="):  # the seed's first epochs only, then this phase's models
+            start = registry["epochs_total"] - int(variant.partition("=")[2])
+            seed = {k: x * start / registry["seed"]["epochs"] for k, x in seed.items()}
+        models = ["baseline"] if row.endswith(REFERENCE) else sorted(m for m in v if m.startswith("expert_"))
+        own = cost(models, v)
+        out[row] = {k: type(own[k])(seed[k] + own[k]) for k in own}
     return out
 
 
@@ -153,6 +157,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     classification = [t for t in tasks if seeds.tasks[t]["kind"] == "classification"]
     boot = dict(resamples=cfg.resamples, confidence=cfg.confidence, seed=cfg.bootstrap_seed)
     has_reference, one_model = REFERENCE in seeds.rows, ONE_MODEL in seeds.rows
+    references = first.get("references", {})
     table: dict = {}
     for row in seeds.rows:
         entry = table.setdefault(row, {})
@@ -172,6 +177,14 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
             if one_model and row in ENSEMBLES:
                 entry["mean"]["vs_baseline_1x"] = vars(paired_bootstrap_tasks(
                     [seeds.diff(t, row, "top1", ONE_MODEL) for t in classification], **boot))
+        own = references.get(row)
+        if own in seeds.rows:  # an expert-phase variant's rows against the baseline of the same seed epoch
+            for task in tasks:
+                metric = HEADLINE[seeds.tasks[task]["kind"]]
+                entry[task]["vs_reference"] = vars(paired_bootstrap(seeds.diff(task, row, metric, own), **boot))
+            if classification:
+                entry["mean"]["vs_reference"] = vars(paired_bootstrap_tasks(
+                    [seeds.diff(t, row, "top1", own) for t in classification], **boot))
     specialists = []
     weights = {t: first["tasks"][t]["routing_weights"] for t in classification}
     shares = negative_shares(layout)
@@ -193,6 +206,9 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
               "classification_tasks": classification, "table": table, "specialists": specialists,
               "negatives": shares.get("baseline", {}), "cost": costs(layout, seeds.rows, ablations),
               "paper_cost_model": paper_cost(layout), "validation": validation}
+    phases = phase_lengths(layout, ablations, references)
+    if phases:
+        report["phases"] = phases
     atomic_write_json(layout.report_json, report)
     atomic_write_text(layout.report_markdown, report_markdown(report))
     outputs = [layout.report_json, layout.report_markdown, plot_differences(report, layout)]
@@ -262,6 +278,7 @@ def report_markdown(report: dict) -> str:
                 "the compute-matched baseline):", ""]
         out += [f"- {column}: {Interval(**c).verdict}: {interval_text(Interval(**c))} points"
                 for column, c in paper_rows if c]
+    out += phase_markdown(report, columns, headline)
     out += ["", "Why, measured: the share of a batch's pairs from the same fine cluster (expected under uniform "
             "shuffling), and each expert on the task routed to it most:", "",
             "| model | same fine cluster | same expert | own task | its top1 | baseline's top1 | difference |",

@@ -102,3 +102,8 @@ def mean_and_std(per_seed: np.ndarray) -> tuple[float, float]:
     """Mean over trainer seeds and its sample standard deviation (0 for one seed)."""
     per_seed = np.asarray(per_seed, dtype=np.float64)
     return float(per_seed.mean()), float(per_seed.std(ddof=1)) if per_seed.size > 1 else 0.0
+
+
+def interval_text(interval: Interval) -> str:
+    """A difference in points with its interval: `+1.2 [-0.3, +2.6]`."""
+    return f"{interval.mean * 100:+.1f} [{interval.low * 100:+.1f}, {interval.high * 100:+.1f}]"

@@ -234,7 +234,9 @@ class TrainConfig:
     needs (each model keeps its final epoch, plus the newest while it trains); `all` keeps every
     epoch's (about 12 bytes a parameter each with AdamW's state). Before training the stage
     prints the disk the run needs and refuses to start, in one line, when the run folder's disk
-    cannot hold it.
+    cannot hold it. `keep_seed_epochs`: the seed's epoch checkpoints kept besides its final one
+    (the expert phase's length, `evaluate.ablations: expert_epochs=<e>`, continues the seed from
+    its epoch `seed_epochs + expert_epochs - e`; each kept file costs what `all` costs an epoch).
     """
 
     model: str = "experts/model_configs/moda-tiny.json"
@@ -270,6 +272,7 @@ class TrainConfig:
     gpus: list[str] = run_only(default_factory=list)
     models_per_gpu: int = run_only(1)
     keep_checkpoints: str = run_only("needed")
+    keep_seed_epochs: list[int] = run_only(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -284,8 +287,10 @@ class EvaluateConfig:
     routes it best on them (routing/systems.py LAMBDAS), never one chosen on
     the test tasks. `ablations`: the paper's ablations, each continuing the
     run's seed: `random` (Rand-n), `one_step` (m = n), `experts=<k>` (MoDE-k),
-    `fine=<m>` (m fine clusters). `workers`: threads that decode and preprocess
-    the evaluation images, streamed from their shards (0: the stage's own).
+    `fine=<m>` (m fine clusters); and `expert_epochs=<e>`, the expert phase's length: experts and
+    a matched baseline trained for `e` epochs from the seed's epoch `seed_epochs + expert_epochs -
+    e` (the same total; the seed's checkpoint kept by `train.keep_seed_epochs`). `workers`:
+    threads that decode and preprocess the evaluation images, streamed from their shards (0: the stage's own).
     (`-1`: 2 on a CPU, where more threads slow the model's own; every usable core but one on a
     GPU, which 2 threads of JPEG decoding leave waiting.)
     `linear_probe`: also fit logistic-regression probes on frozen image

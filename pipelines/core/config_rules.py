@@ -14,18 +14,20 @@ class ConfigError(ValueError):
     """A config file that cannot describe a valid run."""
 
 
-ABLATIONS = ("random", "one_step", "experts=<n>", "fine=<m>")
+ABLATIONS = ("random", "one_step", "experts=<n>", "fine=<m>", "expert_epochs=<e>")
 
 
 def parse_ablation(variant: str) -> tuple[str, int | None]:
-    """("random" | "one_step" | "experts" | "fine", its number): the paper's ablations, each a
-    change of the cluster stage whose experts continue the run's seed. `random`: Rand-n, the same
-    expert sizes dealt at random; `one_step`: clustering straight into the experts (m = n);
-    `experts=2`: MoDE-2 (n = 2); `fine=16`: m = 16 fine clusters."""
+    """("random" | "one_step" | "experts" | "fine" | "expert_epochs", its number). The paper's
+    ablations change the cluster stage and their experts continue the run's seed: `random`: Rand-n,
+    the same expert sizes dealt at random; `one_step`: clustering straight into the experts (m = n);
+    `experts=2`: MoDE-2 (n = 2); `fine=16`: m = 16 fine clusters. `expert_epochs=3` changes the
+    expert phase's length within the same total: the experts and a matched baseline continue the
+    run's seed from its epoch `seed_epochs + expert_epochs - 3` (the seed shortened, the total kept)."""
     if variant in ("random", "one_step"):
         return variant, None
     kind, _, number = variant.partition("=")
-    if kind in ("experts", "fine") and number.isdigit() and int(number) > 0:
+    if kind in ("experts", "fine", "expert_epochs") and number.isdigit() and int(number) > 0:
         return kind, int(number)
     raise ConfigError(f"evaluate.ablations: unknown variant {variant!r}; variants are {list(ABLATIONS)}")
 
@@ -98,6 +100,9 @@ def validate(cfg: Any) -> None:
     _positive(t.workers, "train.workers")
     _positive(t.models_per_gpu, "train.models_per_gpu")
     _choice(t.keep_checkpoints, ("needed", "all"), "train.keep_checkpoints")
+    if not all(isinstance(k, int) and 1 <= k < t.seed_epochs for k in t.keep_seed_epochs):
+        raise ConfigError(f"train.keep_seed_epochs must list epochs of the seed before its last (1 to "
+                          f"{t.seed_epochs - 1}), got {list(t.keep_seed_epochs)}")
     if t.models_per_gpu > 1 and t.gpus_per_expert > 1:
         raise ConfigError("train.models_per_gpu packs one-GPU models: set it to 1 with train.gpus_per_expert > 1")
     _choice(cfg.executor, ("local", "dask"), "executor")
@@ -122,6 +127,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"evaluate.ablations: {ablation!r} needs 2 <= experts <= cluster.num_fine")
         if kind == "fine" and value < cfg.cluster.num_experts:
             raise ConfigError(f"evaluate.ablations: {ablation!r} needs fine >= cluster.num_experts")
+        if kind == "expert_epochs":
+            _phase_rule(cfg, ablation, value)
     if len(set(cfg.evaluate.ablations)) != len(cfg.evaluate.ablations):
         raise ConfigError("evaluate.ablations lists a variant twice")
     _positive(cfg.report.seeds, "report.seeds")
@@ -140,6 +147,27 @@ def validate(cfg: Any) -> None:
         raise ConfigError("synth.wrong_caption_rate must be in [0, 1)")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name must be a non-empty folder name, got {cfg.name!r}")
+
+
+def _phase_rule(cfg: Any, ablation: str, expert_epochs: int) -> None:
+    """An expert phase of another length continues the run's own seed at an epoch of its one
+    schedule, so the seed must be trained here, in the continued schedule, and that epoch kept."""
+    t = cfg.train
+    total = t.seed_epochs + t.expert_epochs
+    if t.seed_checkpoint or t.seed_schedule != "continued" or t.expert_init != "resume":
+        raise ConfigError(f"evaluate.ablations: {ablation!r} continues the run's own seed at an earlier epoch of "
+                          "its schedule: it needs train.seed_checkpoint empty, train.seed_schedule continued and "
+                          "train.expert_init resume")
+    if not 1 <= expert_epochs < total or expert_epochs == t.expert_epochs:
+        raise ConfigError(f"evaluate.ablations: {ablation!r} needs 1 <= expert_epochs < {total} (seed_epochs + "
+                          f"expert_epochs) and another length than the run's own ({t.expert_epochs})")
+    start = total - expert_epochs
+    if start < t.seed_epochs and start not in t.keep_seed_epochs:
+        raise ConfigError(f"evaluate.ablations: {ablation!r} continues the seed from its epoch {start}: add {start} "
+                          f"to train.keep_seed_epochs (now {list(t.keep_seed_epochs)}) so that checkpoint is kept")
+    if start > t.seed_epochs:
+        raise ConfigError(f"evaluate.ablations: {ablation!r} would start after the seed's last epoch "
+                          f"({t.seed_epochs}): a shorter expert phase needs a longer seed")
 
 
 def _validate_sweep(cfg: Any) -> None:
