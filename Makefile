@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo ui test test-gpu gpu-wheels gpu-smoke lint repro-cpu repro-cpu-paper repro-cpu-phase sweep-cpu clean
+.PHONY: venv demo ui test test-gpu gpu-wheels gpu-smoke lint repro-cpu repro-cpu-paper repro-cpu-phase sweep-cpu sweep-cpu-seeds clean
 
 # The venv is (re)built when the dependency pins change. constraints.txt pins
 # every transitive package of a set known to install offline (pip freeze).
@@ -51,6 +51,10 @@ repro-cpu-phase: $(STAMP)
 sweep-cpu: $(STAMP)
 	$(VENV)/bin/moda synth configs/sweep-cpu.yaml
 	$(VENV)/bin/moda sweep configs/sweep-cpu.yaml
+
+sweep-cpu-seeds: $(STAMP)
+	$(VENV)/bin/moda synth configs/sweep-cpu-seeds.yaml
+	$(VENV)/bin/moda sweep configs/sweep-cpu-seeds.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -140,3 +140,31 @@ def test_the_seed_is_the_first_part_of_the_schedule_the_experts_finish():
     job = Job("seed", "a.tar", 10, epochs=2, start_epoch=0, start_from=None, fingerprint="f", schedule=3)
     assert job.schedule_epochs == 3
     assert Job("x", "a.tar", 10, 2, 0, None, "f").schedule_epochs == 2
+
+
+def test_a_trainer_imports_transformers_only_for_a_model_that_may_use_it(tmp_path):
+    """A local-dir model without an HF text tower or tokenizer, and no CoCa, starts without the ~0.7 s
+    import; the moda model trains with it absent from the process (checked in a fresh interpreter)."""
+    import json
+    import subprocess
+    import sys
+
+    from experts.models import write_model_folder
+    from experts.trainer_main import needs_transformers
+
+    plain, hf = tmp_path / "plain", tmp_path / "hf"
+    cfg = model_config_dict("experts/model_configs/moda-micro.json")
+    write_model_folder(plain, cfg)
+    write_model_folder(hf, {**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_name": "bert-base-uncased"}})
+    assert not needs_transformers(["--model", f"local-dir:{plain}", "--epochs", "1"])
+    assert needs_transformers(["--model", f"local-dir:{hf}"])
+    assert needs_transformers(["--model", "ViT-B-32"]) and needs_transformers(["--epochs", "1"])
+    assert needs_transformers(["--model", f"local-dir:{tmp_path / 'missing'}"])
+    probe = ("import json, sys\nimport experts.trainer_main as t\ntry:\n"
+             f"    t.main(['--model', 'local-dir:{plain}', '--help'])\n"
+             "except SystemExit:\n    pass\n"
+             "print(json.dumps(sys.modules.get('transformers', 'absent') is None))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) is True
