@@ -319,6 +319,12 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
                 rows.add(task, reference, single(view(task), scores))
             ablation_names.append(reference)
             ablation_variants[reference] = variant
+            for e, model in enumerate(v_system.models):  # each expert of this length alone, as the run's are
+                row = f"{variant} {Path(model).name}"
+                for t, task in enumerate(tasks):
+                    rows.add(task, row, single(view(task), v_stacked[t][e]))
+                ablation_names.append(row)
+                ablation_variants[row], references[row] = variant, reference
         for row, routed in ablation_rows(variant, v_system.router.experts):
             if reference:
                 references[row] = reference

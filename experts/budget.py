@@ -117,9 +117,17 @@ def loader_advice(workers: int, models_at_once: int, cores: int) -> str | None:
     return None
 
 
-def experts_of_variant(variant: str, num_experts: int) -> int:
-    kind, number = parse_ablation(variant)
-    return number if kind == "experts" else num_experts
+def trained_sets(cfg: Config) -> list[tuple[int, int, int]]:
+    """(experts, epochs, baselines) of each set of models trained from the seed: the run's own,
+    then each ablation's (MoDE-k's k experts; an `expert_epochs=<e>` phase's experts and its baseline
+    for e epochs; the others' n experts)."""
+    t, n = cfg.train, cfg.cluster.num_experts
+    sets = [(n, t.expert_epochs, int(t.baseline))]
+    for variant in cfg.evaluate.ablations:
+        kind, number = parse_ablation(variant)
+        sets.append((number, t.expert_epochs, 0) if kind == "experts" else
+                    (n, number, 1) if kind == "expert_epochs" else (n, t.expert_epochs, 0))
+    return sets
 
 
 def estimate_run(cfg: Config, num_samples: int, flops_per_sample: dict[str, float], params: int,
@@ -127,30 +135,31 @@ def estimate_run(cfg: Config, num_samples: int, flops_per_sample: dict[str, floa
     """The training cost of `moda run cfg` over `num_samples` pairs on `gpus` GPUs of one kind.
 
     Counts what experts/train.py launches: per trainer seed the seed (unless given), every expert,
-    the baseline and every ablation variant's experts, each in one or two launches (masked, then
-    unmasked tune); experts of one run train at once on `gpus x models_per_gpu` slots.
+    the baseline and every ablation variant's models (trained_sets), each in one or two launches
+    (masked, then unmasked tune); experts of one run train at once on `gpus x models_per_gpu` slots.
     """
     t = cfg.train
-    tune = 0 if t.patch_dropout <= 0 or t.unmasked_tune_share <= 0 else \
-        min(t.expert_epochs, math.ceil(t.unmasked_tune_share * t.expert_epochs))  # as train.tune_epochs
-    per_expert_launches = phases(t.expert_epochs - tune, tune)
+
+    def tune(epochs: int) -> int:  # as jobs.tune_epochs
+        return 0 if t.patch_dropout <= 0 or t.unmasked_tune_share <= 0 else \
+            min(epochs, math.ceil(t.unmasked_tune_share * epochs))
+
     concurrent = max(1, gpus // t.gpus_per_expert) * t.models_per_gpu
-    expert_sets = [cfg.cluster.num_experts] + [experts_of_variant(v, cfg.cluster.num_experts)
-                                               for v in cfg.evaluate.ablations]
+    sets = trained_sets(cfg)
     seeds = cfg.report.seeds
     seed_models = 0 if t.seed_checkpoint else 1
-    launches = seeds * (seed_models + per_expert_launches * (sum(expert_sets) + int(t.baseline)))
-    waves = seeds * (seed_models + sum(per_expert_launches * -(-n // concurrent) for n in expert_sets)
-                     + per_expert_launches * int(t.baseline))
+    per_set = [phases(e - tune(e), tune(e)) for _, e, _ in sets]
+    launches = seeds * (seed_models + sum(p * (n + b) for p, (n, _, b) in zip(per_set, sets)))
+    waves = seeds * (seed_models + sum(p * (-(-n // concurrent) + b) for p, (n, _, b) in zip(per_set, sets)))
     samples = seeds * num_samples * (seed_models * t.seed_epochs
-                                     + t.expert_epochs * (len(expert_sets) * (1 + cfg.split.ooc_ratio)
-                                                          + int(t.baseline)))
-    tuned = seeds * num_samples * tune * (len(expert_sets) + int(t.baseline))
+                                     + sum(e * ((1 + cfg.split.ooc_ratio) + b) for _, e, b in sets))
+    tuned = seeds * num_samples * sum(tune(e) * (1 + b) for _, e, b in sets)
     flops = (samples - tuned) * flops_per_sample["masked"] + tuned * flops_per_sample["unmasked"]
-    models = seeds * (seed_models + sum(expert_sets) + int(t.baseline))
+    models = seeds * (seed_models + sum(n + b for n, _, b in sets))
     epochs = t.seed_epochs + t.expert_epochs
     transient = concurrent * (PEAK_CHECKPOINTS - 1) * checkpoint_bytes(params)
-    disk = models * model_disk_bytes(params, epochs, t.keep_checkpoints) + transient
+    kept = seeds * seed_models * len(t.keep_seed_epochs) * checkpoint_bytes(params)  # the seed's other epochs
+    disk = models * model_disk_bytes(params, epochs, t.keep_checkpoints) + transient + kept
     peak = PEAK_BF16_FLOPS[gpu] * gpus
     seconds = waves * LAUNCH_SECONDS_GPU + flops / (peak * mfu) + OTHER_STAGES_SECONDS * seeds
     return Estimate(launches, waves, int(samples), float(flops), int(disk), float(seconds),

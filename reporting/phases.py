@@ -26,16 +26,17 @@ def phase_lengths(layout: RunLayout, ablations: dict[str, str], references: dict
     registry = json.loads(layout.registry.read_text(encoding="utf-8"))
     total = registry["epochs_total"]
     own = total - registry["seed"]["epochs"]
+    names = [f"expert_{e:03d}" for e in range(len(registry["experts"]))]
     phases = [{"expert_epochs": own, "seed_epochs": total - own, "baseline": REFERENCE,
-               "routed": ROUTED, "uniform": UNIFORM}]
+               "routed": ROUTED, "uniform": UNIFORM, "experts": {name: name for name in names}}]
     for variant in dict.fromkeys(ablations[row] for row in references):
         e = int(variant.partition("=")[2])
         rows = [row for row, v in ablations.items() if v == variant and row in references]
         phases.append({"expert_epochs": e, "seed_epochs": total - e, "baseline": references[rows[0]],
                        "routed": next(r for r in rows if r.endswith(ROUTED)),
-                       "uniform": next(r for r in rows if r.endswith(UNIFORM))})
+                       "uniform": next(r for r in rows if r.endswith(UNIFORM)),
+                       "experts": {name: f"{variant} {name}" for name in names if f"{variant} {name}" in rows}})
     return sorted(phases, key=lambda p: p["expert_epochs"])
-
 
 
 def phase_markdown(report: dict, columns: list[str], headline: list[str]) -> list[str]:
@@ -58,4 +59,18 @@ def phase_markdown(report: dict, columns: list[str], headline: list[str]) -> lis
             out.append(f"| {phase['expert_epochs']} ({phase['seed_epochs']}) | {kind} | "
                        + (f"{base * 100:.1f}" if base is not None else "") + " | "
                        + " | ".join(interval_text(Interval(**c)) if c else "" for c in cells) + " |")
+    owned = {spec["model"]: spec.get("own_task") for spec in report.get("specialists", [])}
+    if any(owned.values()):  # the clusters are the run's at every length: each expert's own task is the same
+        names = list(owned)
+        out += ["", "Each expert on the task routed to it most, against the baseline of its length (points):", "",
+                "| expert epochs (seed epochs) | " + " | ".join(f"{n} ({owned[n] or '-'})" for n in names) + " |",
+                "|---|" + "---:|" * len(names)]
+        for phase in phases:
+            key = "vs_baseline" if phase["baseline"] == REFERENCE else "vs_reference"
+            cells = []
+            for name in names:
+                row, task = phase["experts"].get(name), owned[name]
+                c = table.get(row, {}).get(task, {}).get(key) if row and task else None
+                cells.append(interval_text(Interval(**c)) if c else "")
+            out.append(f"| {phase['expert_epochs']} ({phase['seed_epochs']}) | " + " | ".join(cells) + " |")
     return out

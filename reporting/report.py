@@ -21,6 +21,7 @@ the run layer with train.seed + k), and states:
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -41,6 +42,7 @@ from reporting.stats import Interval, interval_text, mean_and_std, paired_bootst
 from routing.systems import ENSEMBLES, HEADLINE, ORACLE, ROUTED
 
 REFERENCE = "baseline"
+EXPERT = re.compile(r"expert_\d+")  # an expert's row or model name
 ONE_MODEL = "baseline_1x"  # the paper's single model at 1x (train.expert_epoch: dataset)
 
 
@@ -142,7 +144,9 @@ def costs(layout: RunLayout, rows: list[str], ablations: dict[str, str]) -> dict
         if variant.startswith("expert_epochs="):  # the seed's first epochs only, then this phase's models
             start = registry["epochs_total"] - int(variant.partition("=")[2])
             seed = {k: x * start / registry["seed"]["epochs"] for k, x in seed.items()}
-        models = ["baseline"] if row.endswith(REFERENCE) else sorted(m for m in v if m.startswith("expert_"))
+        alone = row.rpartition(" ")[2]  # a variant's expert row: that expert alone
+        models = ["baseline"] if row.endswith(REFERENCE) else [alone] if EXPERT.fullmatch(alone) \
+            else sorted(m for m in v if EXPERT.fullmatch(m))
         own = cost(models, v)
         out[row] = {k: type(own[k])(seed[k] + own[k]) for k in own}
     return out
@@ -188,7 +192,7 @@ def work(ctx: StageContext, fp: Fingerprint) -> StageResult:
     specialists = []
     weights = {t: first["tasks"][t]["routing_weights"] for t in classification}
     shares = negative_shares(layout)
-    experts = [row for row in seeds.rows if row.startswith("expert_")]
+    experts = [row for row in seeds.rows if EXPERT.fullmatch(row)]  # the run's own (not a variant's)
     for e, expert in enumerate(experts):
         own = max(classification, key=lambda t: weights[t][e]) if classification and e < len(weights[tasks[0]]) \
             else None
@@ -329,7 +333,7 @@ def plot_differences(report: dict, layout: RunLayout):
 
     columns = report["tasks"] + (["mean"] if report["classification_tasks"] else [])
     rows = [r for r in report["rows"] if any(report["table"][r][c].get("vs_baseline") for c in columns)
-            and not r.startswith(("expert_", "seed"))]
+            and not (r == "seed" or EXPERT.fullmatch(r.rpartition(" ")[2]))]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(2 + 1.3 * len(columns), 3.8))

@@ -65,6 +65,17 @@ def test_estimate_counts_the_launches_train_makes():
     assert packed.waves == 1 + 1 + 1 + 1 + 1 and packed.flops == est.flops and packed.seconds < est.seconds
 
 
+def test_an_expert_phase_of_another_length_counts_its_experts_and_baseline_for_its_epochs():
+    cfg = Config(cluster=ClusterConfig(num_fine=16, num_experts=4),
+                 train=TrainConfig(seed_epochs=7, expert_epochs=1, patch_dropout=0.0, keep_seed_epochs=[4, 6]),
+                 evaluate=EvaluateConfig(ablations=["expert_epochs=2", "expert_epochs=4"]), report=ReportConfig(seeds=3))
+    est = estimate_run(cfg, 16_000, FLOPS, params=10**6)
+    assert est.launches == 3 * (1 + 3 * (4 + 1))  # a seed; three lengths of 4 experts and a baseline
+    assert est.samples == 3 * 16_000 * (7 + 1 * 2 + 2 * 2 + 4 * 2)  # each length: experts + baseline, e epochs
+    kept = 3 * 2 * checkpoint_bytes(10**6)  # the seed's epochs 4 and 6, for each trainer seed
+    assert est.disk_bytes == 48 * model_disk_bytes(10**6, 8, "needed") + est.assumptions["transient_bytes"] + kept
+
+
 def test_the_unmasked_tune_is_its_own_launch_and_costs_unmasked_flops():
     cfg = Config(cluster=ClusterConfig(num_fine=16, num_experts=2),
                  train=TrainConfig(seed_epochs=2, expert_epochs=5, patch_dropout=0.5, unmasked_tune_share=0.2))

@@ -87,10 +87,10 @@ def test_the_phase_continues_the_seeds_kept_epoch_with_experts_and_a_baseline(ph
 def test_each_length_is_compared_with_the_baseline_from_the_same_seed_epoch_at_the_same_cost(phased):
     run, _, _ = phased
     results = json.loads((run / "evaluate" / "results.json").read_text())
-    assert results["rows"][-3:] == ["expert_epochs=2 baseline", "expert_epochs=2 routed ensemble",
-                                    "expert_epochs=2 uniform ensemble"]
-    assert results["references"] == {"expert_epochs=2 routed ensemble": "expert_epochs=2 baseline",
-                                     "expert_epochs=2 uniform ensemble": "expert_epochs=2 baseline"}
+    phase_rows = ["expert_epochs=2 expert_000", "expert_epochs=2 expert_001", "expert_epochs=2 routed ensemble",
+                  "expert_epochs=2 uniform ensemble"]
+    assert results["rows"][-5:] == ["expert_epochs=2 baseline", *phase_rows]
+    assert results["references"] == dict.fromkeys(phase_rows, "expert_epochs=2 baseline")
     report = json.loads((run / "report" / "report.json").read_text())
     assert [(p["expert_epochs"], p["seed_epochs"], p["baseline"]) for p in report["phases"]] == [
         (1, 2, "baseline"), (2, 1, "expert_epochs=2 baseline")]
@@ -101,3 +101,10 @@ def test_each_length_is_compared_with_the_baseline_from_the_same_seed_epoch_at_t
         assert cost[row]["samples"] == pytest.approx(cost["routed ensemble"]["samples"], rel=0.1)
     markdown = (run / "report" / "report.md").read_text()
     assert "The expert phase's length" in markdown and "| 2 (1) | routed |" in markdown
+    assert "Each expert on the task routed to it most, against the baseline of its length" in markdown
+    assert [p["experts"] for p in report["phases"]] == [
+        {"expert_000": "expert_000", "expert_001": "expert_001"},
+        {"expert_000": "expert_epochs=2 expert_000", "expert_001": "expert_epochs=2 expert_001"}]
+    assert [s["model"] for s in report["specialists"]] == ["expert_000", "expert_001"]  # the run's own only
+    one = report["cost"]["expert_epochs=2 expert_000"]["samples"]  # the seed's first epoch and this expert
+    assert report["cost"]["seed"]["samples"] / 2 < one < report["cost"]["expert_epochs=2 routed ensemble"]["samples"]
