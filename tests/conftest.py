@@ -32,6 +32,33 @@ def _own_core() -> None:
 
 
 _own_core()
+
+# The test modules xdist hands out first under `--dist loadscope`: one that trains the shared tiny
+# run, then the two longest that do not need it (the sweep's kill and resume, the GPU suite's smoke
+# run). So one worker trains the tiny run while the other works, instead of the second worker to
+# reach a tiny-run module waiting ~110 s on its lock, and no long module is left for the end.
+FIRST_MODULES = ("tests/serving/test_bundle.py", "tests/pipelines/run/test_sweep.py", "tests/bench/test_gpu_suite.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's module-per-worker scheduling with FIRST_MODULES at the head of its queue (the rest in
+    its own order: the modules with the most tests first)."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FirstModulesFirst(LoadScopeScheduling):
+        def _assign_work_unit(self, node):
+            if not getattr(self, "_reordered", False):
+                self._reordered = True
+                for scope in reversed(FIRST_MODULES):
+                    if scope in self.workqueue:
+                        self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return FirstModulesFirst(config, log)
+
+
 SERVER_STARTUP_SECONDS = 180  # Prefect's default 30 s was seen to run out on a loaded 2-core machine
 
 
