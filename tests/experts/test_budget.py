@@ -68,7 +68,8 @@ def test_estimate_counts_the_launches_train_makes():
 def test_an_expert_phase_of_another_length_counts_its_experts_and_baseline_for_its_epochs():
     cfg = Config(cluster=ClusterConfig(num_fine=16, num_experts=4),
                  train=TrainConfig(seed_epochs=7, expert_epochs=1, patch_dropout=0.0, keep_seed_epochs=[4, 6]),
-                 evaluate=EvaluateConfig(ablations=["expert_epochs=2", "expert_epochs=4"]), report=ReportConfig(seeds=3))
+                 evaluate=EvaluateConfig(ablations=["expert_epochs=2", "expert_epochs=4"]),
+                 report=ReportConfig(seeds=3))
     est = estimate_run(cfg, 16_000, FLOPS, params=10**6)
     assert est.launches == 3 * (1 + 3 * (4 + 1))  # a seed; three lengths of 4 experts and a baseline
     assert est.samples == 3 * 16_000 * (7 + 1 * 2 + 2 * 2 + 4 * 2)  # each length: experts + baseline, e epochs

@@ -168,3 +168,25 @@ def test_a_trainer_imports_transformers_only_for_a_model_that_may_use_it(tmp_pat
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) is True
+
+
+def test_the_trainers_log_holds_each_line_as_it_is_printed(tmp_path):
+    """The live progress (pipelines/run/progress.py) reads the trainer's log while it trains: a line
+    printed must be in the log before the trainer goes on, not when a buffer fills or the run ends."""
+    import sys
+    import threading
+
+    from experts.launch import run_trainer
+
+    go, log = tmp_path / "go", tmp_path / "trainer.log"
+    wait = ("import pathlib, sys, time\nprint('Train Epoch: 1 [ 64/640 (10%)]', flush=True)\n"
+            "for _ in range(400):\n    if pathlib.Path(sys.argv[1]).exists():\n        break\n    time.sleep(0.05)\n")
+    trainer = threading.Thread(target=run_trainer, args=([sys.executable, "-c", wait, str(go)], log))
+    trainer.start()
+    deadline = time.monotonic() + 15
+    while "Train Epoch: 1" not in (log.read_text() if log.is_file() else "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen_while_running = trainer.is_alive() and "Train Epoch: 1" in log.read_text()
+    go.touch()
+    trainer.join(timeout=30)
+    assert seen_while_running
