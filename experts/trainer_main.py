@@ -47,12 +47,14 @@ import random
 import sys
 from pathlib import Path
 
-import webdataset
-import webdataset.filters
+# webdataset (and with it torch) is imported where it is used, not here: experts.launch imports
+# this module's STOP_FLAG, and every `moda` command and stage process imports experts.launch.
 
 
 def seeded_shuffle(data, bufsize: int = 1000, initial: int = 100, rng=None, handler=None):
     """webdataset's `_shuffle`, with the generator seeded from `random` when none is given."""
+    import webdataset.filters
+
     if rng is None:
         rng = random.Random(random.getrandbits(64))
     return webdataset.filters._shuffle(data, bufsize, initial, rng, handler)
@@ -60,6 +62,9 @@ def seeded_shuffle(data, bufsize: int = 1000, initial: int = 100, rng=None, hand
 
 def install() -> None:
     """Make `webdataset.shuffle` (what open_clip_train calls) the seeded shuffle."""
+    import webdataset
+    import webdataset.filters
+
     seeded = webdataset.filters.pipelinefilter(seeded_shuffle)
     webdataset.shuffle = webdataset.filters.shuffle = seeded
 
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.modules["transformers"] = None  # open_clip's `import transformers` fails fast: HF towers off
     install()
     import torch
+    import webdataset
 
     webdataset.WebLoader = pinned_loader(webdataset.WebLoader, torch.cuda.is_available())
     import open_clip.transformer

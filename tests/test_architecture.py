@@ -27,7 +27,8 @@ FLOORS = [
 # every moda module, is imported at the top of the file.
 LAZY = {"torch", "open_clip", "open_clip_train", "faiss", "dask", "distributed", "prefect_dask",
         "sentence_transformers", "safetensors", "matplotlib", "transformers", "scipy", "sklearn",
-        "clip_benchmark", "fsspec", "zstandard", "uvicorn", "huggingface_hub"}
+        "clip_benchmark", "fsspec", "zstandard", "uvicorn", "huggingface_hub",
+        "webdataset"}  # imports torch
 # moda modules that may be imported inside a function, and why.
 LAZY_INTERNAL = {"pipelines.run.flows": "the Prefect layer: its import costs ~2 s, paid only by commands that "
                                         "start a flow (moda run, add-expert), not by moda stage/verify/predict",
@@ -180,3 +181,16 @@ def test_only_a_stage_module_builds_a_stage_under_a_pipeline_stages_name():
                 if names and names[0] in NAMES:
                     wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: Stage(name={names[0]!r})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_command_line_and_the_stage_list_import_no_torch():
+    """`moda --help`, `moda verify`, a split process: none needs torch (2 s and ~450 MB a process
+    here); only the stages' work imports it (a trainer, the embed, the evaluation)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, pipelines.run.cli, pipelines.run.stages\n"
+             "print(sorted({'torch', 'webdataset'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
